@@ -1,0 +1,362 @@
+#include "backend/metadata.h"
+
+#include <rocksdb/db.h>
+#include <rocksdb/options.h>
+#include <rocksdb/write_batch.h>
+#include <sys/stat.h>
+
+#include <cstring>
+#include <filesystem>
+
+namespace deferfs {
+namespace {
+
+// Key space: one prefix byte, then big-endian integers so that RocksDB's
+// bytewise order is numeric order (readdir by cookie, extents by lblk).
+enum Prefix : char {
+  kPairing = 'S',   // "S"                 -> magic, uuid, version
+  kNextIno = 'N',   // "N"                 -> u64
+  kInode = 'I',     // I ino               -> InodeRecord
+  kDentry = 'D',    // D dir name          -> ino, mode, cookie
+  kCookie = 'R',    // R dir cookie        -> name
+  kSymlink = 'L',   // L ino               -> target
+  kXattr = 'X',     // X ino name          -> value
+  kExtent = 'E',    // E ino lblk          -> len, pblk, state
+  kOrphan = 'O',    // O ino               -> ""
+};
+constexpr char kPairingMagic[] = "deferfs-meta";
+
+void AppendBe64(std::string* s, uint64_t v) {
+  for (int i = 7; i >= 0; i--) s->push_back(static_cast<char>(v >> (i * 8)));
+}
+uint64_t ReadBe64(const char* p) {
+  uint64_t v = 0;
+  for (int i = 0; i < 8; i++) v = (v << 8) | static_cast<uint8_t>(p[i]);
+  return v;
+}
+
+std::string Key(char prefix) { return std::string(1, prefix); }
+std::string Key(char prefix, uint64_t a) {
+  std::string k(1, prefix);
+  AppendBe64(&k, a);
+  return k;
+}
+std::string Key(char prefix, uint64_t a, uint64_t b) {
+  std::string k = Key(prefix, a);
+  AppendBe64(&k, b);
+  return k;
+}
+std::string Key(char prefix, uint64_t a, std::string_view name) {
+  std::string k = Key(prefix, a);
+  k.append(name);
+  return k;
+}
+
+// Little-endian fixed-width values (native on every host deferfs builds for).
+template <typename T>
+void Put(std::string* s, T v) {
+  s->append(reinterpret_cast<const char*>(&v), sizeof(v));
+}
+template <typename T>
+T Get(const char*& p) {
+  T v;
+  std::memcpy(&v, p, sizeof(v));
+  p += sizeof(v);
+  return v;
+}
+
+std::string EncodeInode(const InodeRecord& r) {
+  std::string s;
+  Put(&s, r.mode); Put(&s, r.uid); Put(&s, r.gid); Put(&s, r.nlink);
+  Put(&s, r.size); Put(&s, r.rdev);
+  Put(&s, r.atime_ns); Put(&s, r.mtime_ns); Put(&s, r.ctime_ns); Put(&s, r.crtime_ns);
+  Put(&s, r.parent); Put(&s, r.next_cookie);
+  return s;
+}
+constexpr size_t kInodeValueSize = 4 * 4 + 8 * 8;
+
+Status DecodeInode(uint64_t ino, const std::string& s, InodeRecord* r) {
+  if (s.size() != kInodeValueSize) return Status::IoError("metadata: inode " + std::to_string(ino) + " record is corrupt: run 'deferfs fsck'");
+  const char* p = s.data();
+  r->ino = ino;
+  r->mode = Get<uint32_t>(p); r->uid = Get<uint32_t>(p); r->gid = Get<uint32_t>(p); r->nlink = Get<uint32_t>(p);
+  r->size = Get<uint64_t>(p); r->rdev = Get<uint64_t>(p);
+  r->atime_ns = Get<int64_t>(p); r->mtime_ns = Get<int64_t>(p); r->ctime_ns = Get<int64_t>(p); r->crtime_ns = Get<int64_t>(p);
+  r->parent = Get<uint64_t>(p); r->next_cookie = Get<uint64_t>(p);
+  return Status::Ok();
+}
+
+Status FromRocks(const rocksdb::Status& s, const std::string& what) {
+  if (s.ok()) return Status::Ok();
+  if (s.IsNotFound()) return Status::NotFound(what + ": not found");
+  if (s.IsNoSpace()) return Status::NoSpace("metadata store is out of space (" + s.ToString() + "): free space on its filesystem");
+  return Status::IoError("metadata store error in " + what + ": " + s.ToString());
+}
+
+rocksdb::Options DbOptions() {
+  rocksdb::Options o;
+  o.create_if_missing = false;
+  o.paranoid_checks = true;
+  o.max_background_jobs = 2;
+  o.write_buffer_size = 32 << 20;
+  o.keep_log_file_num = 4;
+  o.info_log_level = rocksdb::WARN_LEVEL;
+  return o;
+}
+
+// Iterates keys that start with `prefix`, from `start` on.
+template <typename Fn>
+Status Scan(rocksdb::DB* db, const std::string& prefix, const std::string& start, Fn&& fn) {
+  std::unique_ptr<rocksdb::Iterator> it(db->NewIterator(rocksdb::ReadOptions()));
+  for (it->Seek(start); it->Valid() && it->key().starts_with(prefix); it->Next()) {
+    if (!fn(it->key(), it->value())) break;
+  }
+  return FromRocks(it->status(), "scan");
+}
+
+}  // namespace
+
+MetaBatch::MetaBatch() : wb_(std::make_unique<rocksdb::WriteBatch>()) {}
+MetaBatch::~MetaBatch() = default;
+bool MetaBatch::empty() const { return wb_->Count() == 0; }
+
+void MetaBatch::PutInode(const InodeRecord& r) { wb_->Put(Key(kInode, r.ino), EncodeInode(r)); }
+
+void MetaBatch::DeleteInode(uint64_t ino) {
+  wb_->Delete(Key(kInode, ino));
+  wb_->Delete(Key(kSymlink, ino));
+  wb_->Delete(Key(kOrphan, ino));
+  wb_->DeleteRange(Key(kXattr, ino), Key(kXattr, ino + 1));
+  wb_->DeleteRange(Key(kExtent, ino), Key(kExtent, ino + 1));
+}
+
+void MetaBatch::PutDirEntry(uint64_t dir, const DirEntry& e) {
+  std::string v;
+  Put(&v, e.ino); Put(&v, e.mode); Put(&v, e.cookie);
+  wb_->Put(Key(kDentry, dir, e.name), v);
+  wb_->Put(Key(kCookie, dir, e.cookie), e.name);
+}
+
+void MetaBatch::DeleteDirEntry(uint64_t dir, const DirEntry& e) {
+  wb_->Delete(Key(kDentry, dir, e.name));
+  wb_->Delete(Key(kCookie, dir, e.cookie));
+}
+
+void MetaBatch::PutSymlink(uint64_t ino, std::string_view target) {
+  wb_->Put(Key(kSymlink, ino), rocksdb::Slice(target.data(), target.size()));
+}
+void MetaBatch::PutXattr(uint64_t ino, std::string_view name, std::string_view value) {
+  wb_->Put(Key(kXattr, ino, name), rocksdb::Slice(value.data(), value.size()));
+}
+void MetaBatch::DeleteXattr(uint64_t ino, std::string_view name) { wb_->Delete(Key(kXattr, ino, name)); }
+
+void MetaBatch::PutExtent(uint64_t ino, const ExtentRecord& e) {
+  std::string v;
+  Put(&v, e.len); Put(&v, e.pblk); Put(&v, e.state);
+  wb_->Put(Key(kExtent, ino, e.lblk), v);
+}
+void MetaBatch::DeleteExtent(uint64_t ino, uint64_t lblk) { wb_->Delete(Key(kExtent, ino, lblk)); }
+void MetaBatch::PutOrphan(uint64_t ino) { wb_->Put(Key(kOrphan, ino), ""); }
+void MetaBatch::DeleteOrphan(uint64_t ino) { wb_->Delete(Key(kOrphan, ino)); }
+void MetaBatch::PutNextIno(uint64_t next) {
+  std::string v;
+  Put(&v, next);
+  wb_->Put(Key(kNextIno), v);
+}
+
+MetaStore::MetaStore(Private, std::unique_ptr<rocksdb::DB> db) : db_(std::move(db)) {}
+MetaStore::~MetaStore() {
+  if (db_) db_->Close().PermitUncheckedError();
+}
+
+bool MetaStore::Exists(const std::string& dir) {
+  std::error_code ec;
+  return std::filesystem::exists(std::filesystem::path(dir) / "CURRENT", ec);
+}
+
+Status MetaStore::Create(const std::string& dir, const Uuid& uuid, uint32_t uid, uint32_t gid) {
+  rocksdb::Options o = DbOptions();
+  o.create_if_missing = true;
+  o.error_if_exists = true;
+  rocksdb::DB* raw = nullptr;
+  rocksdb::Status s = rocksdb::DB::Open(o, dir, &raw);
+  if (!s.ok()) return Status::IoError("cannot create metadata directory " + dir + ": " + s.ToString());
+  MetaStore store(Private{}, std::unique_ptr<rocksdb::DB>(raw));
+
+  std::string pairing(kPairingMagic, sizeof(kPairingMagic));
+  pairing.append(reinterpret_cast<const char*>(uuid.data()), uuid.size());
+  Put(&pairing, kFormatVersion);
+
+  timespec now;
+  clock_gettime(CLOCK_REALTIME, &now);
+  int64_t ns = now.tv_sec * 1'000'000'000LL + now.tv_nsec;
+  InodeRecord root;
+  root.ino = kRootIno;
+  root.mode = S_IFDIR | 0755;
+  root.uid = uid;
+  root.gid = gid;
+  root.nlink = 2;
+  root.atime_ns = root.mtime_ns = root.ctime_ns = root.crtime_ns = ns;
+  root.parent = kRootIno;
+  root.next_cookie = kFirstDirCookie;
+
+  MetaBatch b;
+  b.wb_->Put(Key(kPairing), pairing);
+  b.PutInode(root);
+  b.PutNextIno(kRootIno + 1);
+  return store.Commit(&b, /*sync=*/true);
+}
+
+Status MetaStore::Open(const std::string& dir, const Uuid& uuid, std::unique_ptr<MetaStore>* out) {
+  std::error_code ec;
+  if (!std::filesystem::is_directory(dir, ec)) {
+    return Status::NotFound("metadata directory " + dir + " does not exist: pass -o meta=DIR or re-run 'deferfs mkfs'");
+  }
+  if (!Exists(dir)) {
+    return Status::Invalid(dir + " is not a deferfs metadata directory: pass the right -o meta=DIR");
+  }
+  rocksdb::DB* raw = nullptr;
+  rocksdb::Status s = rocksdb::DB::Open(DbOptions(), dir, &raw);
+  if (s.IsIOError() && s.ToString().find("lock") != std::string::npos) {
+    return Status::Error(EBUSY, "metadata directory " + dir + " is in use by another deferfs process (already mounted?): unmount it first");
+  }
+  if (!s.ok()) return Status::IoError("cannot open metadata directory " + dir + ": " + s.ToString());
+  auto store = std::make_unique<MetaStore>(Private{}, std::unique_ptr<rocksdb::DB>(raw));
+
+  std::string pairing;
+  s = store->db_->Get(rocksdb::ReadOptions(), Key(kPairing), &pairing);
+  if (!s.ok() || pairing.size() != sizeof(kPairingMagic) + uuid.size() + 4 ||
+      std::memcmp(pairing.data(), kPairingMagic, sizeof(kPairingMagic)) != 0) {
+    return Status::Invalid(dir + " is not a deferfs metadata directory: pass the right -o meta=DIR");
+  }
+  Uuid have;
+  std::memcpy(have.data(), pairing.data() + sizeof(kPairingMagic), have.size());
+  if (have != uuid) {
+    return Status::Invalid("metadata directory " + dir + " belongs to another filesystem (uuid " + UuidToString(have) +
+                           ", backing device has " + UuidToString(uuid) + "): pass the right -o meta=DIR");
+  }
+  std::string next;
+  s = store->db_->Get(rocksdb::ReadOptions(), Key(kNextIno), &next);
+  if (!s.ok() || next.size() != 8) return Status::IoError("metadata directory " + dir + " has no inode counter: run 'deferfs fsck'");
+  const char* p = next.data();
+  store->next_ino_ = Get<uint64_t>(p);
+  *out = std::move(store);
+  return Status::Ok();
+}
+
+Status MetaStore::GetInode(uint64_t ino, InodeRecord* rec) {
+  std::string v;
+  DEFERFS_RETURN_IF_ERROR(FromRocks(db_->Get(rocksdb::ReadOptions(), Key(kInode, ino), &v), "inode " + std::to_string(ino)));
+  return DecodeInode(ino, v, rec);
+}
+
+Status MetaStore::Lookup(uint64_t dir, std::string_view name, DirEntry* e) {
+  std::string v;
+  rocksdb::Status s = db_->Get(rocksdb::ReadOptions(), Key(kDentry, dir, name), &v);
+  if (s.IsNotFound()) return Status::NotFound(std::string(name));
+  DEFERFS_RETURN_IF_ERROR(FromRocks(s, "lookup"));
+  if (v.size() != 20) return Status::IoError("metadata: directory entry is corrupt: run 'deferfs fsck'");
+  const char* p = v.data();
+  e->name.assign(name);
+  e->ino = Get<uint64_t>(p);
+  e->mode = Get<uint32_t>(p);
+  e->cookie = Get<uint64_t>(p);
+  return Status::Ok();
+}
+
+Status MetaStore::ReadDir(uint64_t dir, uint64_t after, const std::function<bool(const DirEntry&)>& fn) {
+  Status inner;
+  Status st = Scan(db_.get(), Key(kCookie, dir), Key(kCookie, dir, after + 1),
+                   [&](const rocksdb::Slice& k, const rocksdb::Slice& v) {
+                     DirEntry e;
+                     inner = Lookup(dir, std::string_view(v.data(), v.size()), &e);
+                     if (!inner.ok()) return false;
+                     return fn(e);
+                   });
+  return inner.ok() ? st : inner;
+}
+
+Status MetaStore::HasEntries(uint64_t dir, bool* any) {
+  *any = false;
+  return Scan(db_.get(), Key(kCookie, dir), Key(kCookie, dir), [&](const rocksdb::Slice&, const rocksdb::Slice&) {
+    *any = true;
+    return false;
+  });
+}
+
+Status MetaStore::GetSymlink(uint64_t ino, std::string* target) {
+  return FromRocks(db_->Get(rocksdb::ReadOptions(), Key(kSymlink, ino), target), "symlink");
+}
+
+Status MetaStore::GetXattr(uint64_t ino, std::string_view name, std::string* value) {
+  rocksdb::Status s = db_->Get(rocksdb::ReadOptions(), Key(kXattr, ino, name), value);
+  if (s.IsNotFound()) return Status::Error(ENODATA, "no such attribute");
+  return FromRocks(s, "getxattr");
+}
+
+Status MetaStore::ListXattrs(uint64_t ino, std::vector<std::string>* names) {
+  std::string prefix = Key(kXattr, ino);
+  return Scan(db_.get(), prefix, prefix, [&](const rocksdb::Slice& k, const rocksdb::Slice&) {
+    names->emplace_back(k.data() + prefix.size(), k.size() - prefix.size());
+    return true;
+  });
+}
+
+namespace {
+ExtentRecord DecodeExtent(const rocksdb::Slice& k, const rocksdb::Slice& v) {
+  ExtentRecord e;
+  e.lblk = ReadBe64(k.data() + 9);
+  const char* p = v.data();
+  e.len = Get<uint64_t>(p);
+  e.pblk = Get<uint64_t>(p);
+  e.state = Get<uint8_t>(p);
+  return e;
+}
+}  // namespace
+
+Status MetaStore::ForEachExtent(uint64_t ino, const std::function<void(const ExtentRecord&)>& fn) {
+  std::string prefix = Key(kExtent, ino);
+  return Scan(db_.get(), prefix, prefix, [&](const rocksdb::Slice& k, const rocksdb::Slice& v) {
+    fn(DecodeExtent(k, v));
+    return true;
+  });
+}
+
+Status MetaStore::ForEachExtentAll(const std::function<void(uint64_t, const ExtentRecord&)>& fn) {
+  std::string prefix = Key(kExtent);
+  return Scan(db_.get(), prefix, prefix, [&](const rocksdb::Slice& k, const rocksdb::Slice& v) {
+    fn(ReadBe64(k.data() + 1), DecodeExtent(k, v));
+    return true;
+  });
+}
+
+Status MetaStore::ForEachInode(const std::function<void(const InodeRecord&)>& fn) {
+  std::string prefix = Key(kInode);
+  Status inner;
+  Status st = Scan(db_.get(), prefix, prefix, [&](const rocksdb::Slice& k, const rocksdb::Slice& v) {
+    InodeRecord r;
+    inner = DecodeInode(ReadBe64(k.data() + 1), v.ToString(), &r);
+    if (!inner.ok()) return false;
+    fn(r);
+    return true;
+  });
+  return inner.ok() ? st : inner;
+}
+
+Status MetaStore::ListOrphans(std::vector<uint64_t>* inos) {
+  std::string prefix = Key(kOrphan);
+  return Scan(db_.get(), prefix, prefix, [&](const rocksdb::Slice& k, const rocksdb::Slice&) {
+    inos->push_back(ReadBe64(k.data() + 1));
+    return true;
+  });
+}
+
+Status MetaStore::Commit(MetaBatch* batch, bool sync) {
+  rocksdb::WriteOptions wo;
+  wo.sync = sync;
+  return FromRocks(db_->Write(wo, batch->wb_.get()), "commit");
+}
+
+Status MetaStore::SyncWal() { return FromRocks(db_->SyncWAL(), "wal sync"); }
+
+}  // namespace deferfs

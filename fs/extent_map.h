@@ -1,0 +1,101 @@
+// ExtentMap: one inode's logical -> physical block map, in memory.
+// Persisted as one RocksDB key per extent (ino, lblk); every mutation reports
+// its exact key changes in an ExtentDelta so the caller can write them in the
+// same WriteBatch as the rest of the operation.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <vector>
+
+#include "backend/allocator.h"
+#include "backend/status.h"
+
+namespace deferfs {
+
+enum class ExtentState : uint8_t { kWritten, kUnwritten };
+
+// Logical blocks [lblk, lblk + len) live at physical blocks [pblk, pblk + len).
+struct Extent {
+  uint64_t lblk = 0;
+  uint64_t len = 0;
+  uint64_t pblk = 0;
+  ExtentState state = ExtentState::kWritten;
+
+  bool operator==(const Extent&) const = default;
+};
+
+// What a mutation changed. Apply `removed`, then `upserted`, to the persisted
+// keys to get the new map. `freed` are physical blocks the map no longer
+// references, for the allocator (once the batch is durable).
+// Mutations append, so one delta may gather several operations.
+struct ExtentDelta {
+  std::vector<uint64_t> removed;  // lblk keys that no longer exist
+  std::vector<Extent> upserted;   // extents new or changed, keyed by lblk
+  std::vector<BlockRange> freed;
+
+  bool empty() const { return removed.empty() && upserted.empty() && freed.empty(); }
+};
+
+// Sorted disjoint extents, mergeable neighbours always merged; O(log n) per op.
+// Not thread-safe: the owning inode's lock protects it.
+class ExtentMap {
+ public:
+  // Mount-time load of one persisted extent; no merging (keys must stay as
+  // persisted), overlap only asserted. Use CheckInvariants to verify.
+  void Load(const Extent& e);
+
+  // If an extent covers lblk, sets *out to it trimmed to start at lblk.
+  // Else sets *hole_len to the blocks up to the next extent (UINT64_MAX if
+  // none) and returns false.
+  bool Find(uint64_t lblk, Extent* out, uint64_t* hole_len) const;
+
+  // Maps [e.lblk, e.lblk + e.len) to e.pblk.. in e.state, replacing what was
+  // there. Precondition: e's physical blocks are not mapped elsewhere.
+  void Insert(const Extent& e, ExtentDelta* delta);
+
+  // Unmaps [lblk, lblk + len): punch hole, truncate.
+  void Punch(uint64_t lblk, uint64_t len, ExtentDelta* delta);
+
+  // Marks unwritten blocks in [lblk, lblk + len) written (write completion).
+  void Convert(uint64_t lblk, uint64_t len, ExtentDelta* delta);
+
+  // In lblk order.
+  void ForEach(const std::function<void(const Extent&)>& fn) const;
+
+  // The first extent ending after lblk, untrimmed (SEEK_DATA).
+  bool NextAfter(uint64_t lblk, Extent* out) const;
+
+  size_t size() const { return map_.size(); }
+  uint64_t mapped_blocks() const { return mapped_blocks_; }
+  // Physical block right after the last inserted extent: the allocator goal
+  // that keeps a file's blocks contiguous.
+  uint64_t last_pblk_hint() const { return last_pblk_hint_; }
+
+  // EINVAL describing the first broken invariant. O(n); for tests and fsck.
+  Status CheckInvariants() const;
+
+ private:
+  using Map = std::map<uint64_t, Extent>;  // key == value.lblk
+
+  // Splits the extent at `it` (which covers lblk) there; returns the tail.
+  Map::iterator SplitAt(Map::iterator it, uint64_t lblk);
+  // Merges the extent at `it` into its predecessor if mergeable.
+  Map::iterator MergePrev(Map::iterator it);
+  // Unmaps [lo, hi), appending the physical blocks dropped.
+  void Carve(uint64_t lo, uint64_t hi, std::vector<BlockRange>* freed);
+
+  // A mutation of [lo, hi) can only change keys in [WindowStart(lo), hi]:
+  // the extent before lo may shrink or absorb a merge, one at hi may merge.
+  // Diffing that window before and after yields the exact delta.
+  uint64_t WindowStart(uint64_t lo) const;
+  std::vector<Extent> Snapshot(uint64_t lo, uint64_t hi) const;
+  void Diff(const std::vector<Extent>& before, uint64_t lo, uint64_t hi, ExtentDelta* delta) const;
+
+  Map map_;
+  uint64_t mapped_blocks_ = 0;
+  uint64_t last_pblk_hint_ = 0;
+};
+
+}  // namespace deferfs

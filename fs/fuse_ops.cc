@@ -1,0 +1,293 @@
+#include "fs/fuse_ops.h"
+
+#include <sys/xattr.h>
+
+#include <string>
+#include <vector>
+
+#include "fs/filesystem.h"
+
+namespace deferfs {
+namespace {
+
+// All changes go through this mount, so the kernel may cache what we reply.
+constexpr double kAttrTimeout = 1.0;
+constexpr double kEntryTimeout = 1.0;
+
+Filesystem* Fs(fuse_req_t req) { return static_cast<Filesystem*>(fuse_req_userdata(req)); }
+
+Caller CallerOf(fuse_req_t req) {
+  const fuse_ctx* ctx = fuse_req_ctx(req);
+  Caller c{ctx->uid, ctx->gid, ctx->umask, nullptr};
+  c.in_group = [req](uint32_t gid) {
+    gid_t groups[256];
+    int n = fuse_req_getgroups(req, 256, groups);
+    for (int i = 0; i < n && i < 256; i++) {
+      if (groups[i] == gid) return true;
+    }
+    return false;
+  };
+  return c;
+}
+
+void ReplyErr(fuse_req_t req, const Status& st) { fuse_reply_err(req, st.err()); }
+
+void ReplyEntry(fuse_req_t req, const Status& st, const struct stat& attr) {
+  if (!st.ok()) return ReplyErr(req, st);
+  fuse_entry_param e{};
+  e.ino = attr.st_ino;
+  e.attr = attr;
+  e.attr_timeout = kAttrTimeout;
+  e.entry_timeout = kEntryTimeout;
+  fuse_reply_entry(req, &e);
+}
+
+void ReplyAttr(fuse_req_t req, const Status& st, const struct stat& attr) {
+  if (!st.ok()) return ReplyErr(req, st);
+  fuse_reply_attr(req, &attr, kAttrTimeout);
+}
+
+void Init(void* userdata, fuse_conn_info* conn) {
+  // Splice would bypass our aligned receive buffers.
+  conn->want &= ~(FUSE_CAP_SPLICE_READ | FUSE_CAP_SPLICE_WRITE | FUSE_CAP_SPLICE_MOVE);
+  if (conn->capable & FUSE_CAP_ASYNC_DIO) conn->want |= FUSE_CAP_ASYNC_DIO;
+  if (conn->capable & FUSE_CAP_PARALLEL_DIROPS) conn->want |= FUSE_CAP_PARALLEL_DIROPS;
+  if (conn->capable & FUSE_CAP_READDIRPLUS) conn->want |= FUSE_CAP_READDIRPLUS;
+  conn->want &= ~FUSE_CAP_WRITEBACK_CACHE;
+}
+
+void Lookup(fuse_req_t req, fuse_ino_t parent, const char* name) {
+  struct stat st;
+  Status s = Fs(req)->Lookup(parent, name, &st);
+  if (s.err() == ENOENT) {
+    // A negative entry the kernel may cache: nothing else changes this directory.
+    fuse_entry_param e{};
+    e.entry_timeout = kEntryTimeout;
+    fuse_reply_entry(req, &e);
+    return;
+  }
+  ReplyEntry(req, s, st);
+}
+
+void Forget(fuse_req_t req, fuse_ino_t ino, uint64_t nlookup) {
+  Fs(req)->Forget(ino, nlookup);
+  fuse_reply_none(req);
+}
+
+void ForgetMulti(fuse_req_t req, size_t count, fuse_forget_data* forgets) {
+  for (size_t i = 0; i < count; i++) Fs(req)->Forget(forgets[i].ino, forgets[i].nlookup);
+  fuse_reply_none(req);
+}
+
+void GetAttr(fuse_req_t req, fuse_ino_t ino, fuse_file_info*) {
+  struct stat st;
+  Status s = Fs(req)->GetAttr(ino, &st);
+  ReplyAttr(req, s, st);
+}
+
+void SetAttr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int to_set, fuse_file_info*) {
+  SetAttrRequest r;
+  r.attr = *attr;
+  struct { int fuse; uint32_t ours; } const kMap[] = {
+      {FUSE_SET_ATTR_MODE, SetAttrRequest::kMode},           {FUSE_SET_ATTR_UID, SetAttrRequest::kUid},
+      {FUSE_SET_ATTR_GID, SetAttrRequest::kGid},             {FUSE_SET_ATTR_SIZE, SetAttrRequest::kSize},
+      {FUSE_SET_ATTR_ATIME, SetAttrRequest::kAtime},         {FUSE_SET_ATTR_MTIME, SetAttrRequest::kMtime},
+      {FUSE_SET_ATTR_ATIME_NOW, SetAttrRequest::kAtimeNow}, {FUSE_SET_ATTR_MTIME_NOW, SetAttrRequest::kMtimeNow},
+      {FUSE_SET_ATTR_CTIME, SetAttrRequest::kCtime},
+  };
+  for (const auto& m : kMap) {
+    if (to_set & m.fuse) r.valid |= m.ours;
+  }
+  struct stat st;
+  Status s = Fs(req)->SetAttr(ino, r, &st);
+  ReplyAttr(req, s, st);
+}
+
+void ReadLink(fuse_req_t req, fuse_ino_t ino) {
+  std::string target;
+  Status s = Fs(req)->ReadLink(ino, &target);
+  if (!s.ok()) return ReplyErr(req, s);
+  fuse_reply_readlink(req, target.c_str());
+}
+
+void Mknod(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode, dev_t rdev) {
+  struct stat st;
+  Status s = Fs(req)->Mknod(CallerOf(req), parent, name, mode, rdev, &st);
+  ReplyEntry(req, s, st);
+}
+
+void Mkdir(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode) {
+  struct stat st;
+  Status s = Fs(req)->Mkdir(CallerOf(req), parent, name, mode, &st);
+  ReplyEntry(req, s, st);
+}
+
+void Unlink(fuse_req_t req, fuse_ino_t parent, const char* name) { ReplyErr(req, Fs(req)->Unlink(parent, name)); }
+void Rmdir(fuse_req_t req, fuse_ino_t parent, const char* name) { ReplyErr(req, Fs(req)->Rmdir(parent, name)); }
+
+void Symlink(fuse_req_t req, const char* link, fuse_ino_t parent, const char* name) {
+  struct stat st;
+  Status s = Fs(req)->Symlink(CallerOf(req), parent, name, link, &st);
+  ReplyEntry(req, s, st);
+}
+
+void Rename(fuse_req_t req, fuse_ino_t parent, const char* name, fuse_ino_t newparent, const char* newname,
+            unsigned flags) {
+  ReplyErr(req, Fs(req)->Rename(parent, name, newparent, newname, flags));
+}
+
+void Link(fuse_req_t req, fuse_ino_t ino, fuse_ino_t newparent, const char* newname) {
+  struct stat st;
+  Status s = Fs(req)->Link(ino, newparent, newname, &st);
+  ReplyEntry(req, s, st);
+}
+
+void Open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
+  Status s = Fs(req)->Open(ino);
+  if (!s.ok()) return ReplyErr(req, s);
+  fuse_reply_open(req, fi);
+}
+
+void Create(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode, fuse_file_info* fi) {
+  struct stat st;
+  Status s = Fs(req)->Create(CallerOf(req), parent, name, mode, &st);
+  if (!s.ok()) return ReplyErr(req, s);
+  fuse_entry_param e{};
+  e.ino = st.st_ino;
+  e.attr = st;
+  e.attr_timeout = kAttrTimeout;
+  e.entry_timeout = kEntryTimeout;
+  fuse_reply_create(req, &e, fi);
+}
+
+void Release(fuse_req_t req, fuse_ino_t ino, fuse_file_info*) {
+  Fs(req)->Release(ino);
+  fuse_reply_err(req, 0);
+}
+
+void Flush(fuse_req_t req, fuse_ino_t, fuse_file_info*) { fuse_reply_err(req, 0); }
+
+void Fsync(fuse_req_t req, fuse_ino_t, int, fuse_file_info*) { ReplyErr(req, Fs(req)->Sync()); }
+
+void OpenDir(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
+  struct stat st;
+  Status s = Fs(req)->GetAttr(ino, &st);
+  if (!s.ok()) return ReplyErr(req, s);
+  if (!S_ISDIR(st.st_mode)) return ReplyErr(req, Status::Error(ENOTDIR, "not a directory"));
+  fuse_reply_open(req, fi);
+}
+
+void ReadDirCommon(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, bool plus) {
+  std::vector<char> buf(size);
+  size_t used = 0;
+  Status s = Fs(req)->ReadDir(ino, static_cast<uint64_t>(off), plus,
+                              [&](std::string_view name, const struct stat& st, uint64_t next) {
+                                std::string n(name);
+                                size_t need;
+                                if (plus) {
+                                  fuse_entry_param e{};
+                                  e.ino = st.st_ino;
+                                  e.attr = st;
+                                  e.attr_timeout = kAttrTimeout;
+                                  e.entry_timeout = kEntryTimeout;
+                                  need = fuse_add_direntry_plus(req, buf.data() + used, size - used, n.c_str(),
+                                                                &e, static_cast<off_t>(next));
+                                } else {
+                                  need = fuse_add_direntry(req, buf.data() + used, size - used, n.c_str(), &st,
+                                                           static_cast<off_t>(next));
+                                }
+                                if (need > size - used) return false;
+                                used += need;
+                                return true;
+                              });
+  // Entries already placed must be returned even if a later one failed.
+  if (!s.ok() && used == 0) return ReplyErr(req, s);
+  fuse_reply_buf(req, buf.data(), used);
+}
+
+void ReadDir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info*) {
+  ReadDirCommon(req, ino, size, off, false);
+}
+void ReadDirPlus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info*) {
+  ReadDirCommon(req, ino, size, off, true);
+}
+void ReleaseDir(fuse_req_t req, fuse_ino_t, fuse_file_info*) { fuse_reply_err(req, 0); }
+void FsyncDir(fuse_req_t req, fuse_ino_t, int, fuse_file_info*) { ReplyErr(req, Fs(req)->Sync()); }
+
+void StatFs(fuse_req_t req, fuse_ino_t) {
+  struct statvfs sv;
+  Status s = Fs(req)->StatFs(&sv);
+  if (!s.ok()) return ReplyErr(req, s);
+  fuse_reply_statfs(req, &sv);
+}
+
+void SetXattr(fuse_req_t req, fuse_ino_t ino, const char* name, const char* value, size_t size, int flags) {
+  ReplyErr(req, Fs(req)->SetXattr(ino, name, std::string_view(value, size), flags));
+}
+
+// The size protocol shared by getxattr and listxattr.
+void ReplyXattr(fuse_req_t req, const Status& s, const std::string& v, size_t size) {
+  if (!s.ok()) return ReplyErr(req, s);
+  if (size == 0) return (void)fuse_reply_xattr(req, v.size());
+  if (v.size() > size) return (void)fuse_reply_err(req, ERANGE);
+  fuse_reply_buf(req, v.data(), v.size());
+}
+
+void GetXattr(fuse_req_t req, fuse_ino_t ino, const char* name, size_t size) {
+  std::string v;
+  Status s = Fs(req)->GetXattr(ino, name, &v);
+  ReplyXattr(req, s, v, size);
+}
+
+void ListXattr(fuse_req_t req, fuse_ino_t ino, size_t size) {
+  std::string v;
+  Status s = Fs(req)->ListXattr(ino, &v);
+  ReplyXattr(req, s, v, size);
+}
+
+void RemoveXattr(fuse_req_t req, fuse_ino_t ino, const char* name) {
+  ReplyErr(req, Fs(req)->RemoveXattr(ino, name));
+}
+
+fuse_lowlevel_ops MakeOps() {
+  fuse_lowlevel_ops ops{};
+  ops.init = Init;
+  ops.lookup = Lookup;
+  ops.forget = Forget;
+  ops.forget_multi = ForgetMulti;
+  ops.getattr = GetAttr;
+  ops.setattr = SetAttr;
+  ops.readlink = ReadLink;
+  ops.mknod = Mknod;
+  ops.mkdir = Mkdir;
+  ops.unlink = Unlink;
+  ops.rmdir = Rmdir;
+  ops.symlink = Symlink;
+  ops.rename = Rename;
+  ops.link = Link;
+  ops.open = Open;
+  ops.create = Create;
+  ops.release = Release;
+  ops.flush = Flush;
+  ops.fsync = Fsync;
+  ops.opendir = OpenDir;
+  ops.readdir = ReadDir;
+  ops.readdirplus = ReadDirPlus;
+  ops.releasedir = ReleaseDir;
+  ops.fsyncdir = FsyncDir;
+  ops.statfs = StatFs;
+  ops.setxattr = SetXattr;
+  ops.getxattr = GetXattr;
+  ops.listxattr = ListXattr;
+  ops.removexattr = RemoveXattr;
+  return ops;
+}
+
+}  // namespace
+
+const fuse_lowlevel_ops& FuseOps() {
+  static const fuse_lowlevel_ops ops = MakeOps();
+  return ops;
+}
+
+}  // namespace deferfs

@@ -1,0 +1,169 @@
+// deferfs mkfs: writes a superblock and creates the paired metadata store.
+// Order keeps failures harmless: the new store is built in a temporary
+// directory, then the superblock is written and flushed, then the store is
+// moved into place. Before the superblock write nothing existing has changed.
+#include <fcntl.h>
+#include <getopt.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <charconv>
+#include <cstring>
+#include <filesystem>
+
+#include "backend/device.h"
+#include "backend/metadata.h"
+#include "backend/superblock.h"
+#include "fs/filesystem.h"
+#include "mount/commands.h"
+
+namespace deferfs {
+namespace {
+
+constexpr char kMkfsUsage[] =
+    "usage: deferfs mkfs BACKING [--size SIZE] [--meta DIR] [--force]\n"
+    "  --size SIZE   size of the filesystem (K, M, G, T suffixes); creates or resizes a backing file\n"
+    "  --meta DIR    metadata directory (default: BACKING.meta, or /var/lib/deferfs/UUID for a block device)\n"
+    "  --force       overwrite an existing deferfs and its metadata directory\n";
+
+bool ParseSize(const std::string& s, uint64_t* out) {
+  uint64_t v = 0;
+  auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
+  if (ec != std::errc() || p == s.data()) return false;
+  std::string_view rest(p, s.data() + s.size() - p);
+  int shift = 0;
+  if (rest == "K" || rest == "k") shift = 10;
+  else if (rest == "M" || rest == "m") shift = 20;
+  else if (rest == "G" || rest == "g") shift = 30;
+  else if (rest == "T" || rest == "t") shift = 40;
+  else if (!rest.empty()) return false;
+  if (shift && v > (UINT64_MAX >> shift)) return false;
+  *out = v << shift;
+  return true;
+}
+
+void RemoveAll(const std::string& dir) {
+  std::error_code ec;
+  std::filesystem::remove_all(dir, ec);
+}
+
+}  // namespace
+
+int MkfsCommand(int argc, char** argv) {
+  static const option kLong[] = {
+      {"size", required_argument, nullptr, 's'}, {"meta", required_argument, nullptr, 'm'},
+      {"force", no_argument, nullptr, 'f'},      {"help", no_argument, nullptr, 'h'},
+      {nullptr, 0, nullptr, 0},
+  };
+  uint64_t size = 0;
+  bool have_size = false, force = false;
+  std::string meta_dir;
+  opterr = 0;
+  optind = 1;
+  for (int c; (c = getopt_long(argc, argv, "s:m:fh", kLong, nullptr)) != -1;) {
+    switch (c) {
+      case 's':
+        if (!ParseSize(optarg, &size)) return Fail(std::string("bad --size '") + optarg + "': give bytes with an optional K, M, G or T suffix");
+        have_size = true;
+        break;
+      case 'm': meta_dir = optarg; break;
+      case 'f': force = true; break;
+      case 'h': std::fputs(kMkfsUsage, stdout); return 0;
+      default: return Fail(std::string("mkfs: unknown or incomplete option '") + argv[optind - 1] + "': see 'deferfs mkfs --help'");
+    }
+  }
+  if (optind != argc - 1) return Fail("mkfs needs exactly one BACKING path: see 'deferfs mkfs --help'");
+  std::string backing = argv[optind];
+  if (have_size && size < kMinDeviceBytes) {
+    return Fail("--size " + std::to_string(size) + " is too small: a deferfs needs at least " + std::to_string(kMinDeviceBytes >> 20) + "M");
+  }
+
+  // A missing backing file is created only when the size is known.
+  bool created = false;
+  struct stat st;
+  if (stat(backing.c_str(), &st) != 0) {
+    if (errno != ENOENT) return Fail("cannot stat " + backing + ": " + strerror(errno));
+    if (!have_size) return Fail(backing + " does not exist: pass --size SIZE to create it");
+    UniqueFd fd(open(backing.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600));
+    if (!fd.valid()) return Fail("cannot create " + backing + ": " + strerror(errno));
+    if (ftruncate(fd.get(), static_cast<off_t>(size)) != 0) {
+      int e = errno;
+      unlink(backing.c_str());
+      return Fail("cannot size " + backing + ": " + strerror(e));
+    }
+    created = true;
+  }
+  auto undo_create = [&] {
+    if (created) unlink(backing.c_str());
+  };
+
+  std::unique_ptr<Device> dev;
+  Status s = Device::Open(backing, &dev);
+  if (s.ok()) s = dev->LockExclusive();
+  if (!s.ok()) {
+    undo_create();
+    return Fail(s.message());
+  }
+  AlignedBuffer sbuf(kSuperblockBytes, std::max<uint32_t>(dev->dio_align(), 4096));
+  if (!created) {
+    s = dev->ReadSync(0, sbuf.data(), kSuperblockBytes);
+    if (!s.ok()) return Fail(s.message());
+    if (HasSuperblockMagic(sbuf.bytes()) && !force) {
+      return Fail(backing + " already holds a deferfs filesystem: pass --force to overwrite it");
+    }
+  }
+  uint64_t dev_bytes = have_size ? size : dev->size();
+  if (have_size && dev->is_block_device() && size > dev->size()) {
+    return Fail("--size is larger than the block device " + backing + " (" + std::to_string(dev->size()) + " bytes)");
+  }
+  dev_bytes -= dev_bytes % kBlockSize;
+  if (dev_bytes < kMinDeviceBytes) {
+    undo_create();
+    return Fail(backing + " is too small (" + std::to_string(dev_bytes) + " bytes): a deferfs needs at least " +
+                std::to_string(kMinDeviceBytes >> 20) + "M; pass --size to grow a backing file");
+  }
+
+  Superblock sb;
+  sb.uuid = NewUuid();
+  sb.device_bytes = dev_bytes;
+  sb.created_ns = NowNs();
+  if (meta_dir.empty()) meta_dir = DefaultMetaDir(backing, dev->is_block_device(), UuidToString(sb.uuid));
+  std::error_code ec;
+  if (std::filesystem::exists(meta_dir, ec) && !force) {
+    undo_create();
+    return Fail("metadata directory " + meta_dir + " already exists: pass --force to replace it, or --meta DIR");
+  }
+  std::filesystem::path meta_path(meta_dir);
+  if (meta_path.has_parent_path()) std::filesystem::create_directories(meta_path.parent_path(), ec);
+  std::string tmp = meta_dir + ".mkfs-tmp";
+  RemoveAll(tmp);
+  s = MetaStore::Create(tmp, sb.uuid, getuid(), getgid());
+  if (!s.ok()) {
+    RemoveAll(tmp);
+    undo_create();
+    return Fail(s.message());
+  }
+
+  // A regular file grows or shrinks to the requested size only now.
+  if (have_size && !created && !dev->is_block_device() && ftruncate(dev->fd(), static_cast<off_t>(size)) != 0) {
+    RemoveAll(tmp);
+    return Fail("cannot resize " + backing + ": " + strerror(errno));
+  }
+  EncodeSuperblock(sb, sbuf.bytes());
+  s = dev->WriteSync(0, sbuf.data(), kSuperblockBytes);
+  if (s.ok()) s = dev->FlushSync();
+  if (!s.ok()) {
+    RemoveAll(tmp);
+    undo_create();
+    return Fail(s.message());
+  }
+  RemoveAll(meta_dir);
+  std::filesystem::rename(tmp, meta_dir, ec);
+  if (ec) return Fail("cannot move the metadata store into " + meta_dir + ": " + ec.message());
+
+  std::printf("deferfs: formatted %s: %llu MiB, uuid %s, metadata in %s\n", backing.c_str(),
+              static_cast<unsigned long long>(dev_bytes >> 20), UuidToString(sb.uuid).c_str(), meta_dir.c_str());
+  return 0;
+}
+
+}  // namespace deferfs

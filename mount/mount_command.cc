@@ -1,0 +1,219 @@
+// deferfs mount: validates everything, mounts, serves until unmounted.
+// Without -f the process forks first and the parent waits on a pipe until the
+// child has the mount ready (or failed): a script can use the mount on its
+// next line, and every error still reaches the terminal as one line.
+#include <fcntl.h>
+#include <getopt.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/signalfd.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <syslog.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <string>
+
+#include "backend/device.h"
+#include "backend/metadata.h"
+#include "backend/superblock.h"
+#include "fs/filesystem.h"
+#include "fs/fuse_ops.h"
+#include "mount/commands.h"
+#include "mount/options.h"
+#include "mount/worker_loop.h"
+
+namespace deferfs {
+namespace {
+
+constexpr char kMountUsage[] =
+    "usage: deferfs mount BACKING MOUNTPOINT [-o OPTS] [-f]\n"
+    "  -f                 stay in the foreground (log to stderr)\n"
+    "  -o OPTS            comma-separated options:\n"
+    "     completion=MODE inline|workqueue|defer|auto|sync (default auto)\n"
+    "     workers=N       FUSE worker threads, 1-64 (default 2)\n"
+    "     pollers=N       io_uring poller threads, 1-16 (default 1)\n"
+    "     cthreads=N      completion threads for completion=workqueue, 1-64 (default 1)\n"
+    "     ring_depth=N    io_uring entries per poller, power of two 8-4096 (default 256)\n"
+    "     meta=DIR        metadata directory (default BACKING.meta)\n"
+    "     allow_other, allow_root, ro, rw, nosuid, nodev, noexec, noatime, auto_unmount, fsname=, subtype=\n"
+    "                     standard FUSE/VFS options, passed through; default_permissions is always on\n";
+
+// Where errors and the startup line go: the terminal, or the waiting parent.
+class Reporter {
+ public:
+  explicit Reporter(int pipe_fd) : fd_(pipe_fd) {}
+  int Error(const std::string& msg) {
+    if (fd_ < 0) return Fail(msg);
+    std::string line = msg + "\n";
+    [[maybe_unused]] ssize_t n = write(fd_, line.data(), line.size());
+    return 1;
+  }
+  // The mount is up: release the parent with an empty message.
+  void Ready() {
+    if (fd_ >= 0) close(fd_);
+    fd_ = -1;
+  }
+
+ private:
+  int fd_;
+};
+
+// Parent side of the daemon handshake: EOF with no message means success.
+int WaitForChild(int pipe_fd, pid_t child) {
+  std::string msg;
+  char buf[512];
+  for (ssize_t n; (n = read(pipe_fd, buf, sizeof(buf))) != 0;) {
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) break;
+    msg.append(buf, static_cast<size_t>(n));
+  }
+  if (msg.empty()) return 0;
+  if (msg.back() == '\n') msg.pop_back();
+  int status;
+  waitpid(child, &status, 0);
+  return Fail(msg);
+}
+
+void Log(bool foreground, const std::string& msg) {
+  if (foreground) {
+    std::fprintf(stderr, "deferfs: %s\n", msg.c_str());
+  } else {
+    syslog(LOG_INFO, "%s", msg.c_str());
+  }
+}
+
+}  // namespace
+
+int MountCommand(int argc, char** argv) {
+  static const option kLong[] = {{"help", no_argument, nullptr, 'h'}, {nullptr, 0, nullptr, 0}};
+  MountOptions opts;
+  bool foreground = false;
+  opterr = 0;
+  optind = 1;
+  for (int c; (c = getopt_long(argc, argv, "o:fh", kLong, nullptr)) != -1;) {
+    switch (c) {
+      case 'o': {
+        Status s = ParseMountOptions(optarg, &opts);
+        if (!s.ok()) return Fail(s.message());
+        break;
+      }
+      case 'f': foreground = true; break;
+      case 'h': std::fputs(kMountUsage, stdout); return 0;
+      default: return Fail(std::string("mount: unknown or incomplete option '") + argv[optind - 1] + "': see 'deferfs mount --help'");
+    }
+  }
+  if (optind != argc - 2) return Fail("mount needs BACKING and MOUNTPOINT: see 'deferfs mount --help'");
+  std::string backing = argv[optind];
+  std::string mountpoint = argv[optind + 1];
+
+  struct stat st;
+  if (stat(mountpoint.c_str(), &st) != 0) return Fail("mountpoint " + mountpoint + " does not exist: create it with mkdir");
+  if (!S_ISDIR(st.st_mode)) return Fail("mountpoint " + mountpoint + " is not a directory");
+  if (stat(backing.c_str(), &st) != 0) {
+    return Fail("backing device " + backing + " does not exist: create it with 'deferfs mkfs " + backing + " --size SIZE'");
+  }
+  char* abs_mnt = realpath(mountpoint.c_str(), nullptr);
+  if (abs_mnt) {
+    mountpoint = abs_mnt;
+    free(abs_mnt);
+  }
+
+  // Signals are taken through a signalfd: block them before any thread
+  // (RocksDB's included) exists, so none is delivered elsewhere.
+  sigset_t sigs;
+  sigemptyset(&sigs);
+  for (int s : {SIGINT, SIGTERM, SIGHUP}) sigaddset(&sigs, s);
+  pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
+  signal(SIGPIPE, SIG_IGN);
+
+  int report_fd = -1;
+  if (!foreground) {
+    int p[2];
+    if (pipe2(p, O_CLOEXEC) != 0) return Fail(std::string("pipe: ") + strerror(errno));
+    pid_t pid = fork();
+    if (pid < 0) return Fail(std::string("fork: ") + strerror(errno));
+    if (pid > 0) {
+      close(p[1]);
+      return WaitForChild(p[0], pid);
+    }
+    close(p[0]);
+    setsid();
+    report_fd = p[1];
+    openlog("deferfs", LOG_PID, LOG_DAEMON);
+  }
+  Reporter report(report_fd);
+
+  std::unique_ptr<Device> dev;
+  Status s = Device::Open(backing, &dev);
+  if (s.ok()) s = dev->LockExclusive();
+  if (!s.ok()) return report.Error(s.message());
+  if (dev->size() < kSuperblockBytes) {
+    return report.Error(backing + " is too small to hold a deferfs: format it with 'deferfs mkfs " + backing + " --size SIZE'");
+  }
+  AlignedBuffer sbuf(kSuperblockBytes, std::max<uint32_t>(dev->dio_align(), 4096));
+  Superblock sb;
+  s = dev->ReadSync(0, sbuf.data(), kSuperblockBytes);
+  if (s.ok()) s = DecodeSuperblock(sbuf.bytes(), backing, &sb);
+  if (!s.ok()) return report.Error(s.message());
+  if (sb.device_bytes > dev->size()) {
+    return report.Error(backing + " is shorter (" + std::to_string(dev->size()) + " bytes) than its deferfs (" +
+                        std::to_string(sb.device_bytes) + " bytes): it was truncated; restore it or reformat");
+  }
+  if (opts.meta_dir.empty()) opts.meta_dir = DefaultMetaDir(backing, dev->is_block_device(), UuidToString(sb.uuid));
+  std::unique_ptr<MetaStore> meta;
+  s = MetaStore::Open(opts.meta_dir, sb.uuid, &meta);
+  if (!s.ok()) return report.Error(s.message());
+
+  auto fs = std::make_unique<Filesystem>(std::move(dev), std::move(meta), sb);
+  s = fs->Recover();
+  if (!s.ok()) return report.Error("recovery failed: " + s.message());
+
+  std::string fuse_o = "default_permissions,fsname=" + backing + ",subtype=deferfs";
+  for (const auto& o : opts.fuse_opts) fuse_o += "," + o;
+  const char* fargv[] = {"deferfs", "-o", fuse_o.c_str()};
+  fuse_args args = FUSE_ARGS_INIT(3, const_cast<char**>(fargv));
+  fuse_session* se = fuse_session_new(&args, &FuseOps(), sizeof(fuse_lowlevel_ops), fs.get());
+  if (se == nullptr) return report.Error("cannot create the FUSE session (options: " + fuse_o + ")");
+  if (fuse_session_mount(se, mountpoint.c_str()) != 0) {
+    fuse_session_destroy(se);
+    return report.Error("cannot mount on " + mountpoint + ": is FUSE available (modprobe fuse) and the mountpoint usable?");
+  }
+  std::unique_ptr<WorkerPool> pool;
+  s = WorkerPool::Start(se, fs.get(), opts.workers, &pool);
+  if (!s.ok()) {
+    fuse_session_unmount(se);
+    fuse_session_destroy(se);
+    return report.Error(s.message());
+  }
+
+  Log(foreground, "mounted " + backing + " on " + mountpoint + " (" + opts.Describe() + ", uuid " +
+                      UuidToString(sb.uuid) + ", metadata " + opts.meta_dir + ")");
+  report.Ready();
+  if (!foreground) {
+    int devnull = open("/dev/null", O_RDWR | O_CLOEXEC);
+    if (devnull >= 0) {
+      dup2(devnull, STDIN_FILENO);
+      dup2(devnull, STDOUT_FILENO);
+      dup2(devnull, STDERR_FILENO);
+      close(devnull);
+    }
+    [[maybe_unused]] int rc = chdir("/");
+  }
+
+  // Serve until unmounted (a worker signals exit_fd) or told to stop.
+  UniqueFd sfd(signalfd(-1, &sigs, SFD_CLOEXEC));
+  pollfd pfds[2] = {{sfd.get(), POLLIN, 0}, {pool->exit_fd(), POLLIN, 0}};
+  while (poll(pfds, 2, -1) < 0 && errno == EINTR) {
+  }
+  fuse_session_exit(se);
+  pool.reset();
+  fuse_session_unmount(se);  // no-op when the kernel already unmounted
+  fuse_session_destroy(se);
+  fs.reset();
+  Log(foreground, "unmounted " + mountpoint);
+  return 0;
+}
+
+}  // namespace deferfs

@@ -1,0 +1,123 @@
+#include "mount/options.h"
+
+#include <fuse_opt.h>
+
+#include <charconv>
+#include <cstring>
+#include <string_view>
+
+namespace deferfs {
+namespace {
+
+// Options libfuse and the kernel understand; passed through unchanged.
+constexpr std::string_view kFuseFlags[] = {
+    "allow_other", "allow_root", "default_permissions", "auto_unmount", "ro", "rw", "suid", "nosuid",
+    "dev", "nodev", "exec", "noexec", "atime", "noatime", "relatime", "norelatime", "strictatime",
+    "sync", "async", "dirsync", "blkdev",
+};
+constexpr std::string_view kFuseValued[] = {"fsname=", "subtype=", "max_read=", "blksize="};
+// fstab/mount(8) bookkeeping that is not a filesystem option.
+constexpr std::string_view kIgnored[] = {"defaults", "auto", "noauto", "nofail", "_netdev", "user", "users", "nouser"};
+
+struct NumberOpt {
+  std::string_view key;
+  unsigned MountOptions::*field;
+  unsigned min, max;
+};
+constexpr NumberOpt kNumbers[] = {
+    {"workers", &MountOptions::workers, 1, 64},
+    {"pollers", &MountOptions::pollers, 1, 16},
+    {"cthreads", &MountOptions::cthreads, 1, 64},
+    {"ring_depth", &MountOptions::ring_depth, 8, 4096},
+};
+
+struct ParseState {
+  MountOptions* out;
+  Status status;
+};
+
+Status BadValue(std::string_view opt, const std::string& want) {
+  return Status::Invalid("bad mount option '" + std::string(opt) + "': " + want);
+}
+
+Status ParseOne(std::string_view opt, MountOptions* o) {
+  size_t eq = opt.find('=');
+  std::string_view key = opt.substr(0, eq);
+  std::string_view val = eq == std::string_view::npos ? std::string_view() : opt.substr(eq + 1);
+  bool has_val = eq != std::string_view::npos;
+
+  for (const NumberOpt& n : kNumbers) {
+    if (key != n.key) continue;
+    unsigned v = 0;
+    auto [p, ec] = std::from_chars(val.data(), val.data() + val.size(), v);
+    std::string want = std::string(n.key) + " takes a whole number from " + std::to_string(n.min) + " to " +
+                       std::to_string(n.max);
+    if (!has_val || ec != std::errc() || p != val.data() + val.size() || v < n.min || v > n.max) {
+      return BadValue(opt, want);
+    }
+    if (key == "ring_depth" && (v & (v - 1)) != 0) return BadValue(opt, "ring_depth must be a power of two");
+    o->*n.field = v;
+    return Status::Ok();
+  }
+  if (key == "completion") {
+    auto m = ParseCompletionMode(val);
+    if (!has_val || !m) return BadValue(opt, "completion is one of " + std::string(kCompletionModeNames));
+    o->completion = *m;
+    return Status::Ok();
+  }
+  if (key == "meta") {
+    if (!has_val || val.empty()) return BadValue(opt, "meta takes the metadata directory's path");
+    o->meta_dir = val;
+    return Status::Ok();
+  }
+  for (std::string_view f : kIgnored) {
+    if (opt == f) return Status::Ok();
+  }
+  if (opt.starts_with("x-") || opt.starts_with("comment=")) return Status::Ok();
+  for (std::string_view f : kFuseFlags) {
+    if (opt != f) continue;
+    if (opt == "ro") o->read_only = true;
+    if (opt == "rw") o->read_only = false;
+    if (opt != "default_permissions") o->fuse_opts.emplace_back(opt);  // always on: see mount
+    return Status::Ok();
+  }
+  for (std::string_view f : kFuseValued) {
+    if (opt.starts_with(f) && opt.size() > f.size()) {
+      o->fuse_opts.emplace_back(opt);
+      return Status::Ok();
+    }
+  }
+  return Status::Invalid("unknown mount option '" + std::string(opt) +
+                         "': see 'deferfs mount --help' for the accepted options");
+}
+
+// libfuse's option parser splits the string (honouring its \, escapes) and
+// hands us each option.
+int Proc(void* data, const char* arg, int key, fuse_args*) {
+  auto* st = static_cast<ParseState*>(data);
+  if (key != FUSE_OPT_KEY_OPT) return 1;
+  if (st->status.ok()) st->status = ParseOne(arg, st->out);
+  return st->status.ok() ? 0 : -1;
+}
+
+}  // namespace
+
+Status ParseMountOptions(const std::string& opts, MountOptions* out) {
+  const char* argv[] = {"deferfs", "-o", opts.c_str()};
+  fuse_args args = FUSE_ARGS_INIT(3, const_cast<char**>(argv));
+  const fuse_opt end = FUSE_OPT_END;
+  ParseState st{out, Status::Ok()};
+  int rc = fuse_opt_parse(&args, &st, &end, Proc);
+  fuse_opt_free_args(&args);
+  if (!st.status.ok()) return st.status;
+  if (rc != 0) return Status::Invalid("cannot parse mount options '" + opts + "'");
+  return Status::Ok();
+}
+
+std::string MountOptions::Describe() const {
+  return "completion=" + std::string(CompletionModeName(completion)) + ",workers=" + std::to_string(workers) +
+         ",pollers=" + std::to_string(pollers) + ",cthreads=" + std::to_string(cthreads) +
+         ",ring_depth=" + std::to_string(ring_depth);
+}
+
+}  // namespace deferfs

@@ -1,0 +1,33 @@
+// MountOptions: everything `deferfs mount -o ...` accepts. ParseMountOptions
+// validates every value and splits deferfs's own options from the FUSE/VFS
+// ones passed through to libfuse. Pure; thread-compatible.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "backend/status.h"
+#include "fs/completion_mode.h"
+
+namespace deferfs {
+
+struct MountOptions {
+  std::string meta_dir;  // empty: derived from the backing path
+  CompletionMode completion = CompletionMode::kAuto;
+  unsigned workers = 2;
+  unsigned pollers = 1;
+  unsigned cthreads = 1;
+  unsigned ring_depth = 256;
+  bool read_only = false;
+  // Options for libfuse/the kernel mount (allow_other, ro, fsname=...), in order.
+  std::vector<std::string> fuse_opts;
+
+  // "completion=auto,workers=2,..." for logs and the mount's option string.
+  std::string Describe() const;
+};
+
+// Parses a comma-separated -o string (may be given several times: call once
+// per -o). Errors name the option and the accepted values.
+Status ParseMountOptions(const std::string& opts, MountOptions* out);
+
+}  // namespace deferfs
