@@ -12,10 +12,74 @@ int64_t FromTimespec(const timespec& ts) { return ts.tv_sec * 1'000'000'000LL + 
 
 }  // namespace
 
-Filesystem::Filesystem(std::unique_ptr<Device> dev, std::unique_ptr<MetaStore> meta, const Superblock& sb)
-    : dev_(std::move(dev)), meta_(std::move(meta)), sb_(sb), inodes_(meta_.get()), next_ino_(meta_->next_ino()) {}
+Filesystem::Filesystem(std::unique_ptr<Device> dev, std::unique_ptr<MetaStore> meta, const Superblock& sb,
+                       const FsOptions& opt)
+    : dev_(std::move(dev)), meta_(std::move(meta)), sb_(sb), opt_(opt), inodes_(meta_.get()),
+      next_ino_(meta_->next_ino()) {}
 
-Filesystem::~Filesystem() = default;
+Status Filesystem::Mount(std::unique_ptr<Device> dev, std::unique_ptr<MetaStore> meta, const Superblock& sb,
+                         const FsOptions& opt, std::unique_ptr<Filesystem>* out) {
+  auto fs = std::make_unique<Filesystem>(std::move(dev), std::move(meta), sb, opt);
+  DEFERFS_RETURN_IF_ERROR(fs->Recover());
+  DEFERFS_RETURN_IF_ERROR(fs->Start());
+  *out = std::move(fs);
+  return Status::Ok();
+}
+
+Status Filesystem::Start() {
+  // Free space is not persisted: it is the complement of all extents. In-flight
+  // allocations of a crashed mount were never committed, so they come back here.
+  alloc_ = std::make_unique<Allocator>(sb_.first_data_block, sb_.block_count());
+  Status bad;
+  DEFERFS_RETURN_IF_ERROR(meta_->ForEachExtentAll([&](uint64_t ino, const ExtentRecord& e) {
+    if (!bad.ok()) return;
+    Status st = alloc_->MarkUsed({e.pblk, e.len});
+    if (!st.ok()) {
+      bad = Status::IoError("metadata is inconsistent (inode " + std::to_string(ino) + ": " + st.message() +
+                            "): run 'deferfs fsck'");
+    }
+  }));
+  DEFERFS_RETURN_IF_ERROR(bad);
+
+  buffers_ = std::make_unique<IoBufferPool>(opt_.io_buffers, kIoBufferBytes);
+  if (!buffers_->ok()) return Status::Error(ENOMEM, "cannot allocate the IO buffers");
+  PollerOptions popt;
+  popt.ring_depth = opt_.ring_depth;
+  popt.buffers = buffers_->iovecs();
+  std::vector<Poller*> raw;
+  for (unsigned i = 0; i < opt_.pollers; i++) {
+    std::unique_ptr<Poller> p;
+    DEFERFS_RETURN_IF_ERROR(Poller::Create(*dev_, popt, &p));
+    raw.push_back(p.get());
+    pollers_.push_back(std::move(p));
+  }
+  workqueue_ = std::make_unique<Workqueue>(opt_.cthreads);
+  iomap_ = std::make_unique<IomapOps>(alloc_.get(), [this] { return ReclaimFreedBlocks(); });
+  engine_ = std::make_unique<DioEngine>(opt_.completion, std::move(raw), workqueue_.get(), iomap_.get(),
+                                        [this](Dio& dio) { return WriteEndIo(dio); });
+  return Status::Ok();
+}
+
+Filesystem::~Filesystem() {
+  // Every request has been answered by now; let the threads finish, then
+  // persist what was only in memory (timestamps of pure overwrites).
+  pollers_.clear();
+  workqueue_.reset();
+  std::lock_guard ns(ns_mu_);
+  MetaBatch b;
+  inodes_.ForEach([&](Inode* inode) {
+    std::lock_guard l(inode->mu);
+    if (inode->dirty && !inode->deleted) b.PutInode(inode->rec);
+  });
+  if (!b.empty()) (void)meta_->Commit(&b);
+  (void)meta_->SyncWal();
+}
+
+std::vector<Poller::Stats> Filesystem::poller_stats() const {
+  std::vector<Poller::Stats> v;
+  for (const auto& p : pollers_) v.push_back(p->stats());
+  return v;
+}
 
 Status Filesystem::Recover() {
   std::lock_guard ns(ns_mu_);
@@ -27,7 +91,8 @@ Status Filesystem::Recover() {
   return meta_->Commit(&b, /*sync=*/true);
 }
 
-void Filesystem::FillStat(const Inode& inode, struct stat* st) const {
+void Filesystem::FillStat(Inode& inode, struct stat* st) {
+  (void)EnsureExtents(&inode);  // st_blocks; an unreadable map shows as 0 here and fails at open
   const InodeRecord& r = inode.rec;
   *st = {};
   st->st_ino = r.ino;
@@ -38,6 +103,7 @@ void Filesystem::FillStat(const Inode& inode, struct stat* st) const {
   st->st_rdev = r.rdev;
   st->st_size = static_cast<off_t>(r.size);
   st->st_blksize = kBlockSize;
+  st->st_blocks = static_cast<blkcnt_t>(inode.extents.mapped_blocks() * (kBlockSize / 512));
   st->st_atim = ToTimespec(r.atime_ns);
   st->st_mtim = ToTimespec(r.mtime_ns);
   st->st_ctim = ToTimespec(r.ctime_ns);
@@ -53,9 +119,27 @@ Status Filesystem::GetAttr(uint64_t ino, struct stat* out) {
 }
 
 Status Filesystem::SetAttr(uint64_t ino, const SetAttrRequest& req, struct stat* out) {
-  std::lock_guard ns(ns_mu_);
   Inode* inode;
-  DEFERFS_RETURN_IF_ERROR(GetLocked(ino, &inode));
+  {
+    // The kernel holds the inode for the whole request: it stays cached
+    // after ns_mu_ is dropped, and a truncate may now wait for IO.
+    std::lock_guard ns(ns_mu_);
+    DEFERFS_RETURN_IF_ERROR(GetLocked(ino, &inode));
+  }
+  const bool truncate = req.valid & SetAttrRequest::kSize;
+  if (truncate) {
+    {
+      std::lock_guard l(inode->mu);
+      if (!inode->is_reg()) return Status::Error(inode->is_dir() ? EISDIR : EINVAL, "not a regular file");
+      DEFERFS_RETURN_IF_ERROR(EnsureExtents(inode));
+    }
+    inode->iolock.Lock();
+    inode_dio_wait(inode);
+    Status st = TruncateLocked(inode, static_cast<uint64_t>(req.attr.st_size), NowNs());
+    inode->iolock.Unlock();
+    DEFERFS_RETURN_IF_ERROR(st);
+  }
+
   std::lock_guard l(inode->mu);
   InodeRecord rec = inode->rec;
   int64_t now = NowNs();
@@ -63,11 +147,6 @@ Status Filesystem::SetAttr(uint64_t ino, const SetAttrRequest& req, struct stat*
   if (req.valid & SetAttrRequest::kMode) rec.mode = (rec.mode & S_IFMT) | (a.st_mode & 07777);
   if (req.valid & SetAttrRequest::kUid) rec.uid = a.st_uid;
   if (req.valid & SetAttrRequest::kGid) rec.gid = a.st_gid;
-  if (req.valid & SetAttrRequest::kSize) {
-    if (!inode->is_reg()) return Status::Error(inode->is_dir() ? EISDIR : EINVAL, "not a regular file");
-    if (rec.size != static_cast<uint64_t>(a.st_size)) rec.mtime_ns = now;
-    rec.size = static_cast<uint64_t>(a.st_size);
-  }
   if (req.valid & SetAttrRequest::kAtimeNow) rec.atime_ns = now;
   else if (req.valid & SetAttrRequest::kAtime) rec.atime_ns = FromTimespec(a.st_atim);
   if (req.valid & SetAttrRequest::kMtimeNow) rec.mtime_ns = now;
@@ -78,6 +157,7 @@ Status Filesystem::SetAttr(uint64_t ino, const SetAttrRequest& req, struct stat*
   b.PutInode(rec);
   DEFERFS_RETURN_IF_ERROR(Commit(&b));
   inode->rec = rec;
+  inode->dirty = false;
   FillStat(*inode, out);
   return Status::Ok();
 }
@@ -87,8 +167,12 @@ Status Filesystem::StatFs(struct statvfs* out) {
   out->f_bsize = kBlockSize;
   out->f_frsize = kBlockSize;
   out->f_blocks = sb_.block_count() - sb_.first_data_block;
-  out->f_bfree = out->f_blocks;
-  out->f_bavail = out->f_blocks;
+  {
+    std::lock_guard l(free_mu_);
+    out->f_bfree = alloc_->free_blocks();
+    for (const BlockRange& r : pending_free_) out->f_bfree += r.len;
+  }
+  out->f_bavail = out->f_bfree;
   // Inodes are keys in RocksDB: there is no fixed table, so report plenty.
   out->f_files = 1ull << 32;
   {
@@ -159,9 +243,10 @@ Status Filesystem::RemoveXattr(uint64_t ino, std::string_view name) {
 }
 
 Status Filesystem::Sync() {
-  // Data first, then the metadata that makes it reachable (see DESIGN.md).
+  // Data first, then the metadata that makes it reachable (see DESIGN.md);
+  // after that, blocks freed before the sync are safe to reuse.
   DEFERFS_RETURN_IF_ERROR(dev_->FlushSync());
-  return meta_->SyncWal();
+  return SyncMeta();
 }
 
 }  // namespace deferfs

@@ -29,7 +29,8 @@ struct Extent {
 // What a mutation changed. Apply `removed`, then `upserted`, to the persisted
 // keys to get the new map. `freed` are physical blocks the map no longer
 // references, for the allocator (once the batch is durable).
-// Mutations append, so one delta may gather several operations.
+// Mutations append, so one delta may gather several operations (a later
+// operation's entry for a key replaces an earlier one).
 struct ExtentDelta {
   std::vector<uint64_t> removed;  // lblk keys that no longer exist
   std::vector<Extent> upserted;   // extents new or changed, keyed by lblk
@@ -38,7 +39,7 @@ struct ExtentDelta {
   bool empty() const { return removed.empty() && upserted.empty() && freed.empty(); }
 };
 
-// Sorted disjoint extents, mergeable neighbours always merged; O(log n) per op.
+// Sorted disjoint extents, mergeable neighbours always merged; O(log n + touched).
 // Not thread-safe: the owning inode's lock protects it.
 class ExtentMap {
  public:
@@ -52,13 +53,16 @@ class ExtentMap {
   bool Find(uint64_t lblk, Extent* out, uint64_t* hole_len) const;
 
   // Maps [e.lblk, e.lblk + e.len) to e.pblk.. in e.state, replacing what was
-  // there. Precondition: e's physical blocks are not mapped elsewhere.
+  // there. e's physical blocks must not be mapped outside e's logical range;
+  // re-mapping ones mapped inside it (a state change) does not free them.
   void Insert(const Extent& e, ExtentDelta* delta);
 
-  // Unmaps [lblk, lblk + len): punch hole, truncate.
+  // Unmaps [lblk, lblk + len): punch hole, truncate. len is clamped so that
+  // UINT64_MAX means "to the end".
   void Punch(uint64_t lblk, uint64_t len, ExtentDelta* delta);
 
-  // Marks unwritten blocks in [lblk, lblk + len) written (write completion).
+  // Marks unwritten blocks in [lblk, lblk + len) written (write completion),
+  // splitting extents at the edges; holes and written blocks stay as they are.
   void Convert(uint64_t lblk, uint64_t len, ExtentDelta* delta);
 
   // In lblk order.

@@ -1,7 +1,9 @@
 // Filesystem: the POSIX operations of one mounted deferfs, independent of
-// FUSE (fs/fuse_ops.cc adapts them). Owns the device, metadata store and
-// inode table. Thread-safe: namespace operations serialize on ns_mu_; the data
-// path reaches inodes through open file handles and takes only Inode::mu.
+// FUSE (fs/fuse_ops.cc adapts them). Owns the device, metadata store, inode
+// table, allocator, pollers, completion threads and the dio engine.
+// Thread-safe: namespace operations serialize on ns_mu_ (and never wait for
+// IO while holding it); the data path reaches inodes through open file
+// handles and takes Inode::iolock and Inode::mu (see fs/inode.h).
 #pragma once
 
 #include <sys/stat.h>
@@ -14,11 +16,18 @@
 #include <string_view>
 #include <vector>
 
+#include "backend/allocator.h"
 #include "backend/device.h"
 #include "backend/metadata.h"
+#include "backend/poller.h"
 #include "backend/status.h"
 #include "backend/superblock.h"
+#include "fs/completion_mode.h"
+#include "fs/dio.h"
 #include "fs/inode.h"
+#include "fs/io_buffers.h"
+#include "fs/iomap.h"
+#include "fs/workqueue.h"
 
 namespace deferfs {
 
@@ -41,13 +50,26 @@ struct SetAttrRequest {
   struct stat attr {};
 };
 
+struct FsOptions {
+  CompletionMode completion = CompletionMode::kAuto;
+  unsigned pollers = 1;
+  unsigned cthreads = 1;
+  unsigned ring_depth = 256;
+  unsigned io_buffers = 128;  // 1 MiB + 4 KiB each, registered with every ring
+};
+
+// Bytes of an IoBuffer: the largest FUSE request (1 MiB payload behind a
+// 4 KiB-aligned header slot), and the block span of any 1 MiB unaligned IO.
+inline constexpr size_t kMaxIo = 1 << 20;
+inline constexpr size_t kIoBufferBytes = kMaxIo + 4096;
+
 class Filesystem {
  public:
-  Filesystem(std::unique_ptr<Device> dev, std::unique_ptr<MetaStore> meta, const Superblock& sb);
-  ~Filesystem();
-
-  // Mount-time recovery: frees orphans (unlinked while open at a crash).
-  Status Recover();
+  // Recovers (frees orphans), rebuilds the free-space map from the extents,
+  // starts pollers and completion threads. Errors are one-line Statuses.
+  static Status Mount(std::unique_ptr<Device> dev, std::unique_ptr<MetaStore> meta, const Superblock& sb,
+                      const FsOptions& opt, std::unique_ptr<Filesystem>* out);
+  ~Filesystem();  // persists dirty inodes, stops threads
 
   // Entry-returning operations count one kernel lookup reference on success.
   Status Lookup(uint64_t parent, std::string_view name, struct stat* out);
@@ -66,10 +88,22 @@ class Filesystem {
                 unsigned flags);
   Status ReadLink(uint64_t ino, std::string* target);
 
-  // Open file handles pin the inode (and, for the data path, its state).
-  Status Open(uint64_t ino);
-  Status Create(const Caller& c, uint64_t parent, std::string_view name, uint32_t mode, struct stat* out);
-  void Release(uint64_t ino);
+  // Open file handles pin the inode: *out is the handle's Inode, valid until Release.
+  Status Open(uint64_t ino, Inode** out);
+  Status Create(const Caller& c, uint64_t parent, std::string_view name, uint32_t mode, struct stat* out,
+                Inode** handle);
+  void Release(Inode* inode);
+
+  // The data path (fs/file_ops.cc). iocb->inode is an open handle's inode.
+  // Aligned requests (pos, len and buffer 4 KiB-aligned) go through the dio
+  // engine and may return kIocbQueued; unaligned ones are read-modify-write,
+  // done synchronously under the exclusive IO lock. `buf` is an IoBuffer of
+  // the pool. Reads place the data at buf->base + *data_off.
+  ssize_t ReadIter(Kiocb* iocb, IoBuffer* buf, size_t len, size_t* data_off);
+  ssize_t WriteIter(Kiocb* iocb, IoBuffer* buf, const uint8_t* data, size_t len);
+  Status Fallocate(Inode* inode, int mode, uint64_t off, uint64_t len);
+  Status Lseek(Inode* inode, uint64_t off, int whence, uint64_t* out);
+  Status Fsync(Inode* inode, bool datasync);
 
   // Emits entries after readdir offset `off`. `emit` returns false when the
   // reply buffer is full; that entry is not consumed (nor, for plus, counted).
@@ -82,27 +116,69 @@ class Filesystem {
   Status ListXattr(uint64_t ino, std::string* names);  // NUL-separated
   Status RemoveXattr(uint64_t ino, std::string_view name);
 
-  // Durability: the metadata WAL synced and the backing device flushed.
+  // Durability: the backing device flushed, then the metadata WAL synced.
   Status Sync();
 
   const Superblock& superblock() const { return sb_; }
+  IoBufferPool& buffers() { return *buffers_; }
+  DioEngine& engine() { return *engine_; }
+  Allocator& allocator() { return *alloc_; }
+  CompletionMode completion_mode() const { return opt_.completion; }
+  std::vector<Poller::Stats> poller_stats() const;
+
+  Filesystem(std::unique_ptr<Device> dev, std::unique_ptr<MetaStore> meta, const Superblock& sb,
+             const FsOptions& opt);
 
  private:
+  Status Recover();
+  Status Start();
+  // The write end_io the dio engine calls (fs/file_ops.cc).
+  int WriteEndIo(Dio& dio);
+  // Loads the inode's extent map from the store if not yet. Caller holds mu.
+  Status EnsureExtents(Inode* inode);
+  // Synchronous block-aligned DIO of [pos, pos+len) to/from buf (an IoBuffer).
+  ssize_t SyncRw(Inode* inode, bool write, uint64_t pos, IoBuffer* buf, size_t len);
+  // Zeroes [from, to) inside one block by read-modify-write, if it is mapped.
+  Status ZeroPartialBlock(Inode* inode, uint64_t from, uint64_t to);
+  // Truncate under the exclusive IO lock with DIO drained.
+  Status TruncateLocked(Inode* inode, uint64_t size, int64_t now);
+  // Adds an extent delta to a batch; the freed blocks wait in pending_free_.
+  void ApplyDelta(uint64_t ino, const ExtentDelta& d, MetaBatch* b);
+  // Blocks become reusable only once the metadata that freed them is durable
+  // (a reused block must never still belong to a file after a power loss).
+  void FreeBlocksLater(const std::vector<BlockRange>& freed);
+  bool ReclaimFreedBlocks();
+  // Syncs the metadata WAL, then makes the blocks freed before it reusable.
+  Status SyncMeta();
+
   Status GetLocked(uint64_t ino, Inode** out);
   Status CheckName(std::string_view name) const;
   // Creates an inode named `name` in `parent`: the one path for mknod, mkdir, symlink, create.
   Status CreateNode(const Caller& c, uint64_t parent, std::string_view name, uint32_t mode,
                     uint64_t rdev, std::string_view symlink_target, struct stat* out);
   // Drops one link of `victim` (named by `e` in `dir`) into `b`.
-  void DropLink(Inode* dir, const DirEntry& e, Inode* victim, int64_t now, MetaBatch* b);
-  // Deletes a dead inode's record (and blocks) if nothing holds it open.
-  void MaybeDestroy(Inode* inode, MetaBatch* b);
-  void FillStat(const Inode& inode, struct stat* st) const;
+  void DropLink(Inode* dir, const DirEntry& e, Inode* victim, int64_t now, MetaBatch* b,
+                std::vector<BlockRange>* freed);
+  // Deletes a dead inode's record if nothing holds it open; its blocks go to
+  // *freed, for FreeBlocksLater once the batch committed. Caller holds mu.
+  void MaybeDestroy(Inode* inode, MetaBatch* b, std::vector<BlockRange>* freed);
+  // Caller holds inode.mu.
+  void FillStat(Inode& inode, struct stat* st);
   Status Commit(MetaBatch* b);
 
   std::unique_ptr<Device> dev_;
   std::unique_ptr<MetaStore> meta_;
   const Superblock sb_;
+  const FsOptions opt_;
+
+  std::unique_ptr<Allocator> alloc_;
+  std::mutex free_mu_;
+  std::vector<BlockRange> pending_free_;  // guarded by free_mu_
+  std::unique_ptr<IoBufferPool> buffers_;
+  std::vector<std::unique_ptr<Poller>> pollers_;
+  std::unique_ptr<Workqueue> workqueue_;
+  std::unique_ptr<IomapOps> iomap_;
+  std::unique_ptr<DioEngine> engine_;
 
   std::mutex ns_mu_;
   InodeTable inodes_;  // guarded by ns_mu_

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "fs/filesystem.h"
+#include "fs/fuse_io.h"
 
 namespace deferfs {
 namespace {
@@ -54,7 +55,15 @@ void Init(void* userdata, fuse_conn_info* conn) {
   if (conn->capable & FUSE_CAP_PARALLEL_DIROPS) conn->want |= FUSE_CAP_PARALLEL_DIROPS;
   if (conn->capable & FUSE_CAP_READDIRPLUS) conn->want |= FUSE_CAP_READDIRPLUS;
   conn->want &= ~FUSE_CAP_WRITEBACK_CACHE;
+  // Keep the application's queue depth: the kernel caps outstanding
+  // background (async DIO) requests at max_background.
+  conn->max_background = 512;
+  conn->congestion_threshold = 384;
+  conn->max_write = kMaxIo;
+  conn->max_readahead = kMaxIo;
 }
+
+Inode* Handle(fuse_file_info* fi) { return reinterpret_cast<Inode*>(fi->fh); }
 
 void Lookup(fuse_req_t req, fuse_ino_t parent, const char* name) {
   struct stat st;
@@ -143,31 +152,51 @@ void Link(fuse_req_t req, fuse_ino_t ino, fuse_ino_t newparent, const char* newn
 }
 
 void Open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
-  Status s = Fs(req)->Open(ino);
+  Inode* inode;
+  Status s = Fs(req)->Open(ino, &inode);
   if (!s.ok()) return ReplyErr(req, s);
-  fuse_reply_open(req, fi);
+  fi->fh = reinterpret_cast<uint64_t>(inode);
+  if (fuse_reply_open(req, fi) != 0) Fs(req)->Release(inode);  // interrupted: no release will come
 }
 
 void Create(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode, fuse_file_info* fi) {
   struct stat st;
-  Status s = Fs(req)->Create(CallerOf(req), parent, name, mode, &st);
+  Inode* inode;
+  Status s = Fs(req)->Create(CallerOf(req), parent, name, mode, &st, &inode);
   if (!s.ok()) return ReplyErr(req, s);
+  fi->fh = reinterpret_cast<uint64_t>(inode);
   fuse_entry_param e{};
   e.ino = st.st_ino;
   e.attr = st;
   e.attr_timeout = kAttrTimeout;
   e.entry_timeout = kEntryTimeout;
-  fuse_reply_create(req, &e, fi);
+  if (fuse_reply_create(req, &e, fi) != 0) Fs(req)->Release(inode);
 }
 
-void Release(fuse_req_t req, fuse_ino_t ino, fuse_file_info*) {
-  Fs(req)->Release(ino);
+void Release(fuse_req_t req, fuse_ino_t, fuse_file_info* fi) {
+  Fs(req)->Release(Handle(fi));
   fuse_reply_err(req, 0);
 }
 
 void Flush(fuse_req_t req, fuse_ino_t, fuse_file_info*) { fuse_reply_err(req, 0); }
 
-void Fsync(fuse_req_t req, fuse_ino_t, int, fuse_file_info*) { ReplyErr(req, Fs(req)->Sync()); }
+void Fsync(fuse_req_t req, fuse_ino_t, int datasync, fuse_file_info* fi) {
+  ReplyErr(req, Fs(req)->Fsync(Handle(fi), datasync != 0));
+}
+
+void Fallocate(fuse_req_t req, fuse_ino_t, int mode, off_t off, off_t len, fuse_file_info* fi) {
+  if (off < 0 || len <= 0) return ReplyErr(req, Status::Invalid("bad range"));
+  ReplyErr(req, Fs(req)->Fallocate(Handle(fi), mode, static_cast<uint64_t>(off), static_cast<uint64_t>(len)));
+}
+
+void Lseek(fuse_req_t req, fuse_ino_t, off_t off, int whence, fuse_file_info* fi) {
+  if (whence != SEEK_DATA && whence != SEEK_HOLE) return ReplyErr(req, Status::Invalid("bad whence"));
+  if (off < 0) return ReplyErr(req, Status::Error(ENXIO, "negative offset"));
+  uint64_t at;
+  Status s = Fs(req)->Lseek(Handle(fi), static_cast<uint64_t>(off), whence, &at);
+  if (!s.ok()) return ReplyErr(req, s);
+  fuse_reply_lseek(req, static_cast<off_t>(at));
+}
 
 void OpenDir(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
   struct stat st;
@@ -268,6 +297,10 @@ fuse_lowlevel_ops MakeOps() {
   ops.open = Open;
   ops.create = Create;
   ops.release = Release;
+  ops.read = FuseRead;
+  ops.write = FuseWrite;
+  ops.fallocate = Fallocate;
+  ops.lseek = Lseek;
   ops.flush = Flush;
   ops.fsync = Fsync;
   ops.opendir = OpenDir;

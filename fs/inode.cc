@@ -2,6 +2,65 @@
 
 namespace deferfs {
 
+void IoLock::LockShared() {
+  auto try_lock = [this] {
+    std::lock_guard l(mu_);
+    if (writer_ || writers_waiting_ > 0) return false;
+    readers_++;
+    return true;
+  };
+  if (!try_lock()) TaskWork::Current()->WaitUntil(try_lock, &wq_);
+}
+
+void IoLock::UnlockShared() {
+  bool last;
+  {
+    std::lock_guard l(mu_);
+    last = --readers_ == 0;
+  }
+  if (last) wq_.WakeAll();
+}
+
+void IoLock::Lock() {
+  {
+    std::lock_guard l(mu_);
+    if (!writer_ && readers_ == 0) {
+      writer_ = true;
+      return;
+    }
+    writers_waiting_++;
+  }
+  TaskWork::Current()->WaitUntil(
+      [this] {
+        std::lock_guard l(mu_);
+        if (writer_ || readers_ > 0) return false;
+        writer_ = true;
+        writers_waiting_--;
+        return true;
+      },
+      &wq_);
+}
+
+void IoLock::Unlock() {
+  {
+    std::lock_guard l(mu_);
+    writer_ = false;
+  }
+  wq_.WakeAll();
+}
+
+void inode_dio_begin(Inode* inode) { inode->dio_count.fetch_add(1, std::memory_order_relaxed); }
+
+void inode_dio_end(Inode* inode) {
+  if (inode->dio_count.fetch_sub(1, std::memory_order_seq_cst) == 1) inode->dio_wq.WakeAll();
+}
+
+void inode_dio_wait(Inode* inode) {
+  if (inode->dio_count.load(std::memory_order_seq_cst) == 0) return;
+  TaskWork::Current()->WaitUntil([inode] { return inode->dio_count.load(std::memory_order_seq_cst) == 0; },
+                                 &inode->dio_wq);
+}
+
 Status InodeTable::Get(uint64_t ino, Inode** out) {
   if (auto it = map_.find(ino); it != map_.end()) {
     *out = it->second.get();

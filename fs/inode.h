@@ -1,20 +1,45 @@
-// Inode: a file's in-memory state — its persisted record plus the kernel's
-// references to it. InodeTable: the inodes the kernel currently knows.
-// Locking: `mu` guards rec and the data-path state; nlookup, open_count and
-// deleted, and the whole InodeTable, are guarded by Filesystem's ns_mu_.
+// Inode: a file's in-memory state — its persisted record, its extent map, its
+// DIO state, and the kernel's references to it. InodeTable: the inodes the
+// kernel currently knows.
+// Locking, outermost first: iolock (the kernel's i_rwsem: shared while DIO is
+// submitted, exclusive for truncate/punch/unaligned IO), then ns_mu_ (only
+// namespace ops), then `mu` (rec, extents, dirty: short, never across IO).
+// nlookup, open_count, deleted and the InodeTable are guarded by ns_mu_.
 #pragma once
 
 #include <sys/stat.h>
 
+#include <atomic>
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <unordered_map>
 
 #include "backend/metadata.h"
 #include "backend/status.h"
+#include "fs/extent_map.h"
+#include "fs/task_work.h"
 
 namespace deferfs {
+
+// A reader/writer lock whose waiters wait through TaskWork::WaitUntil, so a
+// worker that waits for it keeps running its deferred completions.
+// Writers are preferred: a waiting writer holds off new readers. Thread-safe.
+class IoLock {
+ public:
+  void LockShared();
+  void UnlockShared();
+  void Lock();
+  void Unlock();
+
+ private:
+  std::mutex mu_;
+  int readers_ = 0;          // guarded by mu_
+  bool writer_ = false;      // guarded by mu_
+  int writers_waiting_ = 0;  // guarded by mu_
+  WaitQueue wq_;
+};
 
 struct Inode {
   explicit Inode(const InodeRecord& r) : ino(r.ino), rec(r) {}
@@ -22,6 +47,19 @@ struct Inode {
   const uint64_t ino;
   std::mutex mu;
   InodeRecord rec;  // guarded by mu
+  ExtentMap extents;  // guarded by mu; loaded at first open of a regular file
+  bool extents_loaded = false;  // guarded by mu
+  // Blocks allocated for in-flight writes into holes: lblk -> (len, pblk).
+  // Not in `extents` and not persisted until the write completes, so the
+  // extent map always mirrors the metadata store. Guarded by mu.
+  std::map<uint64_t, BlockRange> new_extents;
+  // rec has in-memory changes not yet committed (timestamps of pure
+  // overwrites); persisted by the next commit of this inode, fsync or release.
+  bool dirty = false;  // guarded by mu
+
+  IoLock iolock;
+  std::atomic<int> dio_count{0};  // in-flight DIOs: inode_dio_begin/end
+  WaitQueue dio_wq;               // inode_dio_wait() sleepers
 
   uint64_t nlookup = 0;     // the kernel's lookup count (FUSE forget protocol)
   uint32_t open_count = 0;  // open file handles
@@ -30,6 +68,12 @@ struct Inode {
   bool is_dir() const { return S_ISDIR(rec.mode); }
   bool is_reg() const { return S_ISREG(rec.mode); }
 };
+
+void inode_dio_begin(Inode* inode);
+void inode_dio_end(Inode* inode);
+// Waits until no DIO is in flight on the inode, running the caller's
+// deferred completions meanwhile (the 6.6 self-deadlock cannot happen).
+void inode_dio_wait(Inode* inode);
 
 class InodeTable {
  public:
@@ -42,6 +86,10 @@ class InodeTable {
   // Drops the inode if the kernel no longer references it and nothing has it open.
   void MaybeEvict(Inode* inode);
   size_t size() const { return map_.size(); }
+  template <typename Fn>
+  void ForEach(Fn&& fn) {
+    for (auto& [ino, inode] : map_) fn(inode.get());
+  }
 
  private:
   MetaStore* meta_;

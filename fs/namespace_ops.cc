@@ -62,6 +62,7 @@ Status Filesystem::Lookup(uint64_t parent, std::string_view name, struct stat* o
   Inode* inode;
   DEFERFS_RETURN_IF_ERROR(inodes_.Get(e.ino, &inode));
   inode->nlookup++;
+  std::lock_guard l(inode->mu);
   FillStat(*inode, out);
   return Status::Ok();
 }
@@ -153,13 +154,10 @@ Status Filesystem::Symlink(const Caller& c, uint64_t parent, std::string_view na
   return CreateNode(c, parent, name, S_IFLNK | 0777, 0, target, out);
 }
 
-Status Filesystem::Create(const Caller& c, uint64_t parent, std::string_view name, uint32_t mode, struct stat* out) {
+Status Filesystem::Create(const Caller& c, uint64_t parent, std::string_view name, uint32_t mode, struct stat* out,
+                          Inode** handle) {
   DEFERFS_RETURN_IF_ERROR(CreateNode(c, parent, name, S_IFREG | (mode & 07777), 0, {}, out));
-  std::lock_guard ns(ns_mu_);
-  Inode* inode;
-  DEFERFS_RETURN_IF_ERROR(inodes_.Get(out->st_ino, &inode));
-  inode->open_count++;
-  return Status::Ok();
+  return Open(out->st_ino, handle);
 }
 
 Status Filesystem::Link(uint64_t ino, uint64_t parent_ino, std::string_view name, struct stat* out) {
@@ -198,7 +196,8 @@ Status Filesystem::Link(uint64_t ino, uint64_t parent_ino, std::string_view name
 
 // Caller holds ns_mu_ and the mu of dir and victim. Updates only the records
 // (in place is fine: the caller commits or the whole op fails before use).
-void Filesystem::DropLink(Inode* dir, const DirEntry& e, Inode* victim, int64_t now, MetaBatch* b) {
+void Filesystem::DropLink(Inode* dir, const DirEntry& e, Inode* victim, int64_t now, MetaBatch* b,
+                          std::vector<BlockRange>* freed) {
   b->DeleteDirEntry(dir->ino, e);
   dir->rec.mtime_ns = dir->rec.ctime_ns = now;
   victim->rec.ctime_ns = now;
@@ -215,14 +214,20 @@ void Filesystem::DropLink(Inode* dir, const DirEntry& e, Inode* victim, int64_t 
     b->PutInode(victim->rec);
     b->PutOrphan(victim->ino);  // freed at last release, or by Recover() after a crash
   } else {
-    MaybeDestroy(victim, b);
+    MaybeDestroy(victim, b, freed);
   }
 }
 
-void Filesystem::MaybeDestroy(Inode* inode, MetaBatch* b) {
+void Filesystem::MaybeDestroy(Inode* inode, MetaBatch* b, std::vector<BlockRange>* freed) {
   if (inode->rec.nlink > 0 || inode->open_count > 0 || inode->deleted) return;
   b->DeleteInode(inode->ino);
   inode->deleted = true;
+  if (!inode->is_reg()) return;
+  if (inode->extents_loaded) {
+    inode->extents.ForEach([&](const Extent& e) { freed->push_back({e.pblk, e.len}); });
+  } else {
+    meta_->ForEachExtent(inode->ino, [&](const ExtentRecord& e) { freed->push_back({e.pblk, e.len}); });
+  }
 }
 
 Status Filesystem::Unlink(uint64_t parent_ino, std::string_view name) {
@@ -237,7 +242,8 @@ Status Filesystem::Unlink(uint64_t parent_ino, std::string_view name) {
   if (victim->is_dir()) return Status::Error(EISDIR, "is a directory");
   InodeRecord psave = parent->rec, vsave = victim->rec;
   MetaBatch b;
-  DropLink(parent, e, victim, NowNs(), &b);
+  std::vector<BlockRange> freed;
+  DropLink(parent, e, victim, NowNs(), &b, &freed);
   Status st = Commit(&b);
   if (!st.ok()) {
     parent->rec = psave;
@@ -245,6 +251,7 @@ Status Filesystem::Unlink(uint64_t parent_ino, std::string_view name) {
     victim->deleted = false;
     return st;
   }
+  FreeBlocksLater(freed);
   inodes_.MaybeEvict(victim);
   return Status::Ok();
 }
@@ -264,7 +271,8 @@ Status Filesystem::Rmdir(uint64_t parent_ino, std::string_view name) {
   if (any) return Status::Error(ENOTEMPTY, "directory not empty");
   InodeRecord psave = parent->rec, vsave = victim->rec;
   MetaBatch b;
-  DropLink(parent, e, victim, NowNs(), &b);
+  std::vector<BlockRange> freed;
+  DropLink(parent, e, victim, NowNs(), &b, &freed);
   Status st = Commit(&b);
   if (!st.ok()) {
     parent->rec = psave;
@@ -272,6 +280,7 @@ Status Filesystem::Rmdir(uint64_t parent_ino, std::string_view name) {
     victim->deleted = false;
     return st;
   }
+  FreeBlocksLater(freed);
   inodes_.MaybeEvict(victim);
   return Status::Ok();
 }
@@ -330,6 +339,7 @@ Status Filesystem::Rename(uint64_t sp_ino, std::string_view sname, uint64_t dp_i
   InodeRecord dst_save = dstn ? dstn->rec : InodeRecord{};
   int64_t now = NowNs();
   MetaBatch b;
+  std::vector<BlockRange> freed;
 
   // Moves inode `mv` into directory `to` under entry `ne`, from directory `from`.
   auto place = [&](Inode* mv, Inode* from, Inode* to, DirEntry ne) {
@@ -349,7 +359,7 @@ Status Filesystem::Rename(uint64_t sp_ino, std::string_view sname, uint64_t dp_i
     place(dstn, dp, sp, se);
   } else {
     if (target_exists) {
-      DropLink(dp, de, dstn, now, &b);  // unlinks the replaced inode
+      DropLink(dp, de, dstn, now, &b, &freed);  // unlinks the replaced inode
     }
     b.DeleteDirEntry(sp_ino, se);
     DirEntry ne{std::string(dname), 0, 0, dp->rec.next_cookie++};
@@ -373,6 +383,7 @@ Status Filesystem::Rename(uint64_t sp_ino, std::string_view sname, uint64_t dp_i
     }
     return st;
   }
+  FreeBlocksLater(freed);
   if (dstn) inodes_.MaybeEvict(dstn);
   return Status::Ok();
 }
@@ -385,27 +396,6 @@ Status Filesystem::ReadLink(uint64_t ino, std::string* target) {
   return meta_->GetSymlink(ino, target);
 }
 
-Status Filesystem::Open(uint64_t ino) {
-  std::lock_guard ns(ns_mu_);
-  Inode* inode;
-  DEFERFS_RETURN_IF_ERROR(GetLocked(ino, &inode));
-  inode->open_count++;
-  return Status::Ok();
-}
-
-void Filesystem::Release(uint64_t ino) {
-  std::lock_guard ns(ns_mu_);
-  Inode* inode;
-  if (!inodes_.Get(ino, &inode).ok() || inode->open_count == 0) return;
-  inode->open_count--;
-  if (inode->open_count == 0 && inode->rec.nlink == 0 && !inode->deleted) {
-    MetaBatch b;
-    MaybeDestroy(inode, &b);  // the last close of an unlinked file frees it
-    if (!Commit(&b).ok()) inode->deleted = false;  // stays an orphan; Recover() frees it
-  }
-  inodes_.MaybeEvict(inode);
-}
-
 Status Filesystem::ReadDir(uint64_t ino, uint64_t off, bool plus, const DirEmitter& emit) {
   std::lock_guard ns(ns_mu_);
   Inode* dir;
@@ -414,6 +404,7 @@ Status Filesystem::ReadDir(uint64_t ino, uint64_t off, bool plus, const DirEmitt
   struct stat st {};
   // "." and ".." take offsets 1 and 2; readdirplus does not count them as lookups.
   if (off < 1) {
+    std::lock_guard l(dir->mu);
     FillStat(*dir, &st);
     if (!emit(".", st, 1)) return Status::Ok();
   }
@@ -421,7 +412,10 @@ Status Filesystem::ReadDir(uint64_t ino, uint64_t off, bool plus, const DirEmitt
     Inode* up;
     st = {};
     uint64_t up_ino = dir->ino == kRootIno ? kRootIno : dir->rec.parent;
-    if (inodes_.Get(up_ino, &up).ok()) FillStat(*up, &st);
+    if (inodes_.Get(up_ino, &up).ok()) {
+      std::lock_guard l(up->mu);
+      FillStat(*up, &st);
+    }
     st.st_ino = up_ino;
     st.st_mode = S_IFDIR;
     if (!emit("..", st, 2)) return Status::Ok();
@@ -434,6 +428,7 @@ Status Filesystem::ReadDir(uint64_t ino, uint64_t off, bool plus, const DirEmitt
     if (plus) {
       inner = inodes_.Get(e.ino, &child);
       if (!inner.ok()) return false;
+      std::lock_guard l(child->mu);
       FillStat(*child, &est);
     } else {
       est.st_ino = e.ino;

@@ -166,9 +166,15 @@ int MountCommand(int argc, char** argv) {
   s = MetaStore::Open(opts.meta_dir, sb.uuid, &meta);
   if (!s.ok()) return report.Error(s.message());
 
-  auto fs = std::make_unique<Filesystem>(std::move(dev), std::move(meta), sb);
-  s = fs->Recover();
-  if (!s.ok()) return report.Error("recovery failed: " + s.message());
+  FsOptions fopt;
+  fopt.completion = opts.completion;
+  fopt.pollers = opts.pollers;
+  fopt.cthreads = opts.cthreads;
+  fopt.ring_depth = opts.ring_depth;
+  fopt.io_buffers = std::max(128u, 2 * opts.workers);
+  std::unique_ptr<Filesystem> fs;
+  s = Filesystem::Mount(std::move(dev), std::move(meta), sb, fopt, &fs);
+  if (!s.ok()) return report.Error(s.message());
 
   std::string fuse_o = "default_permissions,fsname=" + backing + ",subtype=deferfs";
   for (const auto& o : opts.fuse_opts) fuse_o += "," + o;

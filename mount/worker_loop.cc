@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <linux/fuse.h>
+#include <poll.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/uio.h>
@@ -12,15 +13,15 @@
 namespace deferfs {
 namespace {
 
-// 1 MiB max_write plus a page for the request headers.
-constexpr size_t kMaxWrite = 1 << 20;
 constexpr size_t kPayloadAlign = 4096;
 // A WRITE request is fuse_in_header + fuse_write_in, then the payload. The
-// receive buffer starts this far before a page boundary so that the payload
-// lands page-aligned and goes to the O_DIRECT device without a copy.
+// request is read this far before a page boundary of the IoBuffer so that the
+// payload lands page-aligned and goes to the O_DIRECT device without a copy.
 constexpr size_t kWriteHeaderBytes = sizeof(fuse_in_header) + sizeof(fuse_write_in);
 static_assert(kWriteHeaderBytes == 80);
-constexpr size_t kRecvBytes = kMaxWrite + kPayloadAlign;
+// The kernel wants room for the largest WRITE: headers plus max_write.
+constexpr size_t kRecvBytes = kWriteHeaderBytes + kMaxIo;
+static_assert(kPayloadAlign - kWriteHeaderBytes + kRecvBytes <= kIoBufferBytes);
 
 void Signal(int efd) {
   uint64_t one = 1;
@@ -32,9 +33,8 @@ void Signal(int efd) {
 struct WorkerPool::Worker {
   unsigned index = 0;
   UniqueFd epoll_fd;
-  UniqueFd event_fd;  // task_work wakeups
-  AlignedBuffer recv;  // kPayloadAlign + kRecvBytes
-  uint8_t* req = nullptr;  // recv + kPayloadAlign - kWriteHeaderBytes
+  TaskWork tw;               // deferred completions; its eventfd wakes us
+  IoBuffer* recv = nullptr;  // receive buffer; taken by async writes
   std::thread thread;
 };
 
@@ -54,19 +54,14 @@ Status WorkerPool::Start(fuse_session* se, Filesystem* fs, unsigned n, std::uniq
     auto w = std::make_unique<Worker>();
     w->index = i;
     w->epoll_fd = UniqueFd(epoll_create1(EPOLL_CLOEXEC));
-    w->event_fd = UniqueFd(eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
-    w->recv = AlignedBuffer(kPayloadAlign + kRecvBytes, kPayloadAlign);
-    if (!w->epoll_fd.valid() || !w->event_fd.valid() || w->recv.data() == nullptr) {
-      return Status::IoError("cannot set up a FUSE worker");
-    }
-    w->req = w->recv.bytes() + kPayloadAlign - kWriteHeaderBytes;
+    if (!w->epoll_fd.valid() || w->tw.event_fd() < 0) return Status::IoError("cannot set up a FUSE worker");
     epoll_event ev{};
     ev.events = EPOLLIN | EPOLLEXCLUSIVE;  // one worker per incoming request
     ev.data.fd = pool->fuse_fd_;
     int rc = epoll_ctl(w->epoll_fd.get(), EPOLL_CTL_ADD, pool->fuse_fd_, &ev);
     ev.events = EPOLLIN;
-    ev.data.fd = w->event_fd.get();
-    rc |= epoll_ctl(w->epoll_fd.get(), EPOLL_CTL_ADD, w->event_fd.get(), &ev);
+    ev.data.fd = w->tw.event_fd();
+    rc |= epoll_ctl(w->epoll_fd.get(), EPOLL_CTL_ADD, w->tw.event_fd(), &ev);
     ev.data.fd = pool->stop_fd_.get();
     rc |= epoll_ctl(w->epoll_fd.get(), EPOLL_CTL_ADD, pool->stop_fd_.get(), &ev);
     if (rc != 0) return Status::IoError(std::string("epoll_ctl: ") + strerror(errno));
@@ -91,10 +86,20 @@ void WorkerPool::Stop() {
 }
 
 void WorkerPool::Run(Worker* w) {
-  for (;;) {
-    ssize_t n = read(fuse_fd_, w->req, kRecvBytes);
+  TaskWork::SetCurrent(&w->tw);
+  IoBufferPool& pool = fs_->buffers();
+  bool stop = false;
+  while (!stop) {
+    // Completions first: they finish requests that are already paid for.
+    w->tw.RunPending();
+    if (w->recv == nullptr) w->recv = pool.Get();
+    uint8_t* req = w->recv->base + kPayloadAlign - kWriteHeaderBytes;
+    ssize_t n = read(fuse_fd_, req, kRecvBytes);
     if (n > 0) {
-      if (!Process(w, static_cast<size_t>(n))) break;
+      RecvBufferSlot::Set(w->recv);
+      bool go_on = Process(req, static_cast<size_t>(n));
+      if (RecvBufferSlot::Take() == nullptr) w->recv = nullptr;  // an async write kept it
+      if (!go_on) break;
       continue;
     }
     int err = n < 0 ? errno : ENODEV;
@@ -105,22 +110,25 @@ void WorkerPool::Run(Worker* w) {
       Signal(exit_fd_.get());
       break;
     }
+    if (!w->tw.PrepareSleep()) continue;
     epoll_event evs[3];
     int ready = epoll_wait(w->epoll_fd.get(), evs, 3, -1);
-    bool stop = false;
-    for (int i = 0; i < ready; i++) {
-      if (evs[i].data.fd == stop_fd_.get()) stop = true;
-      if (evs[i].data.fd == w->event_fd.get()) {
-        uint64_t v;
-        [[maybe_unused]] ssize_t r = read(w->event_fd.get(), &v, sizeof(v));
-      }
-    }
-    if (stop) break;
+    w->tw.Awake();
+    for (int i = 0; i < ready; i++) stop |= evs[i].data.fd == stop_fd_.get();
   }
+  // IO may still be in flight with completions bound for this worker's
+  // task_work: keep running it until the engine is idle.
+  while (fs_->engine().stats().inflight.load(std::memory_order_acquire) > 0) {
+    if (w->tw.RunPending() == 0) {
+      pollfd p{w->tw.event_fd(), POLLIN, 0};
+      poll(&p, 1, 10);
+    }
+  }
+  if (w->recv) pool.Put(w->recv);
 }
 
-bool WorkerPool::Process(Worker* w, size_t len) {
-  const auto* in = reinterpret_cast<const fuse_in_header*>(w->req);
+bool WorkerPool::Process(uint8_t* req, size_t len) {
+  const auto* in = reinterpret_cast<const fuse_in_header*>(req);
   if (len >= sizeof(*in) && in->opcode == FUSE_SYNCFS) {
     // libfuse 3.14 has no syncfs callback and would answer ENOSYS, which the
     // kernel takes as "nothing to do": answer it here so syncfs(2) is durable.
@@ -130,7 +138,7 @@ bool WorkerPool::Process(Worker* w, size_t len) {
     return true;
   }
   fuse_buf buf{};
-  buf.mem = w->req;
+  buf.mem = req;
   buf.size = len;
   fuse_session_process_buf(se_, &buf);
   return !fuse_session_exited(se_);

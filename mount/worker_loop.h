@@ -1,7 +1,9 @@
 // WorkerPool: the FUSE workers — our own loop over the session's /dev/fuse fd.
-// Each worker waits (epoll, EPOLLEXCLUSIVE: one woken per request) on the
-// non-blocking FUSE fd and its own eventfd, reads a request into its aligned
-// receive buffer and processes it. Start/Stop from one thread; workers internal.
+// Each worker runs its task_work (deferred completions) before it reads the
+// next request, and sleeps (epoll, EPOLLEXCLUSIVE: one woken per request) on
+// the non-blocking FUSE fd and its task_work eventfd. A request is read into
+// an IoBuffer laid out so a WRITE's payload lands page-aligned.
+// Start/Stop from one thread; the workers are internal.
 #pragma once
 
 #include <fuse_lowlevel.h>
@@ -34,7 +36,7 @@ class WorkerPool {
 
  private:
   void Run(Worker* w);
-  bool Process(Worker* w, size_t len);  // false: the session is over
+  bool Process(uint8_t* req, size_t len);  // false: the session is over
 
   fuse_session* const se_;
   Filesystem* const fs_;

@@ -1,0 +1,393 @@
+// The data path above the dio engine: open/release, read and write (aligned
+// requests straight to the engine, unaligned ones read-modify-write),
+// truncate, fallocate, lseek, fsync, and the write end_io that the engine
+// calls to finish a write.
+#include <fcntl.h>
+#include <linux/falloc.h>
+
+#include <cstring>
+
+#include "fs/filesystem.h"
+
+namespace deferfs {
+namespace {
+
+constexpr uint64_t kB = kBlockSize;
+uint64_t RoundDown(uint64_t v) { return v & ~(kB - 1); }
+uint64_t RoundUp(uint64_t v) { return (v + kB - 1) & ~(kB - 1); }
+bool Aligned(uint64_t v) { return (v & (kB - 1)) == 0; }
+
+}  // namespace
+
+Status Filesystem::EnsureExtents(Inode* inode) {
+  if (inode->extents_loaded || !inode->is_reg()) return Status::Ok();
+  Status inner;
+  DEFERFS_RETURN_IF_ERROR(meta_->ForEachExtent(inode->ino, [&](const ExtentRecord& r) {
+    inode->extents.Load(Extent{r.lblk, r.len, r.pblk, static_cast<ExtentState>(r.state)});
+  }));
+  inode->extents_loaded = true;
+  return Status::Ok();
+}
+
+void Filesystem::ApplyDelta(uint64_t ino, const ExtentDelta& d, MetaBatch* b) {
+  for (uint64_t lblk : d.removed) b->DeleteExtent(ino, lblk);
+  for (const Extent& e : d.upserted) {
+    b->PutExtent(ino, ExtentRecord{e.lblk, e.len, e.pblk, static_cast<uint8_t>(e.state)});
+  }
+}
+
+void Filesystem::FreeBlocksLater(const std::vector<BlockRange>& freed) {
+  if (freed.empty()) return;
+  std::lock_guard l(free_mu_);
+  pending_free_.insert(pending_free_.end(), freed.begin(), freed.end());
+}
+
+Status Filesystem::SyncMeta() {
+  // Only what was freed before the WAL sync is safe to hand out after it.
+  std::vector<BlockRange> ready;
+  {
+    std::lock_guard l(free_mu_);
+    ready.swap(pending_free_);
+  }
+  Status st = meta_->SyncWal();
+  if (!st.ok()) {
+    FreeBlocksLater(ready);
+    return st;
+  }
+  for (const BlockRange& r : ready) alloc_->Free(r);
+  return Status::Ok();
+}
+
+bool Filesystem::ReclaimFreedBlocks() {
+  {
+    std::lock_guard l(free_mu_);
+    if (pending_free_.empty()) return false;
+  }
+  return SyncMeta().ok();
+}
+
+Status Filesystem::Open(uint64_t ino, Inode** out) {
+  std::lock_guard ns(ns_mu_);
+  Inode* inode;
+  DEFERFS_RETURN_IF_ERROR(GetLocked(ino, &inode));
+  {
+    std::lock_guard l(inode->mu);
+    DEFERFS_RETURN_IF_ERROR(EnsureExtents(inode));
+  }
+  inode->open_count++;
+  *out = inode;
+  return Status::Ok();
+}
+
+void Filesystem::Release(Inode* inode) {
+  std::lock_guard ns(ns_mu_);
+  if (inode->open_count == 0) return;
+  inode->open_count--;
+  if (inode->open_count == 0) {
+    std::lock_guard l(inode->mu);
+    MetaBatch b;
+    std::vector<BlockRange> freed;
+    if (inode->rec.nlink == 0) {
+      MaybeDestroy(inode, &b, &freed);  // the last close of an unlinked file frees it
+    } else if (inode->dirty) {
+      b.PutInode(inode->rec);
+    }
+    if (!b.empty()) {
+      if (Commit(&b).ok()) {
+        inode->dirty = false;
+        FreeBlocksLater(freed);
+      } else {
+        inode->deleted = false;  // stays an orphan; the next mount frees it
+      }
+    }
+  }
+  inodes_.MaybeEvict(inode);
+}
+
+ssize_t Filesystem::SyncRw(Inode* inode, bool write, uint64_t pos, IoBuffer* buf, size_t len) {
+  Kiocb k;
+  k.inode = inode;
+  k.pos = pos;
+  k.ki_flags = write ? (IOCB_WRITE | IOCB_NOEXTEND) : 0;
+  return engine_->iomap_dio_rw(&k, buf->base, buf->index, len);
+}
+
+ssize_t Filesystem::ReadIter(Kiocb* iocb, IoBuffer* buf, size_t len, size_t* data_off) {
+  Inode* inode = iocb->inode;
+  const uint64_t pos = iocb->pos;
+  if (Aligned(pos) && Aligned(len)) {
+    *data_off = 0;
+    inode->iolock.LockShared();
+    ssize_t res = engine_->iomap_dio_rw(iocb, buf->base, buf->index, len);
+    inode->iolock.UnlockShared();
+    return res;
+  }
+  // Unaligned: read the covering blocks, hand out the middle.
+  const uint64_t start = RoundDown(pos);
+  const size_t span = RoundUp(pos + len) - start;
+  if (span > buf->size) return -EINVAL;
+  inode->iolock.LockShared();
+  ssize_t res = SyncRw(inode, false, start, buf, span);
+  inode->iolock.UnlockShared();
+  if (res < 0) return res;
+  *data_off = pos - start;
+  return static_cast<ssize_t>(std::min<uint64_t>(len, static_cast<uint64_t>(res) > *data_off ? res - *data_off : 0));
+}
+
+ssize_t Filesystem::WriteIter(Kiocb* iocb, IoBuffer* buf, const uint8_t* data, size_t len) {
+  Inode* inode = iocb->inode;
+  const uint64_t pos = iocb->pos;
+  if (Aligned(pos) && Aligned(len) && Aligned(reinterpret_cast<uintptr_t>(data))) {
+    inode->iolock.LockShared();
+    {
+      std::lock_guard l(inode->mu);  // file_update_time: persisted lazily
+      inode->rec.mtime_ns = inode->rec.ctime_ns = NowNs();
+      inode->dirty = true;
+    }
+    bool in_buf = buf && data >= buf->base && data + len <= buf->base + buf->size;
+    ssize_t res = engine_->iomap_dio_rw(iocb, const_cast<uint8_t*>(data), in_buf ? buf->index : -1, len);
+    inode->iolock.UnlockShared();
+    return res;
+  }
+
+  // Unaligned: read-modify-write of the covering blocks, alone on the inode.
+  const uint64_t start = RoundDown(pos);
+  const uint64_t end = RoundUp(pos + len);
+  if (end - start > kIoBufferBytes) return -EINVAL;
+  inode->iolock.Lock();
+  inode_dio_wait(inode);
+  IoBuffer* bounce = buffers_->Get();
+  std::memset(bounce->base, 0, end - start);
+  ssize_t res = 0;
+  // Partial head and tail blocks keep their bytes; fresh blocks get zeros.
+  if (!Aligned(pos)) res = SyncRw(inode, false, start, bounce, kB);
+  if (res >= 0 && !Aligned(pos + len) && (end - kB != start || Aligned(pos))) {
+    IoBuffer tail{bounce->base + (end - kB - start), kB, bounce->index};
+    res = SyncRw(inode, false, end - kB, &tail, kB);
+  }
+  if (res >= 0) {
+    std::memcpy(bounce->base + (pos - start), data, len);
+    res = SyncRw(inode, true, start, bounce, end - start);
+  }
+  buffers_->Put(bounce);
+  if (res >= 0) {
+    std::lock_guard l(inode->mu);
+    InodeRecord rec = inode->rec;
+    rec.size = std::max<uint64_t>(rec.size, pos + len);
+    rec.mtime_ns = rec.ctime_ns = NowNs();
+    MetaBatch b;
+    b.PutInode(rec);
+    Status st = meta_->Commit(&b, (iocb->ki_flags & IOCB_DSYNC) != 0);
+    if (st.ok()) {
+      inode->rec = rec;
+      inode->dirty = false;
+      res = static_cast<ssize_t>(len);
+    } else {
+      res = -st.err();
+    }
+  }
+  inode->iolock.Unlock();
+  return res;
+}
+
+int Filesystem::WriteEndIo(Dio& dio) {
+  Inode* inode = dio.inode;
+  const bool failed = dio.error.load(std::memory_order_acquire) != 0;
+  if (!failed && dio.pure_overwrite()) return 0;  // nothing to do: the common fast case
+  const uint64_t lblk = dio.pos >> kBlockShift;
+  const uint64_t end = (dio.pos + dio.size + kB - 1) >> kBlockShift;
+
+  // O_DSYNC: the data must be on stable media before the metadata that makes
+  // it reachable is made durable.
+  if (!failed && (dio.flags & Dio::DIO_DSYNC)) {
+    Status st = dev_->FlushSync();
+    if (!st.ok()) return -st.err();
+  }
+
+  std::vector<BlockRange> unused;  // allocations of a failed write
+  bool woke_waiters = false;
+  int ret = 0;
+  {
+    std::lock_guard l(inode->mu);
+    ExtentDelta delta;
+    // This write's fresh allocations: into the extent map as written (their
+    // data is on the device now), or back to the allocator if it failed.
+    auto it = inode->new_extents.lower_bound(lblk);
+    while (it != inode->new_extents.end() && it->first < end) {
+      if (failed) unused.push_back(it->second);
+      else inode->extents.Insert(Extent{it->first, it->second.len, it->second.start, ExtentState::kWritten}, &delta);
+      it = inode->new_extents.erase(it);
+      woke_waiters = true;
+    }
+    InodeRecord rec = inode->rec;
+    if (!failed) {
+      if (dio.flags & Dio::DIO_NEED_CONVERT) inode->extents.Convert(lblk, end - lblk, &delta);
+      if (dio.flags & Dio::DIO_EXTENDING) rec.size = std::max<uint64_t>(rec.size, dio.pos + dio.size);
+    }
+    if (!delta.empty() || rec.size != inode->rec.size || (inode->dirty && !failed)) {
+      MetaBatch b;
+      ApplyDelta(inode->ino, delta, &b);
+      b.PutInode(rec);
+      Status st = meta_->Commit(&b, (dio.flags & Dio::DIO_DSYNC) != 0);
+      if (st.ok()) {
+        inode->rec = rec;
+        inode->dirty = false;
+        FreeBlocksLater(delta.freed);
+      } else {
+        ret = -st.err();
+      }
+    }
+  }
+  for (const BlockRange& r : unused) alloc_->Free(r);  // never persisted: reusable at once
+  if (woke_waiters) inode->dio_wq.WakeAll();
+  return ret;
+}
+
+Status Filesystem::ZeroPartialBlock(Inode* inode, uint64_t from, uint64_t to) {
+  const uint64_t blk = RoundDown(from);
+  {
+    std::lock_guard l(inode->mu);
+    Extent e;
+    uint64_t hole;
+    if (!inode->extents.Find(blk >> kBlockShift, &e, &hole) || e.state != ExtentState::kWritten) {
+      return Status::Ok();  // holes and unwritten blocks already read as zeros
+    }
+  }
+  IoBuffer* buf = buffers_->Get();
+  ssize_t res = SyncRw(inode, false, blk, buf, kB);
+  if (res >= 0) {
+    std::memset(buf->base + (from - blk), 0, to - from);
+    res = SyncRw(inode, true, blk, buf, kB);
+  }
+  buffers_->Put(buf);
+  return res < 0 ? Status::Error(static_cast<int>(-res), "zeroing a partial block failed") : Status::Ok();
+}
+
+Status Filesystem::TruncateLocked(Inode* inode, uint64_t size, int64_t now) {
+  uint64_t old;
+  {
+    std::lock_guard l(inode->mu);
+    old = inode->rec.size;
+  }
+  // Bytes past the new EOF in its last block must read as zeros if the file
+  // grows again: zero them now.
+  if (size < old && !Aligned(size)) DEFERFS_RETURN_IF_ERROR(ZeroPartialBlock(inode, size, RoundUp(size)));
+  std::lock_guard l(inode->mu);
+  ExtentDelta delta;
+  if (size < old) {
+    uint64_t first = RoundUp(size) >> kBlockShift;
+    inode->extents.Punch(first, UINT64_MAX - first, &delta);
+  }
+  InodeRecord rec = inode->rec;
+  rec.size = size;
+  if (size != old) rec.mtime_ns = rec.ctime_ns = now;
+  MetaBatch b;
+  ApplyDelta(inode->ino, delta, &b);
+  b.PutInode(rec);
+  DEFERFS_RETURN_IF_ERROR(Commit(&b));
+  inode->rec = rec;
+  inode->dirty = false;
+  FreeBlocksLater(delta.freed);
+  return Status::Ok();
+}
+
+Status Filesystem::Fallocate(Inode* inode, int mode, uint64_t off, uint64_t len) {
+  const int kind = mode & ~FALLOC_FL_KEEP_SIZE;
+  if ((kind != 0 && kind != FALLOC_FL_PUNCH_HOLE && kind != FALLOC_FL_ZERO_RANGE) ||
+      (kind == FALLOC_FL_PUNCH_HOLE && !(mode & FALLOC_FL_KEEP_SIZE))) {
+    return Status::Error(EOPNOTSUPP, "fallocate mode not supported");
+  }
+  if (len == 0 || off + len < off) return Status::Invalid("bad fallocate range");
+  const uint64_t end = off + len;
+  const bool keep_size = (mode & FALLOC_FL_KEEP_SIZE) || kind == FALLOC_FL_PUNCH_HOLE;
+
+  inode->iolock.Lock();
+  inode_dio_wait(inode);
+  Status st;
+  // Punch and zero: partial blocks at the edges are zeroed in place.
+  if (kind != 0) {
+    uint64_t head_end = std::min(end, RoundUp(off));
+    if (!Aligned(off)) st = ZeroPartialBlock(inode, off, head_end);
+    if (st.ok() && !Aligned(end) && RoundDown(end) >= RoundUp(off)) st = ZeroPartialBlock(inode, RoundDown(end), end);
+  }
+  if (st.ok()) {
+    std::lock_guard l(inode->mu);
+    ExtentDelta delta;
+    const uint64_t first = (kind == 0 ? RoundDown(off) : RoundUp(off)) >> kBlockShift;
+    const uint64_t last = (kind == 0 ? RoundUp(end) : RoundDown(end)) >> kBlockShift;
+    if (kind != 0 && last > first) inode->extents.Punch(first, last - first, &delta);
+    if (kind != FALLOC_FL_PUNCH_HOLE) {
+      // Preallocate: every hole becomes unwritten blocks (reads as zeros).
+      for (uint64_t b = first; b < last && st.ok();) {
+        Extent e;
+        uint64_t hole;
+        if (inode->extents.Find(b, &e, &hole)) {
+          b += e.len;
+          continue;
+        }
+        BlockRange r;
+        uint64_t want = std::min(hole, last - b);
+        st = alloc_->Allocate(inode->extents.last_pblk_hint(), want, &r);
+        if (st.err() == ENOSPC && ReclaimFreedBlocks()) st = alloc_->Allocate(inode->extents.last_pblk_hint(), want, &r);
+        if (!st.ok()) break;
+        inode->extents.Insert(Extent{b, r.len, r.start, ExtentState::kUnwritten}, &delta);
+        b += r.len;
+      }
+    }
+    // What was allocated stays, even when the device filled up midway (as ext4).
+    InodeRecord rec = inode->rec;
+    if (st.ok() && !keep_size && end > rec.size) rec.size = end;
+    rec.ctime_ns = NowNs();
+    if (kind != 0 || rec.size != inode->rec.size) rec.mtime_ns = rec.ctime_ns;
+    MetaBatch b;
+    ApplyDelta(inode->ino, delta, &b);
+    b.PutInode(rec);
+    Status cst = Commit(&b);
+    if (cst.ok()) {
+      inode->rec = rec;
+      inode->dirty = false;
+      FreeBlocksLater(delta.freed);
+    } else if (st.ok()) {
+      st = cst;
+    }
+  }
+  inode->iolock.Unlock();
+  return st;
+}
+
+Status Filesystem::Lseek(Inode* inode, uint64_t off, int whence, uint64_t* out) {
+  std::lock_guard l(inode->mu);
+  const uint64_t size = inode->rec.size;
+  if (off >= size) return Status::Error(ENXIO, "offset past end of file");
+  // Unwritten extents read as zeros: they count as holes, as on ext4.
+  uint64_t b = off >> kBlockShift;
+  if (whence == SEEK_DATA) {
+    for (Extent e; inode->extents.NextAfter(b, &e); b = e.lblk + e.len) {
+      if (e.state != ExtentState::kWritten) continue;
+      uint64_t at = std::max(off, e.lblk << kBlockShift);
+      if (at >= size) break;
+      *out = at;
+      return Status::Ok();
+    }
+    return Status::Error(ENXIO, "no data after offset");
+  }
+  uint64_t hole;
+  for (Extent e; inode->extents.Find(b, &e, &hole) && e.state == ExtentState::kWritten;) b = e.lblk + e.len;
+  *out = std::min(size, std::max(off, b << kBlockShift));
+  return Status::Ok();
+}
+
+Status Filesystem::Fsync(Inode* inode, bool datasync) {
+  {
+    std::lock_guard l(inode->mu);
+    if (inode->dirty && !inode->deleted) {
+      MetaBatch b;
+      b.PutInode(inode->rec);
+      DEFERFS_RETURN_IF_ERROR(Commit(&b));
+      inode->dirty = false;
+    }
+  }
+  return Sync();
+}
+
+}  // namespace deferfs

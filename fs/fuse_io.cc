@@ -1,0 +1,98 @@
+#include "fs/fuse_io.h"
+
+#include <fcntl.h>
+
+#include <cstring>
+#include <memory>
+
+#include "fs/filesystem.h"
+
+namespace deferfs {
+namespace {
+
+// One READ or WRITE in flight. Standard layout with the Kiocb first, so
+// ki_complete gets from the kiocb back to its request.
+struct FuseIo {
+  Kiocb iocb;
+  fuse_req_t req = nullptr;
+  Filesystem* fs = nullptr;
+  TaskWork* issuer = nullptr;
+  IoBuffer* buf = nullptr;  // returned to the pool with the reply
+  size_t data_off = 0;      // reads: where the data starts in buf
+  bool write = false;
+};
+static_assert(std::is_standard_layout_v<FuseIo>);
+
+void Finish(FuseIo* raw, ssize_t res) {
+  std::unique_ptr<FuseIo> io(raw);
+  if (res < 0) fuse_reply_err(io->req, static_cast<int>(-res));
+  else if (io->write) fuse_reply_write(io->req, static_cast<size_t>(res));
+  else fuse_reply_buf(io->req, reinterpret_cast<const char*>(io->buf->base + io->data_off), static_cast<size_t>(res));
+  if (io->buf) io->fs->buffers().Put(io->buf);
+}
+
+// ki_complete, the seed's issuer side: a kiocb that comes back with
+// dio_complete set goes to its issuer's task_work (which runs dio_complete
+// and calls us again with the real result); otherwise reply right here.
+void FuseKiComplete(Kiocb* iocb, ssize_t res) {
+  FuseIo* io = reinterpret_cast<FuseIo*>(iocb);
+  if (iocb->dio_complete) {
+    io->issuer->Push(iocb);
+    return;
+  }
+  Finish(io, res);
+}
+
+std::unique_ptr<FuseIo> NewIo(fuse_req_t req, fuse_file_info* fi, off_t off, bool write) {
+  auto io = std::make_unique<FuseIo>();
+  io->req = req;
+  io->fs = static_cast<Filesystem*>(fuse_req_userdata(req));
+  io->issuer = TaskWork::Current();
+  io->write = write;
+  io->iocb.inode = reinterpret_cast<Inode*>(fi->fh);
+  io->iocb.pos = static_cast<uint64_t>(off);
+  io->iocb.ki_flags = IOCB_DIO_DEFER | (write ? uint32_t{IOCB_WRITE} : 0u);
+  if (write && (fi->flags & (O_DSYNC | O_SYNC))) io->iocb.ki_flags |= IOCB_DSYNC;
+  // completion=sync: a synchronous kiocb, the worker waits for its own IO.
+  if (io->fs->completion_mode() != CompletionMode::kSync) io->iocb.ki_complete = FuseKiComplete;
+  return io;
+}
+
+}  // namespace
+
+void FuseRead(fuse_req_t req, fuse_ino_t, size_t size, off_t off, fuse_file_info* fi) {
+  auto io = NewIo(req, fi, off, false);
+  io->buf = io->fs->buffers().Get();
+  ssize_t res = io->fs->ReadIter(&io->iocb, io->buf, std::min(size, kMaxIo), &io->data_off);
+  if (res == kIocbQueued) {
+    io.release();  // ki_complete owns it now
+    return;
+  }
+  Finish(io.release(), res);
+}
+
+void FuseWrite(fuse_req_t req, fuse_ino_t, const char* data, size_t size, off_t off, fuse_file_info* fi) {
+  auto io = NewIo(req, fi, off, true);
+  const auto* payload = reinterpret_cast<const uint8_t*>(data);
+  // Zero copy: the payload sits aligned in the worker's receive buffer; the
+  // request takes that buffer along until it is answered.
+  io->buf = RecvBufferSlot::Take();
+  if (io->buf == nullptr || payload < io->buf->base || payload + size > io->buf->base + io->buf->size) {
+    if (io->buf) RecvBufferSlot::Set(io->buf);  // not ours after all: give it back
+    io->buf = io->fs->buffers().Get();
+    if (size > io->buf->size) {
+      Finish(io.release(), -EINVAL);
+      return;
+    }
+    std::memcpy(io->buf->base, payload, size);
+    payload = io->buf->base;
+  }
+  ssize_t res = io->fs->WriteIter(&io->iocb, io->buf, payload, size);
+  if (res == kIocbQueued) {
+    io.release();
+    return;
+  }
+  Finish(io.release(), res);
+}
+
+}  // namespace deferfs

@@ -1,0 +1,126 @@
+#include "fs/task_work.h"
+
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <memory>
+
+namespace deferfs {
+namespace {
+
+thread_local TaskWork* current_tw = nullptr;
+
+}  // namespace
+
+void WaitQueue::Add(TaskWork* tw) {
+  std::lock_guard l(mu_);
+  waiters_.push_back(tw);
+}
+
+void WaitQueue::Remove(TaskWork* tw) {
+  std::lock_guard l(mu_);
+  waiters_.erase(std::find(waiters_.begin(), waiters_.end(), tw));
+}
+
+void WaitQueue::WakeAll() {
+  std::lock_guard l(mu_);
+  for (TaskWork* tw : waiters_) tw->Wake();
+}
+
+TaskWork::TaskWork() : event_fd_(eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {}
+
+TaskWork* TaskWork::Current() {
+  if (current_tw == nullptr) {
+    // A thread that is not a FUSE worker (a test, a completion thread) still
+    // waits through a TaskWork of its own; it lives as long as the thread.
+    thread_local std::unique_ptr<TaskWork> own = std::make_unique<TaskWork>();
+    current_tw = own.get();
+  }
+  return current_tw;
+}
+
+void TaskWork::SetCurrent(TaskWork* tw) { current_tw = tw; }
+
+void TaskWork::Push(Kiocb* iocb) {
+  Kiocb* old = head_.load(std::memory_order_relaxed);
+  do {
+    iocb->ki_next = old;
+  } while (!head_.compare_exchange_weak(old, iocb, std::memory_order_seq_cst, std::memory_order_relaxed));
+  Wake();
+}
+
+void TaskWork::Wake() {
+  // Dekker pairing with PrepareSleep: the owner publishes sleeping_ and then
+  // re-checks its conditions; we publish the condition and then read sleeping_.
+  if (sleeping_.exchange(false, std::memory_order_seq_cst)) {
+    uint64_t one = 1;
+    [[maybe_unused]] ssize_t n = write(event_fd_.get(), &one, sizeof(one));
+    stats_.wakeups_made.fetch_add(1, std::memory_order_relaxed);
+  } else {
+    stats_.wakeups_avoided.fetch_add(1, std::memory_order_relaxed);
+  }
+}
+
+size_t TaskWork::RunPending() {
+  Kiocb* list = head_.exchange(nullptr, std::memory_order_acquire);
+  Kiocb* fifo = nullptr;
+  while (list) {  // reverse: completions run in the order they were queued
+    Kiocb* next = list->ki_next;
+    list->ki_next = fifo;
+    fifo = list;
+    list = next;
+  }
+  size_t n = 0;
+  while (fifo) {
+    Kiocb* iocb = fifo;
+    fifo = fifo->ki_next;
+    ssize_t res = iocb->dio_complete(iocb->private_data);
+    iocb->dio_complete = nullptr;
+    iocb->private_data = nullptr;
+    iocb->ki_complete(iocb, res);
+    n++;
+  }
+  stats_.deferred_run.fetch_add(n, std::memory_order_relaxed);
+  return n;
+}
+
+bool TaskWork::PrepareSleep() {
+  sleeping_.store(true, std::memory_order_seq_cst);
+  if (has_pending()) {
+    sleeping_.store(false, std::memory_order_relaxed);
+    return false;
+  }
+  return true;
+}
+
+void TaskWork::Awake() {
+  sleeping_.store(false, std::memory_order_relaxed);
+  uint64_t v;
+  [[maybe_unused]] ssize_t n = read(event_fd_.get(), &v, sizeof(v));
+}
+
+void TaskWork::Sleep() {
+  pollfd p{event_fd_.get(), POLLIN, 0};
+  while (poll(&p, 1, -1) < 0 && errno == EINTR) {
+  }
+}
+
+void TaskWork::WaitUntil(const std::function<bool()>& cond, WaitQueue* wq) {
+  if (wq) wq->Add(this);
+  for (;;) {
+    RunPending();
+    if (cond()) break;
+    if (!PrepareSleep()) continue;
+    if (cond()) {
+      Awake();
+      break;
+    }
+    Sleep();
+    Awake();
+  }
+  if (wq) wq->Remove(this);
+}
+
+}  // namespace deferfs

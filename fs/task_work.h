@@ -1,0 +1,88 @@
+// TaskWork: a thread's queue of deferred DIO completions (the kernel's
+// task_work) and the one way that thread sleeps. Push()/Wake() are
+// thread-safe and lock-free; everything else is called only by the owner.
+//
+// Why every wait goes through WaitUntil: a FUSE worker that sleeps while its
+// own deferred completions sit in its queue can wait forever for them — the
+// io_uring/iomap self-deadlock that made Linux 6.6-rc8 drop IOCB_DIO_CALLER_COMP.
+// WaitUntil runs the owner's queue between checks, so a worker never blocks
+// blind on anything a completion may be needed for (drains, the IO lock,
+// buffers, its own sync IO).
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <mutex>
+#include <vector>
+
+#include "backend/device.h"
+#include "fs/kiocb.h"
+
+namespace deferfs {
+
+class TaskWork;
+
+// Threads waiting for a condition that another thread will make true, then
+// call WakeAll(). Thread-safe.
+class WaitQueue {
+ public:
+  void Add(TaskWork* tw);
+  void Remove(TaskWork* tw);
+  void WakeAll();
+
+ private:
+  std::mutex mu_;
+  std::vector<TaskWork*> waiters_;  // guarded by mu_
+};
+
+class TaskWork {
+ public:
+  TaskWork();
+  TaskWork(const TaskWork&) = delete;
+  TaskWork& operator=(const TaskWork&) = delete;
+
+  // The calling thread's TaskWork: its worker's, or one made for the thread.
+  static TaskWork* Current();
+  // Installs `tw` as the calling thread's (the worker loop does, at start).
+  static void SetCurrent(TaskWork* tw);
+
+  // Queues a completion whose dio_complete the owner must run; wakes it if asleep.
+  void Push(Kiocb* iocb);
+  // Wakes the owner if it is asleep (one eventfd write), else nothing.
+  void Wake();
+
+  // Owner: runs every queued completion: res = dio_complete(private), then
+  // ki_complete(iocb, res) with dio_complete cleared. Returns how many ran.
+  size_t RunPending();
+  bool has_pending() const { return head_.load(std::memory_order_acquire) != nullptr; }
+
+  // Owner: returns once cond() holds, running queued completions while it
+  // waits. Whoever makes cond() true must then Wake() this TaskWork, directly
+  // or through `wq` (on which the owner is registered meanwhile).
+  void WaitUntil(const std::function<bool()>& cond, WaitQueue* wq = nullptr);
+
+  // Owner, for a loop that sleeps elsewhere (epoll on event_fd() and more):
+  // PrepareSleep returns false if work is already pending (do not sleep);
+  // after the sleep, Awake() must be called.
+  bool PrepareSleep();
+  void Awake();
+  int event_fd() const { return event_fd_.get(); }
+
+  struct Stats {
+    std::atomic<uint64_t> deferred_run{0};     // dio_complete calls run here
+    std::atomic<uint64_t> wakeups_made{0};     // eventfd writes
+    std::atomic<uint64_t> wakeups_avoided{0};  // Wake() found the owner awake
+  };
+  const Stats& stats() const { return stats_; }
+
+ private:
+  void Sleep();  // blocks on event_fd until a Wake()
+
+  std::atomic<Kiocb*> head_{nullptr};  // LIFO; RunPending reverses it
+  std::atomic<bool> sleeping_{false};
+  UniqueFd event_fd_;
+  Stats stats_;
+};
+
+}  // namespace deferfs
