@@ -215,6 +215,27 @@ Status MetaStore::Open(const std::string& dir, const Uuid& uuid, std::unique_ptr
   if (!Exists(dir)) {
     return Status::Invalid(dir + " is not a deferfs metadata directory: pass the right -o meta=DIR");
   }
+  // Check the pairing read-only first: opening read-write replays and
+  // rewrites the log, and a store that is not ours must stay untouched.
+  {
+    rocksdb::DB* ro = nullptr;
+    rocksdb::Status s = rocksdb::DB::OpenForReadOnly(DbOptions(), dir, &ro);
+    if (!s.ok()) return Status::Invalid(dir + " is not a readable deferfs metadata directory (" + s.ToString() + "): pass the right -o meta=DIR");
+    std::unique_ptr<rocksdb::DB> db(ro);
+    std::string pairing;
+    s = db->Get(rocksdb::ReadOptions(), Key(kPairing), &pairing);
+    if (!s.ok() || pairing.size() != sizeof(kPairingMagic) + uuid.size() + 4 ||
+        std::memcmp(pairing.data(), kPairingMagic, sizeof(kPairingMagic)) != 0) {
+      return Status::Invalid(dir + " is not a deferfs metadata directory: pass the right -o meta=DIR");
+    }
+    Uuid have;
+    std::memcpy(have.data(), pairing.data() + sizeof(kPairingMagic), have.size());
+    if (have != uuid) {
+      return Status::Invalid("metadata directory " + dir + " belongs to another filesystem (uuid " + UuidToString(have) +
+                             ", backing device has " + UuidToString(uuid) + "): pass the right -o meta=DIR");
+    }
+    db->Close().PermitUncheckedError();
+  }
   rocksdb::DB* raw = nullptr;
   rocksdb::Status s = rocksdb::DB::Open(DbOptions(), dir, &raw);
   if (s.IsIOError() && s.ToString().find("lock") != std::string::npos) {
@@ -223,18 +244,6 @@ Status MetaStore::Open(const std::string& dir, const Uuid& uuid, std::unique_ptr
   if (!s.ok()) return Status::IoError("cannot open metadata directory " + dir + ": " + s.ToString());
   auto store = std::make_unique<MetaStore>(Private{}, std::unique_ptr<rocksdb::DB>(raw));
 
-  std::string pairing;
-  s = store->db_->Get(rocksdb::ReadOptions(), Key(kPairing), &pairing);
-  if (!s.ok() || pairing.size() != sizeof(kPairingMagic) + uuid.size() + 4 ||
-      std::memcmp(pairing.data(), kPairingMagic, sizeof(kPairingMagic)) != 0) {
-    return Status::Invalid(dir + " is not a deferfs metadata directory: pass the right -o meta=DIR");
-  }
-  Uuid have;
-  std::memcpy(have.data(), pairing.data() + sizeof(kPairingMagic), have.size());
-  if (have != uuid) {
-    return Status::Invalid("metadata directory " + dir + " belongs to another filesystem (uuid " + UuidToString(have) +
-                           ", backing device has " + UuidToString(uuid) + "): pass the right -o meta=DIR");
-  }
   std::string next;
   s = store->db_->Get(rocksdb::ReadOptions(), Key(kNextIno), &next);
   if (!s.ok() || next.size() != 8) return Status::IoError("metadata directory " + dir + " has no inode counter: run 'deferfs fsck'");
