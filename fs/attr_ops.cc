@@ -75,13 +75,10 @@ Filesystem::~Filesystem() {
   (void)meta_->SyncWal();
 }
 
-std::vector<Poller::Stats> Filesystem::poller_stats() const {
-  std::vector<Poller::Stats> v;
-  for (const auto& p : pollers_) v.push_back(p->stats());
-  return v;
-}
-
 Status Filesystem::Recover() {
+  // Orphans were unlinked while open when the last mount ended without a
+  // release: nothing references them, so delete them (their blocks come back
+  // when Start() rebuilds the free space).
   std::lock_guard ns(ns_mu_);
   std::vector<uint64_t> orphans;
   DEFERFS_RETURN_IF_ERROR(meta_->ListOrphans(&orphans));

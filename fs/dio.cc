@@ -52,6 +52,7 @@ void DioEngine::iomap_dio_complete_work(WorkItem* work) {
 // needs a context that may block on a metadata commit or a flush.
 void DioEngine::iomap_dio_done(Dio* dio) {
   Kiocb* iocb = dio->iocb;
+  (dio->flags & Dio::DIO_WRITE ? stats_.write_device : stats_.read_device).Record(MonotonicNs() - dio->start_ns);
   if (dio->wait_for_completion) {
     TaskWork* submitter = dio->submitter;  // dio may be gone once done is set
     dio->done.store(true, std::memory_order_release);
@@ -117,6 +118,7 @@ ssize_t DioEngine::iomap_dio_rw(Kiocb* iocb, uint8_t* buf, int buf_index, size_t
   dio->engine = this;
   dio->pos = iocb->pos;
   dio->size = len;
+  dio->start_ns = MonotonicNs();
   if (write) dio->flags |= Dio::DIO_WRITE;
   if (iocb->ki_flags & IOCB_DSYNC) dio->flags |= Dio::DIO_DSYNC;
   if (iocb->ki_complete == nullptr) {
@@ -192,10 +194,11 @@ ssize_t DioEngine::iomap_dio_rw(Kiocb* iocb, uint8_t* buf, int buf_index, size_t
   const bool no_io = dio->bios.empty();
   Dio* raw = owned.release();
   if (raw->ref.fetch_sub(1, std::memory_order_acq_rel) == 1) {
-    // Nothing in flight: complete here, in the submitter.
-    if (no_io) stats_.completed_at_submit.fetch_add(1, std::memory_order_relaxed);
-    else if (wait) stats_.completed_sync.fetch_add(1, std::memory_order_relaxed);
-    else stats_.completed_inline.fetch_add(1, std::memory_order_relaxed);
+    // Nothing left in flight: the submitter completes it, as the kernel does.
+    if (!no_io) {
+      (raw->flags & Dio::DIO_WRITE ? stats_.write_device : stats_.read_device).Record(MonotonicNs() - raw->start_ns);
+    }
+    (wait && !no_io ? stats_.completed_sync : stats_.completed_at_submit).fetch_add(1, std::memory_order_relaxed);
     return iomap_dio_complete(raw);
   }
   if (!wait) return kIocbQueued;

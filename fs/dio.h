@@ -20,6 +20,7 @@
 #include "fs/completion_mode.h"
 #include "fs/iomap.h"
 #include "fs/kiocb.h"
+#include "fs/latency.h"
 #include "fs/task_work.h"
 #include "fs/workqueue.h"
 
@@ -33,10 +34,13 @@ struct DioStats {
   std::atomic<uint64_t> completed_deferred{0};   // by the issuer, through dio_complete
   std::atomic<uint64_t> completed_workqueue{0};  // on a completion thread
   std::atomic<uint64_t> completed_sync{0};       // by the issuer that waited
-  std::atomic<uint64_t> completed_at_submit{0};  // nothing in flight (holes, errors)
+  std::atomic<uint64_t> completed_at_submit{0};  // by the submitter: nothing left in flight when it finished submitting
   std::atomic<uint64_t> pure_overwrites{0};
   std::atomic<uint64_t> errors{0};
   std::atomic<int64_t> inflight{0};  // dios submitted and not yet completed
+
+  // Submit -> last bio done ("device"), and submit -> reply (recorded by the issuer).
+  LatencyHistogram read_device, write_device, read_reply, write_reply;
 };
 
 struct Dio {
@@ -55,6 +59,7 @@ struct Dio {
   size_t size = 0;  // bytes the request transfers (reads: clamped to i_size)
   std::atomic<int> ref{1};
   std::atomic<int> error{0};  // first -errno from a bio
+  int64_t start_ns = 0;       // MonotonicNs() at submission
 
   // Sync DIO: the submitter sleeps until the last bio ends.
   bool wait_for_completion = false;

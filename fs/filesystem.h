@@ -12,6 +12,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <utility>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -56,6 +57,7 @@ struct FsOptions {
   unsigned cthreads = 1;
   unsigned ring_depth = 256;
   unsigned io_buffers = 128;  // 1 MiB + 4 KiB each, registered with every ring
+  unsigned workers = 2;       // reported only: the worker loop lives in mount/
 };
 
 // Bytes of an IoBuffer: the largest FUSE request (1 MiB payload behind a
@@ -124,7 +126,12 @@ class Filesystem {
   DioEngine& engine() { return *engine_; }
   Allocator& allocator() { return *alloc_; }
   CompletionMode completion_mode() const { return opt_.completion; }
-  std::vector<Poller::Stats> poller_stats() const;
+  // The FUSE workers' task_work queues, for the stats report.
+  void RegisterTaskWork(TaskWork* tw);
+  void UnregisterTaskWorks();
+  // `deferfs stats`: counters since mount (or the last reset) and latency
+  // summaries, as one JSON object (fs/stats.cc). reset: start counting anew.
+  std::string StatsJson(bool reset);
 
   Filesystem(std::unique_ptr<Device> dev, std::unique_ptr<MetaStore> meta, const Superblock& sb,
              const FsOptions& opt);
@@ -179,6 +186,10 @@ class Filesystem {
   std::unique_ptr<Workqueue> workqueue_;
   std::unique_ptr<IomapOps> iomap_;
   std::unique_ptr<DioEngine> engine_;
+
+  std::mutex stats_mu_;
+  std::vector<TaskWork*> task_works_;                // guarded by stats_mu_
+  std::vector<std::pair<std::string, uint64_t>> stats_base_;  // guarded by stats_mu_
 
   std::mutex ns_mu_;
   InodeTable inodes_;  // guarded by ns_mu_

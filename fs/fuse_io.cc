@@ -20,6 +20,7 @@ struct FuseIo {
   IoBuffer* buf = nullptr;  // returned to the pool with the reply
   size_t data_off = 0;      // reads: where the data starts in buf
   bool write = false;
+  int64_t start_ns = 0;
 };
 static_assert(std::is_standard_layout_v<FuseIo>);
 
@@ -29,6 +30,8 @@ void Finish(FuseIo* raw, ssize_t res) {
   else if (io->write) fuse_reply_write(io->req, static_cast<size_t>(res));
   else fuse_reply_buf(io->req, reinterpret_cast<const char*>(io->buf->base + io->data_off), static_cast<size_t>(res));
   if (io->buf) io->fs->buffers().Put(io->buf);
+  DioStats& st = io->fs->engine().stats();
+  (io->write ? st.write_reply : st.read_reply).Record(MonotonicNs() - io->start_ns);
 }
 
 // ki_complete, the seed's issuer side: a kiocb that comes back with
@@ -49,6 +52,7 @@ std::unique_ptr<FuseIo> NewIo(fuse_req_t req, fuse_file_info* fi, off_t off, boo
   io->fs = static_cast<Filesystem*>(fuse_req_userdata(req));
   io->issuer = TaskWork::Current();
   io->write = write;
+  io->start_ns = MonotonicNs();
   io->iocb.inode = reinterpret_cast<Inode*>(fi->fh);
   io->iocb.pos = static_cast<uint64_t>(off);
   io->iocb.ki_flags = IOCB_DIO_DEFER | (write ? uint32_t{IOCB_WRITE} : 0u);

@@ -7,6 +7,7 @@
 
 #include "fs/filesystem.h"
 #include "fs/fuse_io.h"
+#include "fs/stats_ioctl.h"
 
 namespace deferfs {
 namespace {
@@ -54,6 +55,7 @@ void Init(void* userdata, fuse_conn_info* conn) {
   if (conn->capable & FUSE_CAP_ASYNC_DIO) conn->want |= FUSE_CAP_ASYNC_DIO;
   if (conn->capable & FUSE_CAP_PARALLEL_DIROPS) conn->want |= FUSE_CAP_PARALLEL_DIROPS;
   if (conn->capable & FUSE_CAP_READDIRPLUS) conn->want |= FUSE_CAP_READDIRPLUS;
+  if (conn->capable & FUSE_CAP_IOCTL_DIR) conn->want |= FUSE_CAP_IOCTL_DIR;  // deferfs stats
   conn->want &= ~FUSE_CAP_WRITEBACK_CACHE;
   // Keep the application's queue depth: the kernel caps outstanding
   // background (async DIO) requests at max_background.
@@ -278,6 +280,17 @@ void RemoveXattr(fuse_req_t req, fuse_ino_t ino, const char* name) {
   ReplyErr(req, Fs(req)->RemoveXattr(ino, name));
 }
 
+void Ioctl(fuse_req_t req, fuse_ino_t, unsigned int cmd, void*, fuse_file_info*, unsigned flags, const void*,
+           size_t, size_t out_size) {
+  if (flags & FUSE_IOCTL_COMPAT) return ReplyErr(req, Status::Error(ENOSYS, "32-bit ioctl"));
+  if (cmd != kIocStats && cmd != kIocStatsReset) return ReplyErr(req, Status::Error(ENOTTY, "unknown ioctl"));
+  bool reset = cmd == kIocStatsReset;
+  if (reset && fuse_req_ctx(req)->uid != 0) return ReplyErr(req, Status::Error(EPERM, "only root resets stats"));
+  std::string json = Fs(req)->StatsJson(reset);
+  if (json.size() + 1 > out_size) return ReplyErr(req, Status::Error(ERANGE, "stats too large"));
+  fuse_reply_ioctl(req, 0, json.c_str(), json.size() + 1);
+}
+
 fuse_lowlevel_ops MakeOps() {
   fuse_lowlevel_ops ops{};
   ops.init = Init;
@@ -301,6 +314,7 @@ fuse_lowlevel_ops MakeOps() {
   ops.write = FuseWrite;
   ops.fallocate = Fallocate;
   ops.lseek = Lseek;
+  ops.ioctl = Ioctl;
   ops.flush = Flush;
   ops.fsync = Fsync;
   ops.opendir = OpenDir;

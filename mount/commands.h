@@ -8,6 +8,7 @@ namespace deferfs {
 
 int MkfsCommand(int argc, char** argv);
 int MountCommand(int argc, char** argv);
+int StatsCommand(int argc, char** argv);
 
 // Prints "deferfs: <msg>" on stderr and returns 1, the exit status of every error.
 int Fail(const std::string& msg);

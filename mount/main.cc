@@ -25,6 +25,7 @@ constexpr char kUsage[] =
     "commands:\n"
     "  mkfs BACKING [--size SIZE] [--meta DIR] [--force]   format a backing file or block device\n"
     "  mount BACKING MOUNTPOINT [-o OPTS] [-f]             mount it (see 'deferfs mount --help')\n"
+    "  stats MOUNTPOINT [--json] [--reset]                 a live mount's completion paths and latencies\n"
     "\n"
     "  --help       this text\n"
     "  --version    the version\n";
@@ -49,5 +50,6 @@ int main(int argc, char** argv) {
   }
   if (cmd == "mkfs") return MkfsCommand(argc - 1, argv + 1);
   if (cmd == "mount") return MountCommand(argc - 1, argv + 1);
+  if (cmd == "stats") return StatsCommand(argc - 1, argv + 1);
   return Fail("unknown command '" + cmd + "': run 'deferfs --help' for the list");
 }

@@ -172,6 +172,7 @@ int MountCommand(int argc, char** argv) {
   fopt.cthreads = opts.cthreads;
   fopt.ring_depth = opts.ring_depth;
   fopt.io_buffers = std::max(128u, 2 * opts.workers);
+  fopt.workers = opts.workers;
   std::unique_ptr<Filesystem> fs;
   s = Filesystem::Mount(std::move(dev), std::move(meta), sb, fopt, &fs);
   if (!s.ok()) return report.Error(s.message());

@@ -68,6 +68,7 @@ Status WorkerPool::Start(fuse_session* se, Filesystem* fs, unsigned n, std::uniq
     pool->workers_.push_back(std::move(w));
   }
   for (auto& w : pool->workers_) {
+    fs->RegisterTaskWork(&w->tw);
     Worker* wp = w.get();
     WorkerPool* pp = pool.get();
     w->thread = std::thread([pp, wp] { pp->Run(wp); });
@@ -83,6 +84,7 @@ void WorkerPool::Stop() {
   for (auto& w : workers_) {
     if (w->thread.joinable()) w->thread.join();
   }
+  fs_->UnregisterTaskWorks();
 }
 
 void WorkerPool::Run(Worker* w) {

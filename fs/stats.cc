@@ -1,0 +1,110 @@
+// The stats report behind `deferfs stats`: where completions ran, wakeups
+// made and avoided, poller batching, buffers, and latency summaries.
+#include <cstdio>
+
+#include "fs/filesystem.h"
+
+namespace deferfs {
+namespace {
+
+void AppendLatency(std::string* out, const char* name, const LatencyHistogram::Summary& s) {
+  char buf[256];
+  std::snprintf(buf, sizeof(buf),
+                "\"%s\":{\"count\":%llu,\"mean_us\":%.1f,\"p50_us\":%.1f,\"p99_us\":%.1f,\"max_us\":%.1f}", name,
+                static_cast<unsigned long long>(s.count), s.mean_us, s.p50_us, s.p99_us, s.max_us);
+  out->append(buf);
+}
+
+}  // namespace
+
+void Filesystem::RegisterTaskWork(TaskWork* tw) {
+  std::lock_guard l(stats_mu_);
+  task_works_.push_back(tw);
+}
+
+void Filesystem::UnregisterTaskWorks() {
+  std::lock_guard l(stats_mu_);
+  task_works_.clear();
+}
+
+std::string Filesystem::StatsJson(bool reset) {
+  DioStats& d = engine_->stats();
+  // Counters in report order: group, name, value.
+  struct Counter {
+    const char* group;
+    const char* name;
+    uint64_t value;
+  };
+  std::vector<Counter> c = {
+      {"dio", "reads", d.reads.load()},
+      {"dio", "writes", d.writes.load()},
+      {"dio", "pure_overwrites", d.pure_overwrites.load()},
+      {"dio", "errors", d.errors.load()},
+      {"completions", "inline_poller", d.completed_inline.load()},
+      {"completions", "deferred_issuer", d.completed_deferred.load()},
+      {"completions", "workqueue", d.completed_workqueue.load()},
+      {"completions", "sync_issuer", d.completed_sync.load()},
+      {"completions", "at_submit", d.completed_at_submit.load()},
+  };
+  uint64_t tw_run = 0, tw_made = 0, tw_avoided = 0;
+  std::lock_guard l(stats_mu_);
+  for (TaskWork* tw : task_works_) {
+    tw_run += tw->stats().deferred_run.load();
+    tw_made += tw->stats().wakeups_made.load();
+    tw_avoided += tw->stats().wakeups_avoided.load();
+  }
+  c.push_back({"workers", "task_work_run", tw_run});
+  c.push_back({"workers", "wakeups_made", tw_made});
+  c.push_back({"workers", "wakeups_avoided", tw_avoided});
+  Poller::Stats p{};
+  for (const auto& poller : pollers_) {
+    Poller::Stats s = poller->stats();
+    p.submitted += s.submitted;
+    p.completed += s.completed;
+    p.wakeups_made += s.wakeups_made;
+    p.wakeups_avoided += s.wakeups_avoided;
+    p.sleeps += s.sleeps;
+    p.submit_batches += s.submit_batches;
+  }
+  c.push_back({"pollers", "bios_submitted", p.submitted});
+  c.push_back({"pollers", "bios_completed", p.completed});
+  c.push_back({"pollers", "wakeups_made", p.wakeups_made});
+  c.push_back({"pollers", "wakeups_avoided", p.wakeups_avoided});
+  c.push_back({"pollers", "sleeps", p.sleeps});
+  c.push_back({"pollers", "submit_batches", p.submit_batches});
+
+  // Counters only grow: a reset is a baseline subtracted from then on.
+  if (stats_base_.size() != c.size()) stats_base_.assign(c.size(), {"", 0});
+  std::string out = "{\"mode\":\"" + std::string(CompletionModeName(opt_.completion)) +
+                    "\",\"workers\":" + std::to_string(opt_.workers) + ",\"pollers\":" + std::to_string(opt_.pollers) +
+                    ",\"cthreads\":" + std::to_string(opt_.cthreads) + ",\"ring_depth\":" + std::to_string(opt_.ring_depth);
+  const char* group = "";
+  for (size_t i = 0; i < c.size(); i++) {
+    if (std::string_view(group) != c[i].group) {
+      out += std::string(i ? "}" : "") + ",\"" + c[i].group + "\":{";
+      group = c[i].group;
+    } else {
+      out += ",";
+    }
+    out += "\"" + std::string(c[i].name) + "\":" + std::to_string(c[i].value - stats_base_[i].second);
+    if (reset) stats_base_[i] = {c[i].name, c[i].value};
+  }
+  out += "},\"dio_inflight\":" + std::to_string(d.inflight.load());
+  out += ",\"buffers\":{\"total\":" + std::to_string(opt_.io_buffers) +
+         ",\"free\":" + std::to_string(buffers_->available()) + "}";
+  out += ",\"latency\":{";
+  AppendLatency(&out, "read_device", d.read_device.Summarize());
+  out += ",";
+  AppendLatency(&out, "read_reply", d.read_reply.Summarize());
+  out += ",";
+  AppendLatency(&out, "write_device", d.write_device.Summarize());
+  out += ",";
+  AppendLatency(&out, "write_reply", d.write_reply.Summarize());
+  out += "}}";
+  if (reset) {
+    for (LatencyHistogram* h : {&d.read_device, &d.read_reply, &d.write_device, &d.write_reply}) h->Reset();
+  }
+  return out;
+}
+
+}  // namespace deferfs
