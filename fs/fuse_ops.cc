@@ -57,6 +57,9 @@ void Init(void* userdata, fuse_conn_info* conn) {
   if (conn->capable & FUSE_CAP_READDIRPLUS) conn->want |= FUSE_CAP_READDIRPLUS;
   if (conn->capable & FUSE_CAP_IOCTL_DIR) conn->want |= FUSE_CAP_IOCTL_DIR;  // deferfs stats
   conn->want &= ~FUSE_CAP_WRITEBACK_CACHE;
+  // The kernel truncates on open(O_TRUNC) with a SETATTR, and kills suid/sgid
+  // bits on write and chown itself: both then follow one code path here.
+  conn->want &= ~(FUSE_CAP_ATOMIC_O_TRUNC | FUSE_CAP_HANDLE_KILLPRIV);
   // Keep the application's queue depth: the kernel caps outstanding
   // background (async DIO) requests at max_background.
   conn->max_background = 512;
