@@ -86,7 +86,13 @@ uint32_t ProbeDioAlign(int fd, bool is_block_device) {
 
 Device::Device(Key, std::string path, UniqueFd fd) : path_(std::move(path)), fd_(std::move(fd)) {}
 
-Device::~Device() = default;
+Device::~Device() {
+  // io_uring drops its references to a registered file asynchronously after
+  // the ring is gone, which keeps the open file description — and the flock
+  // on it — alive a little longer: let go of the lock explicitly, so the
+  // backing is free the moment the daemon exits.
+  if (locked_) ::flock(fd(), LOCK_UN);
+}
 
 Status Device::Open(const std::string& path, std::unique_ptr<Device>* out) {
   // Check the type before open(): opening a FIFO or a tty O_RDWR has side

@@ -1,0 +1,432 @@
+// The deferfs command line on bad input: every error exits non-zero, prints
+// exactly one stderr line "deferfs: ..." and changes nothing on disk. Plus
+// the mount life cycle a script relies on (background mount ready on return,
+// daemon gone after unmount, foreground daemon exits 0 on SIGTERM).
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cctype>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <random>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "tests/mount/mounted_fs.h"
+
+namespace deferfs_test {
+namespace {
+
+using namespace std::chrono_literals;
+
+// ------------------------------------------------------------------ helpers
+
+std::string Lower(std::string s) {
+  std::transform(s.begin(), s.end(), s.begin(), [](unsigned char c) { return std::tolower(c); });
+  return s;
+}
+
+// The error contract; `mention` (case-insensitive) must appear in the message.
+::testing::AssertionResult IsCliError(const RunResult& r, std::string_view mention = {}) {
+  if (r.timed_out) return ::testing::AssertionFailure() << "did not finish: " << r.Describe();
+  if (!r.exited()) return ::testing::AssertionFailure() << "crashed: " << r.Describe();
+  if (r.exit_code() == 0) return ::testing::AssertionFailure() << "exit status 0: " << r.Describe();
+  const std::string prefix = "deferfs: ";
+  if (r.err.rfind(prefix, 0) != 0 || r.err.size() <= prefix.size() + 1) {
+    return ::testing::AssertionFailure() << "stderr must start with \"deferfs: \" and say what is wrong: "
+                                         << r.Describe();
+  }
+  if (std::count(r.err.begin(), r.err.end(), '\n') != 1 || r.err.back() != '\n') {
+    return ::testing::AssertionFailure() << "stderr must be exactly one line: " << r.Describe();
+  }
+  if (!mention.empty() && Lower(r.err).find(Lower(std::string(mention))) == std::string::npos) {
+    return ::testing::AssertionFailure() << "message should mention \"" << mention << "\": " << r.Describe();
+  }
+  return ::testing::AssertionSuccess();
+}
+
+bool Exists(const std::string& p) {
+  struct stat st{};
+  return lstat(p.c_str(), &st) == 0;
+}
+
+std::string ReadHead(const std::string& p, size_t n = 4096) {
+  std::ifstream in(p, std::ios::binary);
+  std::string s(n, '\0');
+  in.read(s.data(), static_cast<std::streamsize>(n));
+  s.resize(static_cast<size_t>(in.gcount()));
+  return s;
+}
+
+off_t SizeOf(const std::string& p) {
+  struct stat st{};
+  return lstat(p.c_str(), &st) == 0 ? st.st_size : -1;
+}
+
+// relative path -> size and mtime of everything under `dir`. RocksDB's info
+// log (LOG, LOG.old.*) is diagnostic output, not state: left out on request.
+std::map<std::string, std::string> TreeState(const std::string& dir, bool skip_info_log = false) {
+  std::map<std::string, std::string> out;
+  std::error_code ec;
+  for (auto it = std::filesystem::recursive_directory_iterator(dir, ec);
+       !ec && it != std::filesystem::recursive_directory_iterator(); it.increment(ec)) {
+    std::string name = it->path().filename().string();
+    if (skip_info_log && name.rfind("LOG", 0) == 0) continue;
+    struct stat st{};
+    lstat(it->path().c_str(), &st);
+    std::ostringstream os;
+    os << "mode=" << std::oct << st.st_mode << std::dec << " size=" << st.st_size
+       << " mtime=" << st.st_mtim.tv_sec << "." << st.st_mtim.tv_nsec;
+    out[it->path().lexically_relative(dir).string()] = os.str();
+  }
+  return out;
+}
+
+void MakeSparse(const std::string& p, off_t size, std::string_view head = {}) {
+  UniqueFd fd(open(p.c_str(), O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC, 0644));
+  ASSERT_TRUE(fd.ok()) << p << ": " << strerror(errno);
+  ASSERT_EQ(write(fd.get(), head.data(), head.size()), static_cast<ssize_t>(head.size()));
+  ASSERT_EQ(ftruncate(fd.get(), size), 0);
+}
+
+void Mkfs(const std::string& backing, const std::string& size = "64M") {
+  RunResult r = RunDeferfs({"mkfs", backing, "--size", size});
+  ASSERT_TRUE(r.succeeded()) << "mkfs " << backing << ": " << r.Describe();
+  ASSERT_TRUE(Exists(backing + ".meta")) << "mkfs did not create the default meta dir";
+}
+
+// Pid of the process holding an flock on `p` (from /proc/locks), or -1.
+pid_t FlockHolder(const std::string& p) {
+  struct stat st{};
+  if (stat(p.c_str(), &st) != 0) return -1;
+  std::ifstream locks("/proc/locks");
+  std::string line;
+  const std::string ino_suffix = ":" + std::to_string(st.st_ino);
+  while (std::getline(locks, line)) {
+    std::istringstream is(line);
+    std::string idx, kind, mode, rw, pid, dev;
+    is >> idx >> kind >> mode >> rw >> pid >> dev;
+    if (kind == "FLOCK" && dev.size() > ino_suffix.size() &&
+        dev.compare(dev.size() - ino_suffix.size(), ino_suffix.size(), ino_suffix) == 0) {
+      return static_cast<pid_t>(std::stol(pid));
+    }
+  }
+  return -1;
+}
+
+// Cleans up after `deferfs mount` runs that daemonized (on purpose or by
+// mistake): unmounts `mnt` and makes sure the daemon that served `backing`
+// (if given) is gone — if it outlives its mount it is killed by its pid.
+class MountGuard {
+ public:
+  MountGuard(std::string mnt, std::string backing) : mnt_(std::move(mnt)), backing_(std::move(backing)) {}
+  MountGuard(const MountGuard&) = delete;
+  MountGuard& operator=(const MountGuard&) = delete;
+  ~MountGuard() {
+    if (IsMounted(mnt_)) {
+      if (!expect_mounted_) ADD_FAILURE() << mnt_ << " was left mounted";
+      if (!RunCommand({"fusermount3", "-u", mnt_}).succeeded()) RunCommand({"umount", "-l", mnt_});
+    }
+    if (!backing_.empty() && !WaitUntil([&] { return TryFlock(backing_) != EWOULDBLOCK; })) {
+      pid_t holder = FlockHolder(backing_);
+      ADD_FAILURE() << "a deferfs daemon (pid " << holder << ") still holds " << backing_
+                    << " after its unmount; killing it";
+      if (holder > 0 && holder != getpid()) kill(holder, SIGKILL);
+    }
+  }
+  // Set while the test itself owns a mount it will unmount.
+  void expect_mounted(bool v) { expect_mounted_ = v; }
+
+ private:
+  std::string mnt_, backing_;
+  bool expect_mounted_ = false;
+};
+
+class CliTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (getenv("DEFERFS_TEST_DIR") != nullptr) GTEST_SKIP() << "CLI tests need deferfs itself";
+    ASSERT_TRUE(Exists(DEFERFS_BIN)) << DEFERFS_BIN << " is not built";
+    ASSERT_FALSE(tmp_.path().empty());
+    ASSERT_EQ(mkdir(mnt_.c_str(), 0755), 0);
+  }
+
+  // `deferfs mount` in the background (no -f) of `backing` at mnt_.
+  RunResult MountBg(const std::string& backing, std::vector<std::string> extra = {}) {
+    std::vector<std::string> args{"mount", backing, mnt_};
+    args.insert(args.end(), extra.begin(), extra.end());
+    return RunDeferfs(args, 30s);
+  }
+
+  TempDir tmp_;
+  const std::string mnt_ = tmp_ / "mnt";
+};
+
+// ------------------------------------------------------------------- tests
+
+TEST_F(CliTest, UnknownSubcommand) {
+  EXPECT_TRUE(IsCliError(RunDeferfs({"frobnicate"}), "frobnicate"));
+  EXPECT_TRUE(IsCliError(RunDeferfs({"frobnicate", tmp_ / "x"}), "frobnicate"));
+  EXPECT_FALSE(Exists(tmp_ / "x"));
+}
+
+TEST_F(CliTest, MkfsWithoutArguments) { EXPECT_TRUE(IsCliError(RunDeferfs({"mkfs"}))); }
+
+TEST_F(CliTest, MkfsOfMissingPathNeedsSize) {
+  const std::string img = tmp_ / "new.img";
+  EXPECT_TRUE(IsCliError(RunDeferfs({"mkfs", img}), "size"));
+  EXPECT_FALSE(Exists(img));
+  EXPECT_FALSE(Exists(img + ".meta"));
+}
+
+TEST_F(CliTest, MkfsRejectsBadOrTooSmallSize) {
+  const std::string img = tmp_ / "new.img";
+  for (const char* size : {"bad", "1M", "15M", "12Q", "-64M", "0", "M"}) {
+    SCOPED_TRACE(std::string("--size ") + size);
+    EXPECT_TRUE(IsCliError(RunDeferfs({"mkfs", img, "--size", size})));
+    EXPECT_FALSE(Exists(img));
+    EXPECT_FALSE(Exists(img + ".meta"));
+  }
+  EXPECT_TRUE(IsCliError(RunDeferfs({"mkfs", img, "--size"})));  // missing value
+  EXPECT_FALSE(Exists(img));
+  // 16M is the documented minimum and must be accepted.
+  RunResult ok = RunDeferfs({"mkfs", img, "--size", "16M"});
+  EXPECT_TRUE(ok.succeeded()) << ok.Describe();
+  EXPECT_EQ(SizeOf(img), 16 << 20);
+}
+
+TEST_F(CliTest, MkfsRefusesExistingDeferfsWithoutForce) {
+  const std::string img = tmp_ / "fs.img";
+  ASSERT_NO_FATAL_FAILURE(Mkfs(img));
+  const std::string head = ReadHead(img);
+  const auto meta = TreeState(img + ".meta");
+  ASSERT_FALSE(meta.empty());
+
+  EXPECT_TRUE(IsCliError(RunDeferfs({"mkfs", img}), "force"));
+  EXPECT_TRUE(IsCliError(RunDeferfs({"mkfs", img, "--size", "64M"}), "force"));
+  EXPECT_EQ(ReadHead(img), head) << "superblock changed";
+  EXPECT_EQ(TreeState(img + ".meta"), meta) << "meta dir changed";
+  EXPECT_EQ(SizeOf(img), 64 << 20);
+
+  MountedFs fs(MountConfig::Existing(img));
+  ASSERT_TRUE(fs.ok()) << "the untouched file system no longer mounts";
+  UniqueFd fd(open(fs.path("probe").c_str(), O_CREAT | O_WRONLY, 0644));
+  EXPECT_TRUE(fd.ok()) << strerror(errno);
+}
+
+TEST_F(CliTest, MkfsForceReformats) {
+  const std::string img = tmp_ / "fs.img";
+  ASSERT_NO_FATAL_FAILURE(Mkfs(img));
+  {
+    MountedFs fs(MountConfig::Existing(img));
+    ASSERT_TRUE(fs.ok());
+    UniqueFd fd(open(fs.path("old-file").c_str(), O_CREAT | O_WRONLY, 0644));
+    ASSERT_TRUE(fd.ok());
+  }
+  const std::string head = ReadHead(img);
+  RunResult r = RunDeferfs({"mkfs", img, "--force"});
+  ASSERT_TRUE(r.succeeded()) << r.Describe();
+  EXPECT_NE(ReadHead(img), head) << "a fresh file system needs a fresh superblock (new UUID)";
+  MountedFs fs(MountConfig::Existing(img));
+  ASSERT_TRUE(fs.ok());
+  struct stat st{};
+  EXPECT_EQ(Err(lstat(fs.path("old-file").c_str(), &st)), ENOENT) << "the old tree survived --force";
+}
+
+TEST_F(CliTest, MountOfMissingBacking) {
+  const std::string img = tmp_ / "absent.img";
+  EXPECT_TRUE(IsCliError(MountBg(img)));
+  EXPECT_FALSE(Exists(img));
+  EXPECT_FALSE(Exists(img + ".meta"));
+  EXPECT_FALSE(IsMounted(mnt_));
+}
+
+TEST_F(CliTest, MountOfUnformattedFile) {
+  const std::string img = tmp_ / "zeros.img";
+  ASSERT_NO_FATAL_FAILURE(MakeSparse(img, 64 << 20));
+  MountGuard guard(mnt_, img);
+  EXPECT_TRUE(IsCliError(MountBg(img), "not a deferfs"));
+  EXPECT_EQ(ReadHead(img, 1 << 20), std::string(1 << 20, '\0'));
+  EXPECT_EQ(SizeOf(img), 64 << 20);
+  EXPECT_FALSE(Exists(img + ".meta"));
+  EXPECT_FALSE(IsMounted(mnt_));
+}
+
+TEST_F(CliTest, MountOfFileWithOtherContent) {
+  const std::string img = tmp_ / "random.img";
+  std::mt19937_64 rng(42);
+  std::string junk(1 << 20, '\0');
+  for (auto& c : junk) c = static_cast<char>(rng());
+  ASSERT_NO_FATAL_FAILURE(MakeSparse(img, 64 << 20, junk));
+  MountGuard guard(mnt_, img);
+  EXPECT_TRUE(IsCliError(MountBg(img), "not a deferfs"));
+  EXPECT_EQ(ReadHead(img, junk.size()), junk);
+  EXPECT_EQ(SizeOf(img), 64 << 20);
+  EXPECT_FALSE(Exists(img + ".meta"));
+  EXPECT_FALSE(IsMounted(mnt_));
+}
+
+TEST_F(CliTest, MountWithMissingMetaDir) {
+  const std::string img = tmp_ / "fs.img";
+  ASSERT_NO_FATAL_FAILURE(Mkfs(img));
+  MountGuard guard(mnt_, img);
+  const std::string head = ReadHead(img);
+  const auto meta = TreeState(img + ".meta");
+
+  const std::string elsewhere = tmp_ / "no-such-meta";
+  EXPECT_TRUE(IsCliError(MountBg(img, {"-o", "meta=" + elsewhere})));
+  EXPECT_FALSE(Exists(elsewhere));
+  EXPECT_FALSE(IsMounted(mnt_));
+
+  // The default meta dir moved away: no silent fresh one in its place.
+  ASSERT_EQ(rename((img + ".meta").c_str(), (tmp_ / "moved.meta").c_str()), 0);
+  EXPECT_TRUE(IsCliError(MountBg(img)));
+  EXPECT_FALSE(Exists(img + ".meta"));
+  EXPECT_FALSE(IsMounted(mnt_));
+  EXPECT_EQ(ReadHead(img), head);
+  EXPECT_EQ(TreeState(tmp_ / "moved.meta"), meta);
+}
+
+TEST_F(CliTest, MountWithAnotherFilesystemsMeta) {
+  const std::string a = tmp_ / "a.img", b = tmp_ / "b.img";
+  ASSERT_NO_FATAL_FAILURE(Mkfs(a));
+  ASSERT_NO_FATAL_FAILURE(Mkfs(b));
+  MountGuard guard(mnt_, a);
+  const std::string head_a = ReadHead(a), head_b = ReadHead(b);
+  const auto meta_a = TreeState(a + ".meta");
+  const auto meta_b = TreeState(b + ".meta", /*skip_info_log=*/true);
+  EXPECT_TRUE(IsCliError(MountBg(a, {"-o", "meta=" + b + ".meta"}), "uuid"));
+  EXPECT_FALSE(IsMounted(mnt_));
+  EXPECT_EQ(ReadHead(a), head_a);
+  EXPECT_EQ(ReadHead(b), head_b);
+  EXPECT_EQ(TreeState(a + ".meta"), meta_a);
+  EXPECT_EQ(TreeState(b + ".meta", true), meta_b);
+  // Both still mount with their own meta.
+  MountedFs fa(MountConfig::Existing(a));
+  EXPECT_TRUE(fa.ok());
+  MountedFs fb(MountConfig::Existing(b));
+  EXPECT_TRUE(fb.ok());
+}
+
+TEST_F(CliTest, MountRejectsBadOptions) {
+  const std::string img = tmp_ / "fs.img";
+  ASSERT_NO_FATAL_FAILURE(Mkfs(img));
+  MountGuard guard(mnt_, img);
+  const std::string head = ReadHead(img);
+  const auto meta = TreeState(img + ".meta");
+  const std::vector<std::pair<std::string, std::string>> cases{
+      {"bogus=1", "bogus"},          {"workers=0", "workers"},   {"workers=abc", "workers"},
+      {"completion=fast", "completion"}, {"workers=", "workers"}, {"allow_other,bogus", "bogus"}};
+  for (const auto& [opt, mention] : cases) {
+    SCOPED_TRACE("-o " + opt);
+    EXPECT_TRUE(IsCliError(MountBg(img, {"-o", opt}), mention));
+    EXPECT_FALSE(IsMounted(mnt_));
+    if (IsMounted(mnt_)) RunCommand({"fusermount3", "-u", mnt_});
+    WaitUntil([&] { return TryFlock(img) == 0; });
+  }
+  EXPECT_EQ(ReadHead(img), head);
+  EXPECT_EQ(TreeState(img + ".meta"), meta);
+}
+
+TEST_F(CliTest, MountpointMissing) {
+  const std::string img = tmp_ / "fs.img";
+  ASSERT_NO_FATAL_FAILURE(Mkfs(img));
+  const std::string head = ReadHead(img);
+  const std::string nowhere = tmp_ / "no-such-dir";
+  MountGuard guard(nowhere, img);
+  EXPECT_TRUE(IsCliError(RunDeferfs({"mount", img, nowhere})));
+  EXPECT_FALSE(Exists(nowhere));
+  EXPECT_EQ(ReadHead(img), head);
+}
+
+TEST_F(CliTest, MountpointIsAFile) {
+  const std::string img = tmp_ / "fs.img";
+  ASSERT_NO_FATAL_FAILURE(Mkfs(img));
+  const std::string file = tmp_ / "plain-file";
+  ASSERT_NO_FATAL_FAILURE(MakeSparse(file, 1, "x"));
+  MountGuard guard(file, img);
+  EXPECT_TRUE(IsCliError(RunDeferfs({"mount", img, file})));
+  EXPECT_EQ(ReadHead(file), "x");
+  EXPECT_FALSE(IsMounted(file));
+}
+
+TEST_F(CliTest, SecondMountOfSameBackingFails) {
+  MountedFs fs;
+  ASSERT_TRUE(fs.ok());
+  {
+    UniqueFd fd(open(fs.path("before").c_str(), O_CREAT | O_WRONLY, 0644));
+    ASSERT_TRUE(fd.ok());
+    ASSERT_EQ(ftruncate(fd.get(), 1), 0);
+  }
+  MountGuard guard(mnt_, "");  // fs' own daemon rightly holds the backing
+  EXPECT_TRUE(IsCliError(RunDeferfs({"mount", fs.backing(), mnt_}, 30s)));
+  EXPECT_FALSE(IsMounted(mnt_));
+  EXPECT_TRUE(IsCliError(RunDeferfs({"mount", fs.backing(), mnt_, "-f"}, 30s)));
+  EXPECT_FALSE(IsMounted(mnt_));
+  // The first mount is unaffected.
+  ASSERT_TRUE(IsLiveMount(fs.root()));
+  {
+    UniqueFd fd(open(fs.path("after").c_str(), O_CREAT | O_RDWR, 0644));
+    ASSERT_TRUE(fd.ok()) << strerror(errno);
+    ASSERT_EQ(ftruncate(fd.get(), 2), 0) << strerror(errno);
+  }
+  struct stat st{};
+  EXPECT_EQ(lstat(fs.path("before").c_str(), &st), 0);
+  EXPECT_EQ(st.st_size, 1);
+  EXPECT_TRUE(fs.Unmount());
+}
+
+TEST_F(CliTest, BackgroundMountIsReadyOnReturnAndExitsOnUnmount) {
+  const std::string img = tmp_ / "fs.img";
+  ASSERT_NO_FATAL_FAILURE(Mkfs(img));
+  MountGuard guard(mnt_, img);
+  guard.expect_mounted(true);
+  RunResult r = MountBg(img, {"-o", "allow_other"});
+  ASSERT_TRUE(r.succeeded()) << r.Describe();
+  // The very next look at the mountpoint sees the mount.
+  EXPECT_TRUE(IsLiveMount(mnt_));
+  {
+    UniqueFd fd(open((mnt_ + "/hello").c_str(), O_CREAT | O_RDWR, 0644));
+    ASSERT_TRUE(fd.ok()) << strerror(errno);
+    ASSERT_EQ(ftruncate(fd.get(), 2), 0) << strerror(errno);
+  }
+  EXPECT_EQ(TryFlock(img), EWOULDBLOCK) << "the daemon must hold an flock on the backing file";
+
+  RunResult u = RunCommand({"fusermount3", "-u", mnt_});
+  ASSERT_TRUE(u.succeeded()) << u.Describe();
+  EXPECT_FALSE(IsMounted(mnt_));
+  EXPECT_TRUE(WaitUntil([&] { return TryFlock(img) == 0; }))
+      << "the daemon did not exit (release its flock) within 20s of the unmount";
+  guard.expect_mounted(false);
+
+  // And the new file made it: mount again in the foreground fixture.
+  MountedFs fs(MountConfig::Existing(img));
+  ASSERT_TRUE(fs.ok());
+  struct stat st{};
+  EXPECT_EQ(lstat(fs.path("hello").c_str(), &st), 0);
+  EXPECT_EQ(st.st_size, 2);
+}
+
+TEST_F(CliTest, ForegroundMountExitsZeroOnSignal) {
+  for (int sig : {SIGTERM, SIGINT}) {
+    SCOPED_TRACE(strsignal(sig));
+    MountedFs fs;
+    ASSERT_TRUE(fs.ok());
+    EXPECT_TRUE(fs.StopWithSignal(sig));
+    EXPECT_FALSE(IsMounted(fs.root()));
+    EXPECT_EQ(TryFlock(fs.backing()), 0);
+  }
+}
+
+}  // namespace
+}  // namespace deferfs_test
