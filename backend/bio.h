@@ -15,6 +15,7 @@ struct Bio {
   void* buf = nullptr;       // aligned to the device's DIO alignment
   uint32_t len = 0;          // bytes; a multiple of the DIO alignment
   int buf_index = -1;        // registered buffer holding `buf`, or -1
+  bool fua = false;          // writes: on stable media when complete (RWF_DSYNC)
 
   // Bytes transferred (== len on success) or -errno. Set before end_io.
   int32_t result = 0;

@@ -265,6 +265,7 @@ bool Poller::PrepSlot(uint32_t idx) {
       } else {
         io_uring_prep_write(sqe, kDevFileIndex, buf, len, off);
       }
+      if (bio->fua) sqe->rw_flags = RWF_DSYNC;  // write-through: durable on completion
     }
   }
   io_uring_sqe_set_flags(sqe, IOSQE_FIXED_FILE);

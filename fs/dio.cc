@@ -173,6 +173,7 @@ ssize_t DioEngine::iomap_dio_rw(Kiocb* iocb, uint8_t* buf, int buf_index, size_t
         bio.buf = buf + done;
         bio.len = static_cast<uint32_t>(map.length);
         bio.buf_index = buf_index;
+        bio.fua = dio->flags & Dio::DIO_DSYNC;
         bio.end_io = iomap_dio_bio_end_io;
         bio.private_data = dio;
       }

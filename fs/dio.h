@@ -69,8 +69,9 @@ struct Dio {
   std::vector<Bio> bios;
   WorkItem work;  // for the completion thread
 
-  // A write that needs none of the filesystem's completion work.
-  bool pure_overwrite() const { return (flags & (DIO_NEED_CONVERT | DIO_EXTENDING | DIO_DSYNC)) == 0; }
+  // A write that needs none of the filesystem's completion work. O_DSYNC
+  // data goes write-through (FUA bios), so only its metadata needs work.
+  bool pure_overwrite() const { return (flags & (DIO_NEED_CONVERT | DIO_EXTENDING)) == 0; }
 };
 
 class DioEngine {

@@ -197,12 +197,8 @@ int Filesystem::WriteEndIo(Dio& dio) {
   const uint64_t lblk = dio.pos >> kBlockShift;
   const uint64_t end = (dio.pos + dio.size + kB - 1) >> kBlockShift;
 
-  // O_DSYNC: the data must be on stable media before the metadata that makes
-  // it reachable is made durable.
-  if (!failed && (dio.flags & Dio::DIO_DSYNC)) {
-    Status st = dev_->FlushSync();
-    if (!st.ok()) return -st.err();
-  }
+  // O_DSYNC data went write-through (FUA bios), so it is on stable media
+  // already; the metadata that makes it reachable is committed durably below.
 
   std::vector<BlockRange> unused;  // allocations of a failed write
   bool woke_waiters = false;

@@ -1,0 +1,144 @@
+#!/usr/bin/env python3
+"""Turns the fio JSON of scripts/bench.sh into results.csv, results.md and
+plot.png (gnuplot). File names carry the run: TARGET-WORKLOAD-qdN.json, where
+TARGET is a completion mode or "raw" (the backing file itself).
+
+  bench_report.py --brief RUN.json          one progress line for one run
+  bench_report.py --out DIR RUN.json...     the whole report into DIR
+"""
+import argparse
+import collections
+import json
+import os
+import re
+import subprocess
+import sys
+
+MODES = ["raw", "inline", "workqueue", "defer", "auto", "sync"]
+WORKLOADS = ["randwrite-alloc", "randwrite-overwrite", "randread", "randwrite-dsync"]
+NAME = re.compile(r"(?P<target>[a-z]+)-(?P<job>[a-z-]+)-qd(?P<qd>\d+)\.json$")
+
+
+def measure(path):
+    """IOPS, mean/p50/p99 completion latency (µs) of the one job in a fio JSON."""
+    with open(path) as f:
+        job = json.load(f)["jobs"][0]
+    side = job["write"] if job["write"]["io_bytes"] > 0 else job["read"]
+    clat = side["clat_ns"]
+    pct = clat.get("percentile", {})
+    return {
+        "iops": side["iops"],
+        "mean_us": clat["mean"] / 1000.0,
+        "p50_us": pct.get("50.000000", 0) / 1000.0,
+        "p99_us": pct.get("99.000000", 0) / 1000.0,
+    }
+
+
+def fmt_iops(v):
+    return f"{v / 1000:.1f}k" if v >= 1000 else f"{v:.0f}"
+
+
+def load(paths):
+    runs = {}
+    for p in paths:
+        m = NAME.search(os.path.basename(p))
+        if not m:
+            continue
+        runs[(m["job"], m["target"], int(m["qd"]))] = measure(p)
+    return runs
+
+
+def markdown(runs):
+    lines = []
+    for job in WORKLOADS:
+        # randwrite-alloc on the raw file is a plain overwrite: show that figure.
+        raw_job = "randwrite-overwrite" if job == "randwrite-alloc" else job
+        targets = [t for t in MODES if any(k[0] == (raw_job if t == "raw" else job) and k[1] == t for k in runs)]
+        qds = sorted({k[2] for k in runs if k[0] == job})
+        if not qds:
+            continue
+        get = lambda t, qd: runs.get((raw_job if t == "raw" else job, t, qd))
+        lines.append(f"### {job}\n")
+        head = ["QD"] + [f"{t} IOPS" for t in targets]
+        if "defer" in targets and "workqueue" in targets:
+            head.append("defer vs workqueue")
+        head.append("p50 / p99 µs (" + ", ".join(t for t in targets) + ")")
+        lines.append("| " + " | ".join(head) + " |")
+        lines.append("|" + "---|" * len(head))
+        for qd in qds:
+            row = [str(qd)]
+            for t in targets:
+                r = get(t, qd)
+                row.append(fmt_iops(r["iops"]) if r else "–")
+            if "defer vs workqueue" in head:
+                d, w = get("defer", qd), get("workqueue", qd)
+                row.append(f"{(d['iops'] / w['iops'] - 1) * 100:+.1f} %" if d and w and w["iops"] else "–")
+            lat = []
+            for t in targets:
+                r = get(t, qd)
+                lat.append(f"{r['p50_us']:.0f}/{r['p99_us']:.0f}" if r else "–")
+            row.append(", ".join(lat))
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(runs, out):
+    series = collections.defaultdict(list)
+    for (job, target, qd), r in sorted(runs.items(), key=lambda kv: kv[0][2]):
+        series[(job, target)].append((qd, r["iops"], r["p99_us"]))
+    datdir = os.path.join(out, "plot-data")
+    os.makedirs(datdir, exist_ok=True)
+    for (job, target), pts in series.items():
+        with open(os.path.join(datdir, f"{job}-{target}.dat"), "w") as f:
+            for qd, iops, p99 in pts:
+                f.write(f"{qd} {iops:.1f} {p99:.1f}\n")
+    script = [
+        "set terminal pngcairo size 1400,1800 font ',10'",
+        f"set output '{os.path.join(out, 'plot.png')}'",
+        f"set multiplot layout {len(WORKLOADS)},2 title 'deferfs: IOPS and p99 latency by queue depth'",
+        "set logscale x 2", "set key left top", "set grid",
+    ]
+    for job in WORKLOADS:
+        for col, label in ((2, "IOPS"), (3, "p99 latency (µs)")):
+            plots = []
+            for t in MODES:
+                src = "randwrite-overwrite" if (t == "raw" and job == "randwrite-alloc") else job
+                path = os.path.join(datdir, f"{src}-{t}.dat")
+                if os.path.exists(path):
+                    plots.append(f"'{path}' using 1:{col} with linespoints title '{t}'")
+            if not plots:
+                continue
+            script += [f"set title '{job}: {label}'", "set xlabel 'queue depth'", f"set ylabel '{label}'",
+                       "plot " + ", ".join(plots)]
+    script.append("unset multiplot")
+    try:
+        subprocess.run(["gnuplot"], input="\n".join(script), text=True, check=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        print(f"bench_report: no plot ({e})", file=sys.stderr)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--brief", action="store_true")
+    ap.add_argument("--out")
+    ap.add_argument("files", nargs="+")
+    a = ap.parse_args()
+    if a.brief:
+        r = measure(a.files[0])
+        print(f"{fmt_iops(r['iops']):>7} IOPS  p50 {r['p50_us']:6.0f} µs  p99 {r['p99_us']:6.0f} µs")
+        return
+    runs = load(a.files)
+    with open(os.path.join(a.out, "results.csv"), "w") as f:
+        f.write("workload,target,qd,iops,mean_us,p50_us,p99_us\n")
+        for (job, target, qd), r in sorted(runs.items()):
+            f.write(f"{job},{target},{qd},{r['iops']:.1f},{r['mean_us']:.1f},{r['p50_us']:.1f},{r['p99_us']:.1f}\n")
+    md = markdown(runs)
+    with open(os.path.join(a.out, "results.md"), "w") as f:
+        f.write(md)
+    print(md)
+    plot(runs, a.out)
+
+
+if __name__ == "__main__":
+    main()
