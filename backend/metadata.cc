@@ -106,8 +106,9 @@ rocksdb::Options DbOptions() {
 
 // Iterates keys that start with `prefix`, from `start` on.
 template <typename Fn>
-Status Scan(rocksdb::DB* db, const std::string& prefix, const std::string& start, Fn&& fn) {
-  std::unique_ptr<rocksdb::Iterator> it(db->NewIterator(rocksdb::ReadOptions()));
+Status Scan(rocksdb::DB* db, const std::string& prefix, const std::string& start, Fn&& fn,
+            const rocksdb::ReadOptions& ro = rocksdb::ReadOptions()) {
+  std::unique_ptr<rocksdb::Iterator> it(db->NewIterator(ro));
   for (it->Seek(start); it->Valid() && it->key().starts_with(prefix); it->Next()) {
     if (!fn(it->key(), it->value())) break;
   }
@@ -260,8 +261,12 @@ Status MetaStore::GetInode(uint64_t ino, InodeRecord* rec) {
 }
 
 Status MetaStore::Lookup(uint64_t dir, std::string_view name, DirEntry* e) {
+  return LookupAt(rocksdb::ReadOptions(), dir, name, e);
+}
+
+Status MetaStore::LookupAt(const rocksdb::ReadOptions& ro, uint64_t dir, std::string_view name, DirEntry* e) {
   std::string v;
-  rocksdb::Status s = db_->Get(rocksdb::ReadOptions(), Key(kDentry, dir, name), &v);
+  rocksdb::Status s = db_->Get(ro, Key(kDentry, dir, name), &v);
   if (s.IsNotFound()) return Status::NotFound(std::string(name));
   DEFERFS_RETURN_IF_ERROR(FromRocks(s, "lookup"));
   if (v.size() != 20) return Status::IoError("metadata: directory entry is corrupt: run 'deferfs fsck'");
@@ -274,14 +279,26 @@ Status MetaStore::Lookup(uint64_t dir, std::string_view name, DirEntry* e) {
 }
 
 Status MetaStore::ReadDir(uint64_t dir, uint64_t after, const std::function<bool(const DirEntry&)>& fn) {
+  // One snapshot for the cookie index and the entries it names: an entry
+  // removed or re-created meanwhile can neither fail the scan nor come back
+  // with a newer cookie out of order.
+  struct Snap {
+    rocksdb::DB* db;
+    const rocksdb::Snapshot* s;
+    ~Snap() { db->ReleaseSnapshot(s); }
+  } snap{db_.get(), db_->GetSnapshot()};
+  rocksdb::ReadOptions ro;
+  ro.snapshot = snap.s;
   Status inner;
-  Status st = Scan(db_.get(), Key(kCookie, dir), Key(kCookie, dir, after + 1),
-                   [&](const rocksdb::Slice& k, const rocksdb::Slice& v) {
-                     DirEntry e;
-                     inner = Lookup(dir, std::string_view(v.data(), v.size()), &e);
-                     if (!inner.ok()) return false;
-                     return fn(e);
-                   });
+  Status st = Scan(
+      db_.get(), Key(kCookie, dir), Key(kCookie, dir, after + 1),
+      [&](const rocksdb::Slice& k, const rocksdb::Slice& v) {
+        DirEntry e;
+        inner = LookupAt(ro, dir, std::string_view(v.data(), v.size()), &e);
+        if (!inner.ok()) return false;
+        return fn(e);
+      },
+      ro);
   return inner.ok() ? st : inner;
 }
 

@@ -17,6 +17,7 @@
 namespace rocksdb {
 class DB;
 class WriteBatch;
+struct ReadOptions;
 }  // namespace rocksdb
 
 namespace deferfs {
@@ -125,6 +126,8 @@ class MetaStore {
   Status SyncWal();
 
  private:
+  Status LookupAt(const rocksdb::ReadOptions& ro, uint64_t dir, std::string_view name, DirEntry* e);
+
   std::unique_ptr<rocksdb::DB> db_;
   uint64_t next_ino_ = kRootIno + 1;
 };

@@ -15,16 +15,21 @@ thread_local TaskWork* current_tw = nullptr;
 }  // namespace
 
 void WaitQueue::Add(TaskWork* tw) {
+  nwaiters_.fetch_add(1, std::memory_order_seq_cst);
   std::lock_guard l(mu_);
   waiters_.push_back(tw);
 }
 
 void WaitQueue::Remove(TaskWork* tw) {
-  std::lock_guard l(mu_);
-  waiters_.erase(std::find(waiters_.begin(), waiters_.end(), tw));
+  {
+    std::lock_guard l(mu_);
+    waiters_.erase(std::find(waiters_.begin(), waiters_.end(), tw));
+  }
+  nwaiters_.fetch_sub(1, std::memory_order_relaxed);
 }
 
 void WaitQueue::WakeAll() {
+  if (nwaiters_.load(std::memory_order_seq_cst) == 0) return;
   std::lock_guard l(mu_);
   for (TaskWork* tw : waiters_) tw->Wake();
 }
