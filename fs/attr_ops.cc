@@ -54,7 +54,7 @@ Status Filesystem::Start() {
     pollers_.push_back(std::move(p));
   }
   workqueue_ = std::make_unique<Workqueue>(opt_.cthreads);
-  iomap_ = std::make_unique<IomapOps>(alloc_.get(), [this] { return ReclaimFreedBlocks(); });
+  iomap_ = std::make_unique<IomapOps>(alloc_.get(), [this] { return ReclaimFreedBlocks(); }, &synced_epoch_);
   engine_ = std::make_unique<DioEngine>(opt_.completion, std::move(raw), workqueue_.get(), iomap_.get(),
                                         [this](Dio& dio) { return WriteEndIo(dio); });
   return Status::Ok();
@@ -152,7 +152,7 @@ Status Filesystem::SetAttr(uint64_t ino, const SetAttrRequest& req, struct stat*
 
   MetaBatch b;
   b.PutInode(rec);
-  DEFERFS_RETURN_IF_ERROR(Commit(&b));
+  DEFERFS_RETURN_IF_ERROR(CommitInode(inode, &b));
   inode->rec = rec;
   inode->dirty = false;
   FillStat(*inode, out);

@@ -167,6 +167,9 @@ ssize_t DioEngine::iomap_dio_rw(Kiocb* iocb, uint8_t* buf, int buf_index, size_t
         std::memset(buf + done, 0, map.length);  // holes and unwritten blocks read as zeros, no IO
       } else {
         if (map.type == Iomap::UNWRITTEN) dio->flags |= Dio::DIO_NEED_CONVERT;
+        if (map.flags & IOMAP_F_NEW) dio->new_lblks.push_back(map.offset >> kBlockShift);
+        // FUA makes the data durable, not the metadata that finds it.
+        if ((map.flags & IOMAP_F_DIRTY) && (dio->flags & Dio::DIO_DSYNC)) dio->flags |= Dio::DIO_NEED_SYNC;
         Bio& bio = dio->bios.emplace_back();
         bio.op = write ? Bio::Op::kWrite : Bio::Op::kRead;
         bio.dev_offset = map.addr;

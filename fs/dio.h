@@ -49,6 +49,7 @@ struct Dio {
     DIO_NEED_CONVERT = 1u << 1,  // wrote unwritten or NEW blocks
     DIO_EXTENDING = 1u << 2,     // ends past i_size
     DIO_DSYNC = 1u << 3,
+    DIO_NEED_SYNC = 1u << 4,  // O_DSYNC over metadata not yet durable: sync it at completion
   };
 
   Kiocb* iocb = nullptr;
@@ -67,11 +68,12 @@ struct Dio {
   std::atomic<bool> done{false};
 
   std::vector<Bio> bios;
+  std::vector<uint64_t> new_lblks;  // keys in Inode::new_extents this dio allocated
   WorkItem work;  // for the completion thread
 
   // A write that needs none of the filesystem's completion work. O_DSYNC
   // data goes write-through (FUA bios), so only its metadata needs work.
-  bool pure_overwrite() const { return (flags & (DIO_NEED_CONVERT | DIO_EXTENDING)) == 0; }
+  bool pure_overwrite() const { return (flags & (DIO_NEED_CONVERT | DIO_EXTENDING | DIO_NEED_SYNC)) == 0; }
 };
 
 class DioEngine {

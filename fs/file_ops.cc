@@ -49,12 +49,24 @@ Status Filesystem::SyncMeta() {
     std::lock_guard l(free_mu_);
     ready.swap(pending_free_);
   }
+  const uint64_t epoch = wal_epoch_.fetch_add(1, std::memory_order_acq_rel);
   Status st = meta_->SyncWal();
   if (!st.ok()) {
     FreeBlocksLater(ready);
     return st;
   }
+  uint64_t seen = synced_epoch_.load(std::memory_order_relaxed);
+  while (seen < epoch && !synced_epoch_.compare_exchange_weak(seen, epoch, std::memory_order_acq_rel)) {
+  }
   for (const BlockRange& r : ready) alloc_->Free(r);
+  return Status::Ok();
+}
+
+Status Filesystem::CommitInode(Inode* inode, MetaBatch* b, bool sync) {
+  DEFERFS_RETURN_IF_ERROR(meta_->Commit(b, sync));
+  // A synced commit makes everything before it in the WAL durable too. An
+  // unsynced one is read against the epoch after it landed: conservative.
+  inode->meta_epoch = sync ? 0 : wal_epoch_.load(std::memory_order_acquire);
   return Status::Ok();
 }
 
@@ -80,6 +92,9 @@ Status Filesystem::Open(uint64_t ino, Inode** out) {
 }
 
 void Filesystem::Release(Inode* inode) {
+  // The kernel releases a file only after every request on it was answered,
+  // so nothing should be in flight; make sure before the inode may go.
+  inode_dio_wait(inode);
   std::lock_guard ns(ns_mu_);
   if (inode->open_count == 0) return;
   inode->open_count--;
@@ -93,7 +108,7 @@ void Filesystem::Release(Inode* inode) {
       b.PutInode(inode->rec);
     }
     if (!b.empty()) {
-      if (Commit(&b).ok()) {
+      if (CommitInode(inode, &b).ok()) {
         inode->dirty = false;
         FreeBlocksLater(freed);
       } else {
@@ -177,7 +192,7 @@ ssize_t Filesystem::WriteIter(Kiocb* iocb, IoBuffer* buf, const uint8_t* data, s
     rec.mtime_ns = rec.ctime_ns = NowNs();
     MetaBatch b;
     b.PutInode(rec);
-    Status st = meta_->Commit(&b, (iocb->ki_flags & IOCB_DSYNC) != 0);
+    Status st = CommitInode(inode, &b, (iocb->ki_flags & IOCB_DSYNC) != 0);
     if (st.ok()) {
       inode->rec = rec;
       inode->dirty = false;
@@ -208,11 +223,14 @@ int Filesystem::WriteEndIo(Dio& dio) {
     ExtentDelta delta;
     // This write's fresh allocations: into the extent map as written (their
     // data is on the device now), or back to the allocator if it failed.
-    auto it = inode->new_extents.lower_bound(lblk);
-    while (it != inode->new_extents.end() && it->first < end) {
+    // Only this dio's own: a write that failed early must not touch another
+    // in-flight write's allocation further along its range.
+    for (uint64_t key : dio.new_lblks) {
+      auto it = inode->new_extents.find(key);
+      if (it == inode->new_extents.end()) continue;
       if (failed) unused.push_back(it->second);
       else inode->extents.Insert(Extent{it->first, it->second.len, it->second.start, ExtentState::kWritten}, &delta);
-      it = inode->new_extents.erase(it);
+      inode->new_extents.erase(it);
       woke_waiters = true;
     }
     InodeRecord rec = inode->rec;
@@ -220,11 +238,12 @@ int Filesystem::WriteEndIo(Dio& dio) {
       if (dio.flags & Dio::DIO_NEED_CONVERT) inode->extents.Convert(lblk, end - lblk, &delta);
       if (dio.flags & Dio::DIO_EXTENDING) rec.size = std::max<uint64_t>(rec.size, dio.pos + dio.size);
     }
-    if (!delta.empty() || rec.size != inode->rec.size || (inode->dirty && !failed)) {
+    const bool sync_only = !failed && (dio.flags & Dio::DIO_NEED_SYNC);
+    if (!delta.empty() || rec.size != inode->rec.size || (inode->dirty && !failed) || sync_only) {
       MetaBatch b;
       ApplyDelta(inode->ino, delta, &b);
       b.PutInode(rec);
-      Status st = meta_->Commit(&b, (dio.flags & Dio::DIO_DSYNC) != 0);
+      Status st = CommitInode(inode, &b, (dio.flags & Dio::DIO_DSYNC) != 0);
       if (st.ok()) {
         inode->rec = rec;
         inode->dirty = false;
@@ -280,7 +299,7 @@ Status Filesystem::TruncateLocked(Inode* inode, uint64_t size, int64_t now) {
   MetaBatch b;
   ApplyDelta(inode->ino, delta, &b);
   b.PutInode(rec);
-  DEFERFS_RETURN_IF_ERROR(Commit(&b));
+  DEFERFS_RETURN_IF_ERROR(CommitInode(inode, &b));
   inode->rec = rec;
   inode->dirty = false;
   FreeBlocksLater(delta.freed);
@@ -338,7 +357,7 @@ Status Filesystem::Fallocate(Inode* inode, int mode, uint64_t off, uint64_t len)
     MetaBatch b;
     ApplyDelta(inode->ino, delta, &b);
     b.PutInode(rec);
-    Status cst = Commit(&b);
+    Status cst = CommitInode(inode, &b);
     if (cst.ok()) {
       inode->rec = rec;
       inode->dirty = false;
@@ -379,7 +398,7 @@ Status Filesystem::Fsync(Inode* inode, bool datasync) {
     if (inode->dirty && !inode->deleted) {
       MetaBatch b;
       b.PutInode(inode->rec);
-      DEFERFS_RETURN_IF_ERROR(Commit(&b));
+      DEFERFS_RETURN_IF_ERROR(CommitInode(inode, &b));
       inode->dirty = false;
     }
   }

@@ -157,12 +157,17 @@ class Filesystem {
   bool ReclaimFreedBlocks();
   // Syncs the metadata WAL, then makes the blocks freed before it reusable.
   Status SyncMeta();
+  // Commits a batch that changes `inode` (caller holds inode->mu) and
+  // remembers whether it is durable, for O_DSYNC writes (IOMAP_F_DIRTY).
+  Status CommitInode(Inode* inode, MetaBatch* b, bool sync = false);
 
   Status GetLocked(uint64_t ino, Inode** out);
   Status CheckName(std::string_view name) const;
   // Creates an inode named `name` in `parent`: the one path for mknod, mkdir, symlink, create.
   Status CreateNode(const Caller& c, uint64_t parent, std::string_view name, uint32_t mode,
                     uint64_t rdev, std::string_view symlink_target, struct stat* out);
+  // unlink (rmdir=false) and rmdir.
+  Status RemoveEntry(uint64_t parent, std::string_view name, bool rmdir);
   // Drops one link of `victim` (named by `e` in `dir`) into `b`.
   void DropLink(Inode* dir, const DirEntry& e, Inode* victim, int64_t now, MetaBatch* b,
                 std::vector<BlockRange>* freed);
@@ -177,6 +182,11 @@ class Filesystem {
   std::unique_ptr<MetaStore> meta_;
   const Superblock sb_;
   const FsOptions opt_;
+
+  // Every non-synced commit belongs to the current WAL epoch; a WAL sync
+  // makes all epochs up to the one it closed durable.
+  std::atomic<uint64_t> wal_epoch_{1};
+  std::atomic<uint64_t> synced_epoch_{0};
 
   std::unique_ptr<Allocator> alloc_;
   std::mutex free_mu_;

@@ -56,6 +56,9 @@ struct Inode {
   // rec has in-memory changes not yet committed (timestamps of pure
   // overwrites); persisted by the next commit of this inode, fsync or release.
   bool dirty = false;  // guarded by mu
+  // WAL epoch of this inode's last commit that may not be durable yet (see
+  // Filesystem::CommitInode); 0 when everything is. Guarded by mu.
+  uint64_t meta_epoch = 0;
 
   IoLock iolock;
   std::atomic<int> dio_count{0};  // in-flight DIOs: inode_dio_begin/end

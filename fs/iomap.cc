@@ -9,6 +9,7 @@ Status IomapOps::Begin(Inode* inode, uint64_t pos, uint64_t len, unsigned flags,
   uint64_t nblk = (len + kBlockSize - 1) >> kBlockShift;
   *out = Iomap{};
   out->offset = pos;
+  if (inode->meta_epoch > synced_epoch_->load(std::memory_order_acquire)) out->flags |= IOMAP_F_DIRTY;
 
   // An in-flight allocation covering lblk reads as a hole (its data is not
   // written yet) and makes a write wait.
@@ -49,7 +50,7 @@ Status IomapOps::Begin(Inode* inode, uint64_t pos, uint64_t len, unsigned flags,
   out->length = r.len << kBlockShift;
   out->addr = r.start << kBlockShift;
   out->type = Iomap::UNWRITTEN;
-  out->flags = IOMAP_F_NEW;
+  out->flags |= IOMAP_F_NEW;
   return Status::Ok();
 }
 

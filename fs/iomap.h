@@ -26,14 +26,19 @@ struct Iomap {
   uint16_t flags = 0;
 };
 
-enum : uint16_t { IOMAP_F_NEW = 1 };  // blocks allocated by this Begin
+enum : uint16_t {
+  IOMAP_F_NEW = 1,    // blocks allocated by this Begin
+  IOMAP_F_DIRTY = 2,  // the inode has metadata that is not durable yet
+};
 enum : unsigned { IOMAP_WRITE = 1 };
 
 class IomapOps {
  public:
   // `reclaim` is asked to make freed-but-not-yet-reusable blocks reusable
   // (a metadata sync) when the allocator runs dry; true if it found some.
-  IomapOps(Allocator* alloc, std::function<bool()> reclaim) : alloc_(alloc), reclaim_(std::move(reclaim)) {}
+  // `synced_epoch`: the WAL epoch known durable (Inode::meta_epoch).
+  IomapOps(Allocator* alloc, std::function<bool()> reclaim, const std::atomic<uint64_t>* synced_epoch)
+      : alloc_(alloc), reclaim_(std::move(reclaim)), synced_epoch_(synced_epoch) {}
 
   // The mapping at block-aligned `pos`, at most `len` bytes long. EAGAIN: a
   // write overlaps another write's in-flight allocation; wait for
@@ -44,6 +49,7 @@ class IomapOps {
  private:
   Allocator* const alloc_;
   const std::function<bool()> reclaim_;
+  const std::atomic<uint64_t>* const synced_epoch_;
 };
 
 }  // namespace deferfs

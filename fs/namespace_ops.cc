@@ -230,33 +230,10 @@ void Filesystem::MaybeDestroy(Inode* inode, MetaBatch* b, std::vector<BlockRange
   }
 }
 
-Status Filesystem::Unlink(uint64_t parent_ino, std::string_view name) {
-  DEFERFS_RETURN_IF_ERROR(CheckName(name));
-  std::lock_guard ns(ns_mu_);
-  DirEntry e;
-  DEFERFS_RETURN_IF_ERROR(meta_->Lookup(parent_ino, name, &e));
-  Inode *parent, *victim;
-  DEFERFS_RETURN_IF_ERROR(GetLocked(parent_ino, &parent));
-  DEFERFS_RETURN_IF_ERROR(GetLocked(e.ino, &victim));
-  InodeLocks locks{parent, victim};
-  if (victim->is_dir()) return Status::Error(EISDIR, "is a directory");
-  InodeRecord psave = parent->rec, vsave = victim->rec;
-  MetaBatch b;
-  std::vector<BlockRange> freed;
-  DropLink(parent, e, victim, NowNs(), &b, &freed);
-  Status st = Commit(&b);
-  if (!st.ok()) {
-    parent->rec = psave;
-    victim->rec = vsave;
-    victim->deleted = false;
-    return st;
-  }
-  FreeBlocksLater(freed);
-  inodes_.MaybeEvict(victim);
-  return Status::Ok();
-}
+Status Filesystem::Unlink(uint64_t parent, std::string_view name) { return RemoveEntry(parent, name, false); }
+Status Filesystem::Rmdir(uint64_t parent, std::string_view name) { return RemoveEntry(parent, name, true); }
 
-Status Filesystem::Rmdir(uint64_t parent_ino, std::string_view name) {
+Status Filesystem::RemoveEntry(uint64_t parent_ino, std::string_view name, bool rmdir) {
   DEFERFS_RETURN_IF_ERROR(CheckName(name));
   std::lock_guard ns(ns_mu_);
   DirEntry e;
@@ -265,10 +242,13 @@ Status Filesystem::Rmdir(uint64_t parent_ino, std::string_view name) {
   DEFERFS_RETURN_IF_ERROR(GetLocked(parent_ino, &parent));
   DEFERFS_RETURN_IF_ERROR(GetLocked(e.ino, &victim));
   InodeLocks locks{parent, victim};
-  if (!victim->is_dir()) return Status::Error(ENOTDIR, "not a directory");
-  bool any;
-  DEFERFS_RETURN_IF_ERROR(meta_->HasEntries(victim->ino, &any));
-  if (any) return Status::Error(ENOTEMPTY, "directory not empty");
+  if (!rmdir && victim->is_dir()) return Status::Error(EISDIR, "is a directory");
+  if (rmdir) {
+    if (!victim->is_dir()) return Status::Error(ENOTDIR, "not a directory");
+    bool any;
+    DEFERFS_RETURN_IF_ERROR(meta_->HasEntries(victim->ino, &any));
+    if (any) return Status::Error(ENOTEMPTY, "directory not empty");
+  }
   InodeRecord psave = parent->rec, vsave = victim->rec;
   MetaBatch b;
   std::vector<BlockRange> freed;
