@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Turns the fio JSON of scripts/bench.sh into results.csv, results.md and
+"""Turns the fio JSON of scripts/run.sh (the mode comparison) into results.csv, results.md and
 plot.png (gnuplot). File names carry the run: TARGET-WORKLOAD-qdN.json, where
 TARGET is a completion mode or "raw" (the backing file itself).
 
