@@ -1,5 +1,6 @@
 // Device against real files in a private temporary directory.
 #include "backend/device.h"
+#include "tests/unit/temp_dir.h"
 
 #include <fcntl.h>
 #include <gtest/gtest.h>
@@ -14,22 +15,6 @@
 namespace deferfs {
 namespace {
 
-// mkdtemp directory under /tmp, removed with everything in it on scope exit.
-class TempDir {
- public:
-  TempDir() {
-    char tmpl[] = "/tmp/deferfs_device_test.XXXXXX";
-    if (mkdtemp(tmpl) != nullptr) path_ = tmpl;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    if (!path_.empty()) std::filesystem::remove_all(path_, ec);
-  }
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
-};
 
 void MakeFile(const std::string& path, uint64_t size) {
   UniqueFd fd(::open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));

@@ -30,6 +30,7 @@
 #include "backend/metadata.h"
 #include "backend/superblock.h"
 #include "fs/filesystem.h"
+#include "tests/unit/temp_dir.h"
 
 namespace deferfs {
 namespace {
@@ -47,21 +48,6 @@ constexpr uint8_t kPoison = 0x5A;
 uint64_t RoundUp(uint64_t v) { return (v + kB - 1) & ~(kB - 1); }
 bool Aligned(uint64_t v) { return (v & (kB - 1)) == 0; }
 
-class TempDir {  // mkdtemp under /tmp, removed recursively on scope exit
- public:
-  TempDir() {
-    char tmpl[] = "/tmp/deferfs_dio_test.XXXXXX";
-    if (mkdtemp(tmpl) != nullptr) path_ = tmpl;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    if (!path_.empty()) std::filesystem::remove_all(path_, ec);
-  }
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
-};
 
 // Kills the process if the guarded scope has not finished by the deadline:
 // a self-deadlock must fail the run, not hang it.

@@ -2,6 +2,7 @@
 // checks run twice: on the live store and after a close/open cycle, so a
 // value that only lives in memory fails.
 #include "backend/metadata.h"
+#include "tests/unit/temp_dir.h"
 
 #include <gtest/gtest.h>
 #include <rocksdb/db.h>
@@ -54,27 +55,6 @@ constexpr uint32_t kGid = 5678;
                                        << " mentioning \"" << text << "\"";
 }
 
-// mkdtemp directory under /tmp, removed with everything in it on scope exit
-// (also when an assertion bails out of the test body).
-class TempDir {
- public:
-  TempDir() {
-    std::string tmpl = "/tmp/deferfs_metadata_test.XXXXXX";
-    if (mkdtemp(tmpl.data()) == nullptr) throw std::system_error(errno, std::generic_category(), "mkdtemp");
-    path_ = tmpl;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fsys::remove_all(path_, ec);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-
-  std::string Sub(const std::string& name) const { return (path_ / name).string(); }
-
- private:
-  fsys::path path_;
-};
 
 int64_t NowNs() {
   timespec ts;

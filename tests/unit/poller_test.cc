@@ -1,5 +1,6 @@
 // Poller against a real O_DIRECT file in a private temporary directory.
 #include "backend/poller.h"
+#include "tests/unit/temp_dir.h"
 
 #include <fcntl.h>
 #include <gtest/gtest.h>
@@ -20,21 +21,6 @@
 namespace deferfs {
 namespace {
 
-class TempDir {  // mkdtemp under /tmp, removed recursively on scope exit
- public:
-  TempDir() {
-    char tmpl[] = "/tmp/deferfs_poller_test.XXXXXX";
-    if (mkdtemp(tmpl) != nullptr) path_ = tmpl;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    if (!path_.empty()) std::filesystem::remove_all(path_, ec);
-  }
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
-};
 
 // Counts end_io calls; Wait() returns once `n` have run. The notify happens
 // under the mutex so a waiter that returns cannot race a late notify.
