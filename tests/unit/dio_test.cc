@@ -390,6 +390,13 @@ class DioModeTest : public DioTest, public testing::WithParamInterface<Completio
   bool defers() const { return mode_ == CompletionMode::kDefer || mode_ == CompletionMode::kAuto; }
 };
 
+}  // namespace
+
+// Readable test names in ctest and gtest output.
+void PrintTo(CompletionMode m, std::ostream* os) { *os << CompletionModeName(m); }
+
+namespace {
+
 // The modes that hand completions back to the issuer.
 using DioDeferModeTest = DioModeTest;
 
