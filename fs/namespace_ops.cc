@@ -5,6 +5,7 @@
 #include <fcntl.h>
 #include <linux/fs.h>
 
+#include <algorithm>
 #include <ctime>
 
 #include "fs/filesystem.h"
@@ -21,12 +22,12 @@ constexpr size_t kSymlinkMax = 4095;
 class InodeLocks {
  public:
   explicit InodeLocks(std::initializer_list<Inode*> inodes) {
+    std::vector<Inode*> order;
     for (Inode* i : inodes) {
-      if (i == nullptr) continue;
-      bool seen = false;
-      for (auto& l : locks_) seen |= l.mutex() == &i->mu;
-      if (!seen) locks_.emplace_back(i->mu);
+      if (i != nullptr && std::find(order.begin(), order.end(), i) == order.end()) order.push_back(i);
     }
+    std::sort(order.begin(), order.end(), [](Inode* a, Inode* b) { return a->ino < b->ino; });
+    for (Inode* i : order) locks_.emplace_back(i->mu);
   }
 
  private:

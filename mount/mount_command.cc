@@ -215,10 +215,13 @@ int MountCommand(int argc, char** argv) {
   while (poll(pfds, 2, -1) < 0 && errno == EINTR) {
   }
   fuse_session_exit(se);
-  pool.reset();
+  pool->Stop();
   fuse_session_unmount(se);  // no-op when the kernel already unmounted
   fuse_session_destroy(se);
+  // A poller may still be inside the Wake() of a worker's TaskWork for the
+  // last completion it ran: the workers' TaskWorks outlive the pollers.
   fs.reset();
+  pool.reset();
   Log(foreground, "unmounted " + mountpoint);
   return 0;
 }

@@ -80,6 +80,8 @@ Status WorkerPool::Start(fuse_session* se, Filesystem* fs, unsigned n, std::uniq
 WorkerPool::~WorkerPool() { Stop(); }
 
 void WorkerPool::Stop() {
+  if (stopped_) return;
+  stopped_ = true;
   if (stop_fd_.valid()) Signal(stop_fd_.get());
   for (auto& w : workers_) {
     if (w->thread.joinable()) w->thread.join();

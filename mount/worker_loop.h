@@ -26,10 +26,11 @@ class WorkerPool {
   // Starts `n` workers on `se` (mounted). `fs` serves what libfuse 3.14 has no
   // callback for (FUSE_SYNCFS).
   static Status Start(fuse_session* se, Filesystem* fs, unsigned n, std::unique_ptr<WorkerPool>* out);
-  ~WorkerPool();  // Stop() and join
+  ~WorkerPool();  // Stop(); the TaskWorks go only now (see mount_command.cc)
 
   // Readable (eventfd) once a worker saw the session end (unmount or error).
   int exit_fd() const { return exit_fd_.get(); }
+  // Joins the workers once each has run its last deferred completion.
   void Stop();
 
   WorkerPool(fuse_session* se, Filesystem* fs);
@@ -44,6 +45,7 @@ class WorkerPool {
   UniqueFd stop_fd_;  // level-triggered in every worker's epoll set
   UniqueFd exit_fd_;
   std::vector<std::unique_ptr<Worker>> workers_;
+  bool stopped_ = false;
 };
 
 }  // namespace deferfs
