@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 
+#include <atomic>
 #include <cstring>
 #include <memory>
 
@@ -12,8 +13,16 @@ namespace {
 
 // One READ or WRITE in flight. Standard layout with the Kiocb first, so
 // ki_complete gets from the kiocb back to its request.
+//
+// The reply goes out only once both the completion and the submitter are
+// done with the request (two references, like the kernel's EIOCBQUEUED plus
+// the syscall's file reference): the kernel may release the file, and we may
+// evict its inode, as soon as it has the reply, while a submitter that is
+// still unlocking the inode would otherwise touch freed memory.
 struct FuseIo {
   Kiocb iocb;
+  std::atomic<int> refs{2};
+  ssize_t result = 0;  // set by the completion, read by whoever drops the last reference
   fuse_req_t req = nullptr;
   Filesystem* fs = nullptr;
   TaskWork* issuer = nullptr;
@@ -43,7 +52,16 @@ void FuseKiComplete(Kiocb* iocb, ssize_t res) {
     io->issuer->Push(iocb);
     return;
   }
-  Finish(io, res);
+  io->result = res;
+  if (io->refs.fetch_sub(1, std::memory_order_acq_rel) == 1) Finish(io, res);
+}
+
+// The submitter's side: a queued request is answered by the completion or,
+// if that already ran, here; anything else is answered now.
+void Submitted(std::unique_ptr<FuseIo> io, ssize_t res) {
+  FuseIo* raw = io.release();
+  if (res != kIocbQueued) return Finish(raw, res);
+  if (raw->refs.fetch_sub(1, std::memory_order_acq_rel) == 1) Finish(raw, raw->result);
 }
 
 std::unique_ptr<FuseIo> NewIo(fuse_req_t req, fuse_file_info* fi, off_t off, bool write) {
@@ -68,11 +86,7 @@ void FuseRead(fuse_req_t req, fuse_ino_t, size_t size, off_t off, fuse_file_info
   auto io = NewIo(req, fi, off, false);
   io->buf = io->fs->buffers().Get();
   ssize_t res = io->fs->ReadIter(&io->iocb, io->buf, std::min(size, kMaxIo), &io->data_off);
-  if (res == kIocbQueued) {
-    io.release();  // ki_complete owns it now
-    return;
-  }
-  Finish(io.release(), res);
+  Submitted(std::move(io), res);
 }
 
 void FuseWrite(fuse_req_t req, fuse_ino_t, const char* data, size_t size, off_t off, fuse_file_info* fi) {
@@ -92,11 +106,7 @@ void FuseWrite(fuse_req_t req, fuse_ino_t, const char* data, size_t size, off_t 
     payload = io->buf->base;
   }
   ssize_t res = io->fs->WriteIter(&io->iocb, io->buf, payload, size);
-  if (res == kIocbQueued) {
-    io.release();
-    return;
-  }
-  Finish(io.release(), res);
+  Submitted(std::move(io), res);
 }
 
 }  // namespace deferfs
