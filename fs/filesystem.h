@@ -57,7 +57,7 @@ struct FsOptions {
   unsigned cthreads = 1;
   unsigned ring_depth = 256;
   unsigned io_buffers = 128;  // 1 MiB + 4 KiB each, registered with every ring
-  unsigned workers = 2;       // reported only: the worker loop lives in mount/
+  unsigned workers = 1;       // reported only: the worker loop lives in mount/
 };
 
 // Bytes of an IoBuffer: the largest FUSE request (1 MiB payload behind a

@@ -1,5 +1,6 @@
 #include "fs/fuse_ops.h"
 
+#include <fcntl.h>
 #include <sys/xattr.h>
 
 #include <string>
@@ -161,6 +162,9 @@ void Open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
   Status s = Fs(req)->Open(ino, &inode);
   if (!s.ok()) return ReplyErr(req, s);
   fi->fh = reinterpret_cast<uint64_t>(inode);
+  // An O_DIRECT open bypasses the page cache in the kernel as well: no cache
+  // invalidation around every request on its path.
+  if (fi->flags & O_DIRECT) fi->direct_io = 1;
   if (fuse_reply_open(req, fi) != 0) Fs(req)->Release(inode);  // interrupted: no release will come
 }
 
@@ -170,6 +174,7 @@ void Create(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode, fu
   Status s = Fs(req)->Create(CallerOf(req), parent, name, mode, &st, &inode);
   if (!s.ok()) return ReplyErr(req, s);
   fi->fh = reinterpret_cast<uint64_t>(inode);
+  if (fi->flags & O_DIRECT) fi->direct_io = 1;
   fuse_entry_param e{};
   e.ino = st.st_ino;
   e.attr = st;

@@ -32,7 +32,7 @@ constexpr char kMountUsage[] =
     "  -f                 stay in the foreground (log to stderr)\n"
     "  -o OPTS            comma-separated options:\n"
     "     completion=MODE inline|workqueue|defer|auto|sync (default auto)\n"
-    "     workers=N       FUSE worker threads, 1-64 (default 2)\n"
+    "     workers=N       FUSE worker threads, 1-64 (default: half the CPUs, at least 1)\n"
     "     pollers=N       io_uring poller threads, 1-16 (default 1)\n"
     "     cthreads=N      completion threads for completion=workqueue, 1-64 (default 1)\n"
     "     ring_depth=N    io_uring entries per poller, power of two 8-4096 (default 256)\n"

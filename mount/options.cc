@@ -1,6 +1,7 @@
 #include "mount/options.h"
 
 #include <fuse_opt.h>
+#include <unistd.h>
 
 #include <charconv>
 #include <cstring>
@@ -112,6 +113,11 @@ Status ParseMountOptions(const std::string& opts, MountOptions* out) {
   if (!st.status.ok()) return st.status;
   if (rc != 0) return Status::Invalid("cannot parse mount options '" + opts + "'");
   return Status::Ok();
+}
+
+unsigned DefaultWorkers() {
+  long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+  return cpus >= 4 ? static_cast<unsigned>(cpus / 2) : 1;
 }
 
 std::string MountOptions::Describe() const {

@@ -11,10 +11,14 @@
 
 namespace deferfs {
 
+// FUSE workers by default: one per two CPUs. More workers than that only
+// add context switches between them, the pollers and the application.
+unsigned DefaultWorkers();
+
 struct MountOptions {
   std::string meta_dir;  // empty: derived from the backing path
   CompletionMode completion = CompletionMode::kAuto;
-  unsigned workers = 2;
+  unsigned workers = DefaultWorkers();  // half the CPUs, at least one
   unsigned pollers = 1;
   unsigned cthreads = 1;
   unsigned ring_depth = 256;
