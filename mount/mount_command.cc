@@ -182,6 +182,7 @@ int MountCommand(int argc, char** argv) {
   const char* fargv[] = {"deferfs", "-o", fuse_o.c_str()};
   fuse_args args = FUSE_ARGS_INIT(3, const_cast<char**>(fargv));
   fuse_session* se = fuse_session_new(&args, &FuseOps(), sizeof(fuse_lowlevel_ops), fs.get());
+  fuse_opt_free_args(&args);  // the parser may have rebuilt argv on the heap
   if (se == nullptr) return report.Error("cannot create the FUSE session (options: " + fuse_o + ")");
   if (fuse_session_mount(se, mountpoint.c_str()) != 0) {
     fuse_session_destroy(se);
