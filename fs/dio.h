@@ -91,7 +91,6 @@ class DioEngine {
   // ki_complete will be called; any other value is the result, now.
   ssize_t iomap_dio_rw(Kiocb* iocb, uint8_t* buf, int buf_index, size_t len);
 
-  CompletionMode mode() const { return mode_; }
   DioStats& stats() { return stats_; }
 
  private:

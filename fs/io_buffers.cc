@@ -55,7 +55,6 @@ size_t IoBufferPool::available() const {
 }
 
 void RecvBufferSlot::Set(IoBuffer* b) { recv_slot = b; }
-IoBuffer* RecvBufferSlot::Peek() { return recv_slot; }
 IoBuffer* RecvBufferSlot::Take() {
   IoBuffer* b = recv_slot;
   recv_slot = nullptr;

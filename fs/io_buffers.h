@@ -54,7 +54,6 @@ class RecvBufferSlot {
  public:
   static void Set(IoBuffer* b);
   static IoBuffer* Take();   // the current buffer, now owned by the caller
-  static IoBuffer* Peek();   // nullptr outside the worker loop
 };
 
 }  // namespace deferfs
