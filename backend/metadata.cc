@@ -1,12 +1,15 @@
 #include "backend/metadata.h"
 
 #include <rocksdb/db.h>
+#include <rocksdb/env.h>
 #include <rocksdb/options.h>
 #include <rocksdb/write_batch.h>
 #include <sys/stat.h>
 
 #include <cstring>
 #include <filesystem>
+
+#include "backend/rocksdb_logger.h"
 
 namespace deferfs {
 namespace {
@@ -93,8 +96,12 @@ Status FromRocks(const rocksdb::Status& s, const std::string& what) {
   return Status::IoError("metadata store error in " + what + ": " + s.ToString());
 }
 
-rocksdb::Options DbOptions() {
+rocksdb::Options DbOptions(rocksdb::Env* env = nullptr) {
   rocksdb::Options o;
+  if (env) o.env = env;
+  // The WAL is written out only by SyncWal() (or a full buffer), each time
+  // behind the data barrier; see DataBarrier.
+  o.manual_wal_flush = true;
   o.create_if_missing = false;
   o.paranoid_checks = true;
   o.max_background_jobs = 2;
@@ -102,6 +109,23 @@ rocksdb::Options DbOptions() {
   o.keep_log_file_num = 4;
   o.info_log_level = rocksdb::WARN_LEVEL;
   return o;
+}
+
+// Opens `dir` read-write through the ordered file system (DataBarrier).
+rocksdb::Status OpenOrdered(const std::string& dir, bool create, std::unique_ptr<MetaStore>* out) {
+  auto barrier = std::make_shared<DataBarrier>();
+  std::unique_ptr<rocksdb::Env> env = rocksdb::NewCompositeEnv(NewOrderedFileSystem(barrier));
+  rocksdb::Options o = DbOptions(env.get());
+  o.info_log = NewRocksLogger();  // not a LOG file on the store's own filesystem
+  o.create_if_missing = create;
+  o.error_if_exists = create;
+  rocksdb::DB* raw = nullptr;
+  rocksdb::Status s = rocksdb::DB::Open(o, dir, &raw);
+  if (s.ok()) {
+    *out = std::make_unique<MetaStore>(MetaStore::Private{}, std::move(barrier), std::move(env),
+                                       std::unique_ptr<rocksdb::DB>(raw));
+  }
+  return s;
 }
 
 // Iterates keys that start with `prefix`, from `start` on.
@@ -165,9 +189,14 @@ void MetaBatch::PutNextIno(uint64_t next) {
   wb_->Put(Key(kNextIno), v);
 }
 
-MetaStore::MetaStore(Private, std::unique_ptr<rocksdb::DB> db) : db_(std::move(db)) {}
+MetaStore::MetaStore(Private, std::shared_ptr<DataBarrier> barrier, std::unique_ptr<rocksdb::Env> env,
+                     std::unique_ptr<rocksdb::DB> db)
+    : barrier_(std::move(barrier)), env_(std::move(env)), db_(std::move(db)) {}
+
 MetaStore::~MetaStore() {
-  if (db_) db_->Close().PermitUncheckedError();
+  if (!db_) return;
+  (void)SyncWal();
+  db_->Close().PermitUncheckedError();
 }
 
 bool MetaStore::Exists(const std::string& dir) {
@@ -176,13 +205,9 @@ bool MetaStore::Exists(const std::string& dir) {
 }
 
 Status MetaStore::Create(const std::string& dir, const Uuid& uuid, uint32_t uid, uint32_t gid) {
-  rocksdb::Options o = DbOptions();
-  o.create_if_missing = true;
-  o.error_if_exists = true;
-  rocksdb::DB* raw = nullptr;
-  rocksdb::Status s = rocksdb::DB::Open(o, dir, &raw);
+  std::unique_ptr<MetaStore> store;
+  rocksdb::Status s = OpenOrdered(dir, /*create=*/true, &store);
   if (!s.ok()) return Status::IoError("cannot create metadata directory " + dir + ": " + s.ToString());
-  MetaStore store(Private{}, std::unique_ptr<rocksdb::DB>(raw));
 
   std::string pairing(kPairingMagic, sizeof(kPairingMagic));
   pairing.append(reinterpret_cast<const char*>(uuid.data()), uuid.size());
@@ -205,7 +230,7 @@ Status MetaStore::Create(const std::string& dir, const Uuid& uuid, uint32_t uid,
   b.wb_->Put(Key(kPairing), pairing);
   b.PutInode(root);
   b.PutNextIno(kRootIno + 1);
-  return store.Commit(&b, /*sync=*/true);
+  return store->Commit(&b, /*sync=*/true);
 }
 
 Status MetaStore::Open(const std::string& dir, const Uuid& uuid, std::unique_ptr<MetaStore>* out) {
@@ -237,13 +262,12 @@ Status MetaStore::Open(const std::string& dir, const Uuid& uuid, std::unique_ptr
     }
     db->Close().PermitUncheckedError();
   }
-  rocksdb::DB* raw = nullptr;
-  rocksdb::Status s = rocksdb::DB::Open(DbOptions(), dir, &raw);
+  std::unique_ptr<MetaStore> store;
+  rocksdb::Status s = OpenOrdered(dir, /*create=*/false, &store);
   if (s.IsIOError() && s.ToString().find("lock") != std::string::npos) {
     return Status::Error(EBUSY, "metadata directory " + dir + " is in use by another deferfs process (already mounted?): unmount it first");
   }
   if (!s.ok()) return Status::IoError("cannot open metadata directory " + dir + ": " + s.ToString());
-  auto store = std::make_unique<MetaStore>(Private{}, std::unique_ptr<rocksdb::DB>(raw));
 
   std::string next;
   s = store->db_->Get(rocksdb::ReadOptions(), Key(kNextIno), &next);
@@ -329,31 +353,43 @@ Status MetaStore::ListXattrs(uint64_t ino, std::vector<std::string>* names) {
 }
 
 namespace {
-ExtentRecord DecodeExtent(const rocksdb::Slice& k, const rocksdb::Slice& v) {
-  ExtentRecord e;
-  e.lblk = ReadBe64(k.data() + 9);
+// An extent record: key E ino lblk (17 bytes), value len pblk state (17).
+constexpr size_t kExtentKeyBytes = 17, kExtentValueBytes = 17;
+
+Status DecodeExtent(const rocksdb::Slice& k, const rocksdb::Slice& v, ExtentRecord* e) {
+  if (k.size() != kExtentKeyBytes || v.size() != kExtentValueBytes) {
+    return Status::IoError("metadata: a corrupt extent record of inode " +
+                           std::to_string(k.size() >= 9 ? ReadBe64(k.data() + 1) : 0) + ": run 'deferfs fsck'");
+  }
+  e->lblk = ReadBe64(k.data() + 9);
   const char* p = v.data();
-  e.len = Get<uint64_t>(p);
-  e.pblk = Get<uint64_t>(p);
-  e.state = Get<uint8_t>(p);
-  return e;
+  e->len = Get<uint64_t>(p);
+  e->pblk = Get<uint64_t>(p);
+  e->state = Get<uint8_t>(p);
+  return Status::Ok();
+}
+
+// Scans extent records under `prefix`, decoding each; stops at a corrupt one.
+Status ScanExtents(rocksdb::DB* db, const std::string& prefix,
+                   const std::function<void(uint64_t, const ExtentRecord&)>& fn) {
+  Status inner;
+  Status st = Scan(db, prefix, prefix, [&](const rocksdb::Slice& k, const rocksdb::Slice& v) {
+    ExtentRecord e;
+    inner = DecodeExtent(k, v, &e);
+    if (!inner.ok()) return false;
+    fn(ReadBe64(k.data() + 1), e);
+    return true;
+  });
+  return inner.ok() ? st : inner;
 }
 }  // namespace
 
 Status MetaStore::ForEachExtent(uint64_t ino, const std::function<void(const ExtentRecord&)>& fn) {
-  std::string prefix = Key(kExtent, ino);
-  return Scan(db_.get(), prefix, prefix, [&](const rocksdb::Slice& k, const rocksdb::Slice& v) {
-    fn(DecodeExtent(k, v));
-    return true;
-  });
+  return ScanExtents(db_.get(), Key(kExtent, ino), [&](uint64_t, const ExtentRecord& e) { fn(e); });
 }
 
 Status MetaStore::ForEachExtentAll(const std::function<void(uint64_t, const ExtentRecord&)>& fn) {
-  std::string prefix = Key(kExtent);
-  return Scan(db_.get(), prefix, prefix, [&](const rocksdb::Slice& k, const rocksdb::Slice& v) {
-    fn(ReadBe64(k.data() + 1), DecodeExtent(k, v));
-    return true;
-  });
+  return ScanExtents(db_.get(), Key(kExtent), fn);
 }
 
 Status MetaStore::ForEachInode(const std::function<void(const InodeRecord&)>& fn) {
@@ -377,12 +413,67 @@ Status MetaStore::ListOrphans(std::vector<uint64_t>* inos) {
   });
 }
 
-Status MetaStore::Commit(MetaBatch* batch, bool sync) {
-  rocksdb::WriteOptions wo;
-  wo.sync = sync;
-  return FromRocks(db_->Write(wo, batch->wb_.get()), "commit");
+Status MetaStore::ForEachDirEntryAll(const std::function<void(uint64_t, const DirEntry&)>& fn) {
+  std::string prefix = Key(kDentry);
+  Status inner;
+  Status st = Scan(db_.get(), prefix, prefix, [&](const rocksdb::Slice& k, const rocksdb::Slice& v) {
+    if (k.size() < 9) return true;  // not a key this format writes
+    DirEntry e;
+    e.name.assign(k.data() + 9, k.size() - 9);
+    uint64_t dir = ReadBe64(k.data() + 1);
+    if (v.size() != 20) {
+      inner = Status::IoError("metadata: dir " + std::to_string(dir) + " entry '" + e.name + "' is corrupt");
+      return false;
+    }
+    const char* p = v.data();
+    e.ino = Get<uint64_t>(p);
+    e.mode = Get<uint32_t>(p);
+    e.cookie = Get<uint64_t>(p);
+    fn(dir, e);
+    return true;
+  });
+  return inner.ok() ? st : inner;
 }
 
-Status MetaStore::SyncWal() { return FromRocks(db_->SyncWAL(), "wal sync"); }
+Status MetaStore::ForEachCookieAll(const std::function<void(uint64_t, uint64_t, std::string_view)>& fn) {
+  std::string prefix = Key(kCookie);
+  return Scan(db_.get(), prefix, prefix, [&](const rocksdb::Slice& k, const rocksdb::Slice& v) {
+    if (k.size() == 17) fn(ReadBe64(k.data() + 1), ReadBe64(k.data() + 9), std::string_view(v.data(), v.size()));
+    return true;
+  });
+}
+
+namespace {
+// Distinct inode numbers of the keys under `prefix` (prefix byte, be64 ino, ...).
+Status ListOwners(rocksdb::DB* db, char prefix, std::vector<uint64_t>* inos) {
+  return Scan(db, Key(prefix), Key(prefix), [&](const rocksdb::Slice& k, const rocksdb::Slice&) {
+    if (k.size() < 9) return true;
+    uint64_t ino = ReadBe64(k.data() + 1);
+    if (inos->empty() || inos->back() != ino) inos->push_back(ino);
+    return true;
+  });
+}
+}  // namespace
+
+Status MetaStore::ListSymlinkOwners(std::vector<uint64_t>* inos) { return ListOwners(db_.get(), kSymlink, inos); }
+Status MetaStore::ListXattrOwners(std::vector<uint64_t>* inos) { return ListOwners(db_.get(), kXattr, inos); }
+
+Status MetaStore::Commit(MetaBatch* batch, bool sync) {
+  // Armed before the batch can reach any buffer the barrier guards.
+  if (!batch->data_durable_) barrier_->Arm();
+  DEFERFS_RETURN_IF_ERROR(FromRocks(db_->Write(rocksdb::WriteOptions(), batch->wb_.get()), "commit"));
+  commits_.fetch_add(1, std::memory_order_acq_rel);
+  return sync ? SyncWal() : Status::Ok();
+}
+
+Status MetaStore::SyncWal() {
+  std::lock_guard l(sync_mu_);
+  // Counted after their Write() returned, so all of `upto` is in the buffer.
+  const uint64_t upto = commits_.load(std::memory_order_acquire);
+  if (upto == synced_.load(std::memory_order_relaxed)) return Status::Ok();
+  DEFERFS_RETURN_IF_ERROR(FromRocks(db_->FlushWAL(/*sync=*/true), "wal sync"));
+  synced_.store(upto, std::memory_order_relaxed);
+  return Status::Ok();
+}
 
 }  // namespace deferfs

@@ -4,18 +4,22 @@
 // Thread-safe (RocksDB is); callers serialize read-modify-write sequences.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <string_view>
 #include <vector>
 
+#include "backend/data_barrier.h"
 #include "backend/status.h"
 #include "backend/superblock.h"
 
 namespace rocksdb {
 class DB;
+class Env;
 class WriteBatch;
 struct ReadOptions;
 }  // namespace rocksdb
@@ -82,16 +86,21 @@ class MetaBatch {
   void PutNextIno(uint64_t next);
 
   bool empty() const;
+  // The data this batch makes reachable is already on stable media (FUA
+  // writes): its commit need not wait for a device flush (see DataBarrier).
+  void set_data_durable() { data_durable_ = true; }
 
  private:
   friend class MetaStore;
   std::unique_ptr<rocksdb::WriteBatch> wb_;
+  bool data_durable_ = false;
 };
 
 class MetaStore {
  public:
   struct Private {};  // lets only Create/Open construct, through make_unique
-  MetaStore(Private, std::unique_ptr<rocksdb::DB> db);
+  MetaStore(Private, std::shared_ptr<DataBarrier> barrier, std::unique_ptr<rocksdb::Env> env,
+            std::unique_ptr<rocksdb::DB> db);
   ~MetaStore();
 
   // mkfs: creates a fresh store in `dir` (which must not exist) holding the
@@ -117,18 +126,39 @@ class MetaStore {
   Status ForEachExtentAll(const std::function<void(uint64_t ino, const ExtentRecord&)>& fn);
   Status ForEachInode(const std::function<void(const InodeRecord&)>& fn);
   Status ListOrphans(std::vector<uint64_t>* inos);
+  // fsck: every directory entry of every directory, by dir then name (IoError
+  // on a corrupt record); every readdir cookie record; the owners of symlink
+  // targets and of xattrs, ascending and distinct.
+  Status ForEachDirEntryAll(const std::function<void(uint64_t dir, const DirEntry&)>& fn);
+  Status ForEachCookieAll(const std::function<void(uint64_t dir, uint64_t cookie, std::string_view name)>& fn);
+  Status ListSymlinkOwners(std::vector<uint64_t>* inos);
+  Status ListXattrOwners(std::vector<uint64_t>* inos);
   // The first inode number never handed out.
   uint64_t next_ino() const { return next_ino_; }
 
-  // sync=true makes the batch durable (WAL fsync) before returning.
+  // Commits are atomic and visible at once, but reach the WAL file only at
+  // the next SyncWal() (or when RocksDB's WAL buffer fills): the store writes
+  // nothing to its filesystem before the data it references is flushed, see
+  // DataBarrier. A crash keeps a prefix of the commits: everything up to the
+  // last SyncWal() at least. sync=true is Commit then SyncWal.
   Status Commit(MetaBatch* batch, bool sync = false);
-  // Makes every committed batch durable.
+  // Makes every committed batch durable; cheap when nothing was committed
+  // since the last call.
   Status SyncWal();
+  // What orders the store behind data writes. Its flush must be set before
+  // the first commit that references data and stay callable until the store
+  // is destroyed.
+  DataBarrier& barrier() { return *barrier_; }
 
  private:
   Status LookupAt(const rocksdb::ReadOptions& ro, uint64_t dir, std::string_view name, DirEntry* e);
 
+  std::shared_ptr<DataBarrier> barrier_;
+  std::unique_ptr<rocksdb::Env> env_;  // the ordered file system; outlives db_
   std::unique_ptr<rocksdb::DB> db_;
+  std::atomic<uint64_t> commits_{0};  // Commit()s that returned
+  std::atomic<uint64_t> synced_{0};   // commits_ covered by the last SyncWal()
+  std::mutex sync_mu_;                // one SyncWal() at a time
   uint64_t next_ino_ = kRootIno + 1;
 };
 

@@ -9,6 +9,8 @@
 #include <cstring>
 #include <string>
 
+#include "backend/fault_inject.h"
+#include "backend/log.h"
 #include "backend/ring.h"
 
 namespace deferfs {
@@ -209,6 +211,11 @@ void Poller::Issue() {
         EndIo(idx, -EINVAL);
         continue;
       }
+      int32_t fault;
+      if (opt_.fault_inject && bio->op == Bio::Op::kWrite && InjectedFault(*bio, &fault)) [[unlikely]] {
+        EndIo(idx, fault);  // a failed write leaves the device untouched
+        continue;
+      }
     } else {
       break;
     }
@@ -285,7 +292,7 @@ void Poller::SubmitBatch() {
   // sleep path submits too). Anything else means the ring is unusable
   // (e.g. a single-issuer violation), a bug we cannot recover from.
   if (rc == -EINTR || rc == -EAGAIN || rc == -EBUSY) return;
-  std::fprintf(stderr, "deferfs: poller io_uring submit failed: %s\n", std::strerror(-rc));
+  LogError("poller io_uring submit failed: %s", std::strerror(-rc));
   std::abort();
 }
 
@@ -303,7 +310,13 @@ void Poller::OnCqe(uint64_t user_data, int res) {
   // does); continue with the rest. Zero bytes means we hit the end.
   if (res == 0) return EndIo(idx, -EIO);
   s.done += static_cast<uint32_t>(res);
-  if (s.done >= bio->len) return EndIo(idx, static_cast<int32_t>(bio->len));
+  if (s.done >= bio->len) {
+    int32_t fault;
+    if (opt_.fault_inject && bio->op == Bio::Op::kRead && InjectedFault(*bio, &fault)) [[unlikely]] {
+      return EndIo(idx, fault);  // judged by the data the device returned
+    }
+    return EndIo(idx, static_cast<int32_t>(bio->len));
+  }
   s.next = kNoSlot;
   if (retry_tail_ != kNoSlot) {
     slots_[retry_tail_].next = idx;

@@ -22,6 +22,7 @@ class Ring;
 struct PollerOptions {
   unsigned ring_depth = 128;         // SQ entries; the CQ gets twice that
   std::vector<struct iovec> buffers;  // registered at start; Bio::buf_index indexes it
+  bool fault_inject = false;          // testing only: fail tagged bios (backend/fault_inject.h)
 };
 
 // Submit() is thread-safe and lock-free; end_io runs on the poller thread,
@@ -41,6 +42,7 @@ class Poller {
   // No lock, no allocation. Bios from one thread are issued in Submit order.
   // A bio not aligned to dev.dio_align(), of length 0, or with a buf_index
   // outside opt.buffers completes with -EINVAL without reaching the kernel.
+  // With opt.fault_inject, tagged bios complete with the injected result.
   void Submit(Bio* bio);
 
   struct Stats {

@@ -2,6 +2,7 @@
 // Filesystem's construction and mount-time recovery.
 #include <sys/xattr.h>
 
+#include "backend/log.h"
 #include "fs/filesystem.h"
 
 namespace deferfs {
@@ -15,7 +16,11 @@ int64_t FromTimespec(const timespec& ts) { return ts.tv_sec * 1'000'000'000LL + 
 Filesystem::Filesystem(std::unique_ptr<Device> dev, std::unique_ptr<MetaStore> meta, const Superblock& sb,
                        const FsOptions& opt)
     : dev_(std::move(dev)), meta_(std::move(meta)), sb_(sb), opt_(opt), inodes_(meta_.get()),
-      next_ino_(meta_->next_ino()) {}
+      next_ino_(meta_->next_ino()) {
+  // data=ordered: the store writes nothing to its own filesystem until the
+  // data its commits reference is flushed (backend/data_barrier.h).
+  meta_->barrier().SetFlush([dev = dev_.get()] { return dev->FlushSync(); });
+}
 
 Status Filesystem::Mount(std::unique_ptr<Device> dev, std::unique_ptr<MetaStore> meta, const Superblock& sb,
                          const FsOptions& opt, std::unique_ptr<Filesystem>* out) {
@@ -46,6 +51,7 @@ Status Filesystem::Start() {
   PollerOptions popt;
   popt.ring_depth = opt_.ring_depth;
   popt.buffers = buffers_->iovecs();
+  popt.fault_inject = opt_.fault_inject;
   std::vector<Poller*> raw;
   for (unsigned i = 0; i < opt_.pollers; i++) {
     std::unique_ptr<Poller> p;
@@ -57,12 +63,18 @@ Status Filesystem::Start() {
   iomap_ = std::make_unique<IomapOps>(alloc_.get(), [this] { return ReclaimFreedBlocks(); }, &synced_epoch_);
   engine_ = std::make_unique<DioEngine>(opt_.completion, std::move(raw), workqueue_.get(), iomap_.get(),
                                         [this](Dio& dio) { return WriteEndIo(dio); });
+  journal_ = std::make_unique<JournalCommit>(std::chrono::seconds(opt_.commit_interval_s), [this] {
+    if (shut_down()) return;  // already reported; nothing more may be written
+    Status st = SyncMeta();
+    if (!st.ok()) LogError("background metadata commit failed: %s", st.message().c_str());
+  });
   return Status::Ok();
 }
 
 Filesystem::~Filesystem() {
   // Every request has been answered by now; let the threads finish, then
   // persist what was only in memory (timestamps of pure overwrites).
+  journal_.reset();
   pollers_.clear();
   workqueue_.reset();
   std::lock_guard ns(ns_mu_);
@@ -71,14 +83,16 @@ Filesystem::~Filesystem() {
     std::lock_guard l(inode->mu);
     if (inode->dirty && !inode->deleted) b.PutInode(inode->rec);
   });
-  if (!b.empty()) (void)meta_->Commit(&b);
-  (void)meta_->SyncWal();
+  if (opt_.read_only) return;
+  if (!b.empty() && !shut_down()) (void)meta_->Commit(&b);
+  (void)Sync();  // unmount is a durability point, pure overwrites included
 }
 
 Status Filesystem::Recover() {
   // Orphans were unlinked while open when the last mount ended without a
   // release: nothing references them, so delete them (their blocks come back
   // when Start() rebuilds the free space).
+  if (opt_.read_only) return Status::Ok();  // the next read-write mount frees them
   std::lock_guard ns(ns_mu_);
   std::vector<uint64_t> orphans;
   DEFERFS_RETURN_IF_ERROR(meta_->ListOrphans(&orphans));
@@ -116,6 +130,7 @@ Status Filesystem::GetAttr(uint64_t ino, struct stat* out) {
 }
 
 Status Filesystem::SetAttr(uint64_t ino, const SetAttrRequest& req, struct stat* out) {
+  DEFERFS_RETURN_IF_ERROR(CheckLive());
   Inode* inode;
   {
     // The kernel holds the inode for the whole request: it stays cached
@@ -182,6 +197,7 @@ Status Filesystem::StatFs(struct statvfs* out) {
 }
 
 Status Filesystem::SetXattr(uint64_t ino, std::string_view name, std::string_view value, int flags) {
+  DEFERFS_RETURN_IF_ERROR(CheckLive());
   std::lock_guard ns(ns_mu_);
   Inode* inode;
   DEFERFS_RETURN_IF_ERROR(GetLocked(ino, &inode));
@@ -223,6 +239,7 @@ Status Filesystem::ListXattr(uint64_t ino, std::string* names) {
 }
 
 Status Filesystem::RemoveXattr(uint64_t ino, std::string_view name) {
+  DEFERFS_RETURN_IF_ERROR(CheckLive());
   std::lock_guard ns(ns_mu_);
   Inode* inode;
   DEFERFS_RETURN_IF_ERROR(GetLocked(ino, &inode));
@@ -242,7 +259,8 @@ Status Filesystem::RemoveXattr(uint64_t ino, std::string_view name) {
 Status Filesystem::Sync() {
   // Data first, then the metadata that makes it reachable (see DESIGN.md);
   // after that, blocks freed before the sync are safe to reuse.
-  DEFERFS_RETURN_IF_ERROR(dev_->FlushSync());
+  DEFERFS_RETURN_IF_ERROR(CheckLive());
+  DEFERFS_RETURN_IF_ERROR(meta_->barrier().Flush());
   return SyncMeta();
 }
 

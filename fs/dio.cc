@@ -121,6 +121,9 @@ ssize_t DioEngine::iomap_dio_rw(Kiocb* iocb, uint8_t* buf, int buf_index, size_t
   dio->start_ns = MonotonicNs();
   if (write) dio->flags |= Dio::DIO_WRITE;
   if (iocb->ki_flags & IOCB_DSYNC) dio->flags |= Dio::DIO_DSYNC;
+  // O_SYNC: the completion commits the inode (its new mtime) durably, even
+  // for a pure overwrite that O_DSYNC would let go without metadata.
+  if (iocb->ki_flags & IOCB_SYNC) dio->flags |= Dio::DIO_DSYNC | Dio::DIO_NEED_SYNC;
   if (iocb->ki_complete == nullptr) {
     dio->wait_for_completion = true;
     dio->submitter = TaskWork::Current();

@@ -50,7 +50,11 @@ Status Filesystem::SyncMeta() {
     ready.swap(pending_free_);
   }
   const uint64_t epoch = wal_epoch_.fetch_add(1, std::memory_order_acq_rel);
-  Status st = meta_->SyncWal();
+  Status st = CheckLive();
+  if (st.ok()) {
+    st = meta_->SyncWal();
+    if (!st.ok()) st = MetaFailed(st);
+  }
   if (!st.ok()) {
     FreeBlocksLater(ready);
     return st;
@@ -63,7 +67,8 @@ Status Filesystem::SyncMeta() {
 }
 
 Status Filesystem::CommitInode(Inode* inode, MetaBatch* b, bool sync) {
-  DEFERFS_RETURN_IF_ERROR(meta_->Commit(b, sync));
+  DEFERFS_RETURN_IF_ERROR(CheckLive());
+  if (Status st = meta_->Commit(b, sync); !st.ok()) return MetaFailed(st);
   // A synced commit makes everything before it in the WAL durable too. An
   // unsynced one is read against the epoch after it landed: conservative.
   inode->meta_epoch = sync ? 0 : wal_epoch_.load(std::memory_order_acquire);
@@ -150,6 +155,8 @@ ssize_t Filesystem::ReadIter(Kiocb* iocb, IoBuffer* buf, size_t len, size_t* dat
 }
 
 ssize_t Filesystem::WriteIter(Kiocb* iocb, IoBuffer* buf, const uint8_t* data, size_t len) {
+  // Even a pure overwrite, which commits nothing: a shut-down fs takes no data.
+  if (shut_down()) return -EIO;
   Inode* inode = iocb->inode;
   const uint64_t pos = iocb->pos;
   if (Aligned(pos) && Aligned(len) && Aligned(reinterpret_cast<uintptr_t>(data))) {
@@ -243,6 +250,7 @@ int Filesystem::WriteEndIo(Dio& dio) {
       MetaBatch b;
       ApplyDelta(inode->ino, delta, &b);
       b.PutInode(rec);
+      if (dio.flags & Dio::DIO_DSYNC) b.set_data_durable();  // FUA: no device flush owed
       Status st = CommitInode(inode, &b, (dio.flags & Dio::DIO_DSYNC) != 0);
       if (st.ok()) {
         inode->rec = rec;
@@ -313,6 +321,7 @@ Status Filesystem::Fallocate(Inode* inode, int mode, uint64_t off, uint64_t len)
     return Status::Error(EOPNOTSUPP, "fallocate mode not supported");
   }
   if (len == 0 || off + len < off) return Status::Invalid("bad fallocate range");
+  DEFERFS_RETURN_IF_ERROR(CheckLive());
   const uint64_t end = off + len;
   const bool keep_size = (mode & FALLOC_FL_KEEP_SIZE) || kind == FALLOC_FL_PUNCH_HOLE;
 

@@ -1,7 +1,9 @@
 #include "fs/fuse_io.h"
 
 #include <fcntl.h>
+#include <linux/fuse.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <memory>
@@ -38,9 +40,20 @@ void Finish(FuseIo* raw, ssize_t res) {
   if (res < 0) fuse_reply_err(io->req, static_cast<int>(-res));
   else if (io->write) fuse_reply_write(io->req, static_cast<size_t>(res));
   else fuse_reply_buf(io->req, reinterpret_cast<const char*>(io->buf->base + io->data_off), static_cast<size_t>(res));
-  if (io->buf) io->fs->buffers().Put(io->buf);
+  LiveGauges& g = io->fs->gauges();
+  if (io->buf) {
+    io->fs->buffers().Put(io->buf);
+    LiveGauges::Down(g.request_buffers);
+  }
   DioStats& st = io->fs->engine().stats();
   (io->write ? st.write_reply : st.read_reply).Record(MonotonicNs() - io->start_ns);
+  LiveGauges::Down(g.fuse_requests);
+}
+
+// The request now holds `b` until it is answered.
+void Attach(FuseIo* io, IoBuffer* b) {
+  io->buf = b;
+  LiveGauges::Up(io->fs->gauges().request_buffers);
 }
 
 // ki_complete, the seed's issuer side: a kiocb that comes back with
@@ -64,10 +77,36 @@ void Submitted(std::unique_ptr<FuseIo> io, ssize_t res) {
   if (raw->refs.fetch_sub(1, std::memory_order_acq_rel) == 1) Finish(raw, raw->result);
 }
 
+// A write by someone without CAP_FSETID clears setuid, and setgid if group-
+// executable: the rule the kernel's FUSE setattr applies to buffered writes.
+// For a direct_io file the kernel leaves it to us with FUSE_WRITE_KILL_SUIDGID
+// in the request; libfuse drops the flag, so it is read from the fuse_write_in
+// that precedes the payload in the request buffer (mount/worker_loop.cc relies
+// on that layout too).
+void KillSuidGid(Filesystem* fs, Inode* inode, const char* payload) {
+  fuse_write_in in;
+  std::memcpy(&in, payload - sizeof(in), sizeof(in));
+  if (!(in.write_flags & FUSE_WRITE_KILL_SUIDGID)) return;
+  uint32_t mode;
+  {
+    std::lock_guard l(inode->mu);
+    mode = inode->rec.mode;
+  }
+  uint32_t kill = S_ISUID;
+  if ((mode & (S_ISGID | S_IXGRP)) == (S_ISGID | S_IXGRP)) kill |= S_ISGID;
+  if (!(mode & kill)) return;
+  SetAttrRequest r;
+  r.valid = SetAttrRequest::kMode;
+  r.attr.st_mode = mode & ~kill;
+  struct stat st;
+  (void)fs->SetAttr(inode->ino, r, &st);  // as the kernel: the write goes on regardless
+}
+
 std::unique_ptr<FuseIo> NewIo(fuse_req_t req, fuse_file_info* fi, off_t off, bool write) {
   auto io = std::make_unique<FuseIo>();
   io->req = req;
   io->fs = static_cast<Filesystem*>(fuse_req_userdata(req));
+  LiveGauges::Up(io->fs->gauges().fuse_requests);
   io->issuer = TaskWork::Current();
   io->write = write;
   io->start_ns = MonotonicNs();
@@ -75,6 +114,7 @@ std::unique_ptr<FuseIo> NewIo(fuse_req_t req, fuse_file_info* fi, off_t off, boo
   io->iocb.pos = static_cast<uint64_t>(off);
   io->iocb.ki_flags = IOCB_DIO_DEFER | (write ? uint32_t{IOCB_WRITE} : 0u);
   if (write && (fi->flags & (O_DSYNC | O_SYNC))) io->iocb.ki_flags |= IOCB_DSYNC;
+  if (write && (fi->flags & O_SYNC) == O_SYNC) io->iocb.ki_flags |= IOCB_SYNC;  // O_SYNC includes O_DSYNC
   // completion=sync: a synchronous kiocb, the worker waits for its own IO.
   if (io->fs->completion_mode() != CompletionMode::kSync) io->iocb.ki_complete = FuseKiComplete;
   return io;
@@ -84,26 +124,33 @@ std::unique_ptr<FuseIo> NewIo(fuse_req_t req, fuse_file_info* fi, off_t off, boo
 
 void FuseRead(fuse_req_t req, fuse_ino_t, size_t size, off_t off, fuse_file_info* fi) {
   auto io = NewIo(req, fi, off, false);
-  io->buf = io->fs->buffers().Get();
+  Attach(io.get(), io->fs->buffers().Get());
   ssize_t res = io->fs->ReadIter(&io->iocb, io->buf, std::min(size, kMaxIo), &io->data_off);
   Submitted(std::move(io), res);
 }
 
 void FuseWrite(fuse_req_t req, fuse_ino_t, const char* data, size_t size, off_t off, fuse_file_info* fi) {
   auto io = NewIo(req, fi, off, true);
+  // Past the largest file size: EFBIG, or a short write that stops there
+  // (the kernel's generic_write_check_limits; it only knows MAX_LFS_FILESIZE).
+  if (off < 0 || static_cast<uint64_t>(off) >= kMaxFileSize) return Finish(io.release(), size ? -EFBIG : 0);
+  size = std::min<uint64_t>(size, kMaxFileSize - static_cast<uint64_t>(off));
+  KillSuidGid(io->fs, io->iocb.inode, data);
   const auto* payload = reinterpret_cast<const uint8_t*>(data);
   // Zero copy: the payload sits aligned in the worker's receive buffer; the
   // request takes that buffer along until it is answered.
-  io->buf = RecvBufferSlot::Take();
-  if (io->buf == nullptr || payload < io->buf->base || payload + size > io->buf->base + io->buf->size) {
-    if (io->buf) RecvBufferSlot::Set(io->buf);  // not ours after all: give it back
-    io->buf = io->fs->buffers().Get();
+  IoBuffer* recv = RecvBufferSlot::Take();
+  if (recv == nullptr || payload < recv->base || payload + size > recv->base + recv->size) {
+    if (recv) RecvBufferSlot::Set(recv);  // not ours after all: give it back
+    Attach(io.get(), io->fs->buffers().Get());
     if (size > io->buf->size) {
       Finish(io.release(), -EINVAL);
       return;
     }
     std::memcpy(io->buf->base, payload, size);
     payload = io->buf->base;
+  } else {
+    Attach(io.get(), recv);
   }
   ssize_t res = io->fs->WriteIter(&io->iocb, io->buf, payload, size);
   Submitted(std::move(io), res);

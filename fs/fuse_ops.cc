@@ -71,6 +71,13 @@ void Init(void* userdata, fuse_conn_info* conn) {
 
 Inode* Handle(fuse_file_info* fi) { return reinterpret_cast<Inode*>(fi->fh); }
 
+// An open whose reply did not reach the kernel: it will never release it.
+// Takes the Filesystem, not the request: a reply frees the request, even a failed one.
+void ReleaseUnreplied(Filesystem* fs, Inode* inode) {
+  fs->Release(inode);
+  LiveGauges::Down(fs->gauges().open_files);
+}
+
 void Lookup(fuse_req_t req, fuse_ino_t parent, const char* name) {
   struct stat st;
   Status s = Fs(req)->Lookup(parent, name, &st);
@@ -112,6 +119,9 @@ void SetAttr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int to_set, fuse
   };
   for (const auto& m : kMap) {
     if (to_set & m.fuse) r.valid |= m.ours;
+  }
+  if ((to_set & FUSE_SET_ATTR_SIZE) && static_cast<uint64_t>(attr->st_size) > kMaxFileSize) {
+    return ReplyErr(req, Status::Error(EFBIG, "size beyond the largest file"));
   }
   struct stat st;
   Status s = Fs(req)->SetAttr(ino, r, &st);
@@ -165,7 +175,10 @@ void Open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
   // An O_DIRECT open bypasses the page cache in the kernel as well: no cache
   // invalidation around every request on its path.
   if (fi->flags & O_DIRECT) fi->direct_io = 1;
-  if (fuse_reply_open(req, fi) != 0) Fs(req)->Release(inode);  // interrupted: no release will come
+  // Counted before the reply: the release may run on another worker at once.
+  Filesystem* fs = Fs(req);
+  LiveGauges::Up(fs->gauges().open_files);
+  if (fuse_reply_open(req, fi) != 0) ReleaseUnreplied(fs, inode);  // interrupted: no release will come
 }
 
 void Create(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode, fuse_file_info* fi) {
@@ -180,11 +193,14 @@ void Create(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode, fu
   e.attr = st;
   e.attr_timeout = kAttrTimeout;
   e.entry_timeout = kEntryTimeout;
-  if (fuse_reply_create(req, &e, fi) != 0) Fs(req)->Release(inode);
+  Filesystem* fs = Fs(req);
+  LiveGauges::Up(fs->gauges().open_files);
+  if (fuse_reply_create(req, &e, fi) != 0) ReleaseUnreplied(fs, inode);
 }
 
 void Release(fuse_req_t req, fuse_ino_t, fuse_file_info* fi) {
   Fs(req)->Release(Handle(fi));
+  LiveGauges::Down(Fs(req)->gauges().open_files);
   fuse_reply_err(req, 0);
 }
 
@@ -196,6 +212,9 @@ void Fsync(fuse_req_t req, fuse_ino_t, int datasync, fuse_file_info* fi) {
 
 void Fallocate(fuse_req_t req, fuse_ino_t, int mode, off_t off, off_t len, fuse_file_info* fi) {
   if (off < 0 || len <= 0) return ReplyErr(req, Status::Invalid("bad range"));
+  if (static_cast<uint64_t>(off) + static_cast<uint64_t>(len) > kMaxFileSize) {
+    return ReplyErr(req, Status::Error(EFBIG, "range beyond the largest file"));
+  }
   ReplyErr(req, Fs(req)->Fallocate(Handle(fi), mode, static_cast<uint64_t>(off), static_cast<uint64_t>(len)));
 }
 

@@ -19,6 +19,9 @@ enum : uint32_t {
   // deferfs-internal: a read-modify-write of whole blocks whose caller sets
   // i_size itself (the block-rounded end is not the file's new end).
   IOCB_NOEXTEND = 1u << 3,
+  // O_SYNC: like IOCB_DSYNC, and the inode's timestamps durable too (the
+  // kernel's IOCB_SYNC: generic_write_sync with datasync=0).
+  IOCB_SYNC = 1u << 4,
 };
 
 // EIOCBQUEUED: the request went async; ki_complete will be called.

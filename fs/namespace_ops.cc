@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <ctime>
 
+#include "backend/log.h"
 #include "fs/filesystem.h"
 
 namespace deferfs {
@@ -53,7 +54,26 @@ Status Filesystem::GetLocked(uint64_t ino, Inode** out) {
   return st;
 }
 
-Status Filesystem::Commit(MetaBatch* b) { return meta_->Commit(b); }
+Status Filesystem::CheckLive() const {
+  if (!shut_down()) return Status::Ok();
+  return Status::IoError("the filesystem was shut down after a metadata store failure");
+}
+
+Status Filesystem::MetaFailed(const Status& st) {
+  // The first failure wins the log line; whatever raced it is EIO as well.
+  if (!shutdown_.exchange(true, std::memory_order_acq_rel)) {
+    LogError("metadata store failed (%s): shutting down, every change now fails with EIO; "
+             "unmount, fix the metadata directory and mount again",
+             st.message().c_str());
+  }
+  return Status::IoError("metadata store failed: " + st.message());
+}
+
+Status Filesystem::Commit(MetaBatch* b) {
+  DEFERFS_RETURN_IF_ERROR(CheckLive());
+  Status st = meta_->Commit(b);
+  return st.ok() ? st : MetaFailed(st);
+}
 
 Status Filesystem::Lookup(uint64_t parent, std::string_view name, struct stat* out) {
   DEFERFS_RETURN_IF_ERROR(CheckName(name));
@@ -78,6 +98,7 @@ void Filesystem::Forget(uint64_t ino, uint64_t nlookup) {
 
 Status Filesystem::CreateNode(const Caller& c, uint64_t parent_ino, std::string_view name, uint32_t mode,
                               uint64_t rdev, std::string_view target, struct stat* out) {
+  DEFERFS_RETURN_IF_ERROR(CheckLive());
   DEFERFS_RETURN_IF_ERROR(CheckName(name));
   if (S_ISLNK(mode) && target.size() > kSymlinkMax) return Status::Error(ENAMETOOLONG, "symlink target too long");
   std::lock_guard ns(ns_mu_);
@@ -162,6 +183,7 @@ Status Filesystem::Create(const Caller& c, uint64_t parent, std::string_view nam
 }
 
 Status Filesystem::Link(uint64_t ino, uint64_t parent_ino, std::string_view name, struct stat* out) {
+  DEFERFS_RETURN_IF_ERROR(CheckLive());
   DEFERFS_RETURN_IF_ERROR(CheckName(name));
   std::lock_guard ns(ns_mu_);
   Inode *inode, *parent;
@@ -235,6 +257,7 @@ Status Filesystem::Unlink(uint64_t parent, std::string_view name) { return Remov
 Status Filesystem::Rmdir(uint64_t parent, std::string_view name) { return RemoveEntry(parent, name, true); }
 
 Status Filesystem::RemoveEntry(uint64_t parent_ino, std::string_view name, bool rmdir) {
+  DEFERFS_RETURN_IF_ERROR(CheckLive());
   DEFERFS_RETURN_IF_ERROR(CheckName(name));
   std::lock_guard ns(ns_mu_);
   DirEntry e;
@@ -268,6 +291,7 @@ Status Filesystem::RemoveEntry(uint64_t parent_ino, std::string_view name, bool 
 
 Status Filesystem::Rename(uint64_t sp_ino, std::string_view sname, uint64_t dp_ino, std::string_view dname,
                           unsigned flags) {
+  DEFERFS_RETURN_IF_ERROR(CheckLive());
   DEFERFS_RETURN_IF_ERROR(CheckName(sname));
   DEFERFS_RETURN_IF_ERROR(CheckName(dname));
   if (flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE)) return Status::Invalid("unsupported rename flags");

@@ -1,5 +1,6 @@
 // The stats report behind `deferfs stats`: where completions ran, wakeups
-// made and avoided, poller batching, buffers, and latency summaries.
+// made and avoided, poller batching, buffers, live objects (gauges that read
+// 0 when idle, see fs/live_gauges.h) and latency summaries.
 #include <cstdio>
 
 #include "fs/filesystem.h"
@@ -46,6 +47,11 @@ std::string Filesystem::StatsJson(bool reset) {
       {"completions", "sync_issuer", d.completed_sync.load()},
       {"completions", "at_submit", d.completed_at_submit.load()},
   };
+  size_t inodes;
+  {
+    std::lock_guard ns(ns_mu_);
+    inodes = inodes_.size();
+  }
   uint64_t tw_run = 0, tw_made = 0, tw_avoided = 0;
   std::lock_guard l(stats_mu_);
   for (TaskWork* tw : task_works_) {
@@ -90,8 +96,14 @@ std::string Filesystem::StatsJson(bool reset) {
     if (reset) stats_base_[i] = {c[i].name, c[i].value};
   }
   out += "},\"dio_inflight\":" + std::to_string(d.inflight.load());
-  out += ",\"buffers\":{\"total\":" + std::to_string(opt_.io_buffers) +
-         ",\"free\":" + std::to_string(buffers_->available()) + "}";
+  // in_use includes the receive buffer each idle FUSE worker keeps.
+  const size_t free_buffers = buffers_->available();
+  out += ",\"buffers\":{\"total\":" + std::to_string(opt_.io_buffers) + ",\"free\":" + std::to_string(free_buffers) +
+         ",\"in_use\":" + std::to_string(opt_.io_buffers - free_buffers) + "}";
+  auto gauge = [](const std::atomic<int64_t>& g) { return std::to_string(g.load(std::memory_order_relaxed)); };
+  out += ",\"live\":{\"fuse_requests\":" + gauge(gauges_.fuse_requests) +
+         ",\"request_buffers\":" + gauge(gauges_.request_buffers) + ",\"open_files\":" + gauge(gauges_.open_files) +
+         ",\"inodes_cached\":" + std::to_string(inodes) + "}";
   out += ",\"latency\":{";
   AppendLatency(&out, "read_device", d.read_device.Summarize());
   out += ",";

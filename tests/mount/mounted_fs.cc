@@ -382,6 +382,21 @@ bool MountedFs::WaitBackingFree() {
   return false;
 }
 
+bool MountedFs::Crash() {
+  if (reference_ || daemon_ <= 0) return true;
+  kill(daemon_, SIGKILL);
+  int status = 0;
+  bool clean = WaitFor(daemon_, kExitDeadline, &status);
+  if (!clean) ADD_FAILURE() << "SIGKILLed deferfs daemon not reaped within " << kExitDeadline.count() << "s";
+  daemon_ = -1;
+  // The kernel keeps the dead connection mounted (ENOTCONN) until detached.
+  if (IsMounted(root_) && !RunCommand({"umount", "-l", root_}).succeeded()) {
+    ADD_FAILURE() << "umount -l " << root_ << " after the crash failed";
+    clean = false;
+  }
+  return WaitBackingFree() && clean;
+}
+
 bool MountedFs::StopWithSignal(int sig) {
   if (reference_ || daemon_ <= 0) return true;
   kill(daemon_, sig);

@@ -174,6 +174,9 @@ class MountedFs {
   pid_t daemon_pid() const { return daemon_; }
   // Sends `sig` to the daemon, which must unmount and exit 0 by itself.
   bool StopWithSignal(int sig);
+  // SIGKILLs the daemon (a crash), reaps it and detaches the dead mount;
+  // returns once the backing is free for Mount() to recover it.
+  bool Crash();
 
   // The daemon's stderr/stdout so far.
   std::string DaemonLog() const;

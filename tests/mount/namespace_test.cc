@@ -27,6 +27,7 @@
 
 #include <gtest/gtest.h>
 
+#include "tests/mount/fresh_fs_test.h"
 #include "tests/mount/mounted_fs.h"
 
 namespace deferfs_test {
@@ -153,19 +154,7 @@ std::map<std::string, std::string> Xattrs(const std::string& p) {
 }
 
 // A fixture per test: a fresh file system (or ext4 subdir) each time.
-class NamespaceTest : public ::testing::Test {
- protected:
-  void SetUp() override {
-    fs_.emplace();
-    ASSERT_TRUE(fs_->ok()) << "file system set-up failed";
-  }
-  void TearDown() override { fs_.reset(); }
-
-  std::string P(std::string_view rel) const { return fs_->path(rel); }
-  [[nodiscard]] bool Remount() { return fs_->Remount(); }
-
-  std::optional<MountedFs> fs_;
-};
+class NamespaceTest : public FreshFsTest {};
 
 // ------------------------------------------------------- lookup and attributes
 

@@ -1,0 +1,514 @@
+// Crash consistency: the daemon is SIGKILLed at a random moment of a mixed
+// workload (O_DIRECT writes at depth through io_uring, buffered and O_DSYNC
+// writes, fsync/fdatasync/syncfs, truncates, punches, fallocate, renames,
+// creates and unlinks), in every completion mode, many rounds. After each
+// crash the mount must recover by itself, and then:
+//  - every block a durability point promised (fsync, fdatasync or O_DSYNC
+//    returned before the kill) holds that write or a later one,
+//    unless a later truncate/punch/unlink of the file may have removed it;
+//  - no block of any file shows bytes it was never given: each block is all
+//    zeros or a block this test wrote to exactly that file and offset (the
+//    backing is pre-filled with a non-zero pattern, so stale blocks show);
+//  - `deferfs fsck` finds nothing wrong.
+//
+// The workload runs in a child process that logs its promises to a file
+// outside the mount: a promise only after its durability call returned, a
+// "void" before the operation that may undo one.
+//
+// DEFERFS_CRASH_ROUNDS (default 6) sets rounds per mode; DEFERFS_CRASH_SEED
+// replays a failing run (the seed is in the failure message).
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <liburing.h>
+#include <linux/falloc.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cinttypes>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <random>
+#include <set>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "tests/mount/io_helpers.h"
+#include "tests/mount/mounted_fs.h"
+
+namespace deferfs_test {
+namespace {
+
+using namespace std::chrono_literals;
+
+constexpr uint8_t kStale = 0x5A;  // the backing's pre-fill
+constexpr size_t kBlock = 4096;
+constexpr uint64_t kMaxBlocks = 48;  // per file
+constexpr char kMagic[8] = {'D', 'F', 'S', 'C', 'R', 'A', 'S', 'H'};
+const char* const kDirs[] = {"d0", "d1"};
+
+// Every block the workload writes says what it is: file id, block, version
+// (global and increasing), and a body derived from them.
+struct BlockHeader {
+  char magic[8];
+  uint64_t file;
+  uint64_t block;
+  uint64_t version;
+};
+
+uint8_t BodyByte(uint64_t file, uint64_t block, uint64_t version) {
+  uint8_t b = static_cast<uint8_t>(file * 131 + block * 31 + version * 7 + 1);
+  return b == kStale ? b + 1 : b;
+}
+
+void FillBlock(uint8_t* p, uint64_t file, uint64_t block, uint64_t version) {
+  BlockHeader h;
+  std::memcpy(h.magic, kMagic, sizeof kMagic);
+  h.file = file;
+  h.block = block;
+  h.version = version;
+  std::memset(p, BodyByte(file, block, version), kBlock);
+  std::memcpy(p, &h, sizeof h);
+}
+
+// 0 for an all-zero block, the version for a valid block of (file, block),
+// and -1 (with *why) for anything else.
+int64_t CheckBlock(const uint8_t* p, uint64_t file, uint64_t block, std::string* why) {
+  bool zero = true;
+  for (size_t i = 0; i < kBlock && zero; i++) zero = p[i] == 0;
+  if (zero) return 0;
+  BlockHeader h;
+  std::memcpy(&h, p, sizeof h);
+  if (std::memcmp(h.magic, kMagic, sizeof kMagic) != 0) {
+    *why = p[0] == kStale ? "stale device bytes" : "bytes the test never wrote";
+    return -1;
+  }
+  if (h.file != file || h.block != block) {
+    *why = "the block of file " + std::to_string(h.file) + " block " + std::to_string(h.block);
+    return -1;
+  }
+  const uint8_t body = BodyByte(file, block, h.version);
+  for (size_t i = sizeof h; i < kBlock; i++) {
+    if (p[i] != body) {
+      *why = "a torn block (version " + std::to_string(h.version) + ", byte " + std::to_string(i) + ")";
+      return -1;
+    }
+  }
+  return static_cast<int64_t>(h.version);
+}
+
+std::string FileName(uint64_t id) { return "f" + std::to_string(id); }
+
+// ------------------------------------------------------------- the workload
+
+// Runs in the forked child until an operation fails (the daemon is gone).
+// Log lines: "P file block version" (promised), "V file from to" (blocks
+// [from, to) may have been removed by what follows).
+class Workload {
+ public:
+  Workload(std::string root, int log_fd, uint64_t seed) : root_(std::move(root)), log_(log_fd), rng_(seed) {}
+
+  void Run() {
+    if (posix_memalign(reinterpret_cast<void**>(&buf_), kBlock, kBlock * 8) != 0) return;
+    for (const char* d : kDirs) mkdir((root_ + "/" + d).c_str(), 0755);
+    for (int i = 0; i < 6; i++) Create();
+    // Make the starting set durable so most rounds have promises to check.
+    for (uint64_t id = 1; id < next_id_; id++) {
+      if (!FsyncFile(id, false)) return;
+    }
+    for (;;) {
+      bool ok = true;
+      switch (Pick({20, 10, 8, 8, 5, 5, 6, 6, 5, 4, 4, 3})) {
+        case 0: ok = DirectWritesAtDepth(); break;
+        case 1: ok = BufferedWrite(); break;
+        case 2: ok = DsyncWrite(); break;
+        case 3: ok = AnyFile() ? FsyncFile(RandomFile(), Pick({1, 1}) == 1) : Create(); break;
+        case 4: ok = SyncFs(); break;
+        case 5: ok = Truncate(); break;
+        case 6: ok = Punch(); break;
+        case 7: ok = Fallocate(); break;
+        case 8: ok = Rename(); break;
+        case 9: ok = Create(); break;
+        case 10: ok = Unlink(); break;
+        case 11: ok = Reopen(); break;
+      }
+      if (!ok) return;
+    }
+  }
+
+ private:
+  struct File {
+    std::string dir;
+    std::map<uint64_t, uint64_t> written;  // block -> version, as this process last wrote it
+  };
+
+  size_t Pick(std::initializer_list<double> weights) {
+    std::discrete_distribution<size_t> d(weights);
+    return d(rng_);
+  }
+  uint64_t Rand(uint64_t n) { return std::uniform_int_distribution<uint64_t>(0, n - 1)(rng_); }
+  std::string Path(uint64_t id) const { return root_ + "/" + files_.at(id).dir + "/" + FileName(id); }
+  bool AnyFile() const { return !files_.empty(); }
+  uint64_t RandomFile() {
+    auto it = files_.begin();
+    std::advance(it, static_cast<long>(Rand(files_.size())));
+    return it->first;
+  }
+
+  void Log(const std::string& line) {
+    std::string l = line + "\n";
+    if (write(log_, l.data(), l.size()) != static_cast<ssize_t>(l.size())) _exit(4);
+  }
+  void Promise(uint64_t id) {
+    for (auto [blk, ver] : files_[id].written) Log("P " + std::to_string(id) + " " + std::to_string(blk) + " " + std::to_string(ver));
+  }
+  void Void(uint64_t id, uint64_t from, uint64_t to) {
+    Log("V " + std::to_string(id) + " " + std::to_string(from) + " " + std::to_string(to));
+  }
+
+  // Fills buf_ with n blocks for file id from block `first`; records them.
+  void Prepare(uint64_t id, uint64_t first, uint64_t n) {
+    for (uint64_t i = 0; i < n; i++) {
+      uint64_t ver = ++version_;
+      FillBlock(buf_ + i * kBlock, id, first + i, ver);
+      files_[id].written[first + i] = ver;
+    }
+  }
+
+  bool Create() {
+    uint64_t id = next_id_++;
+    files_[id].dir = kDirs[Rand(2)];
+    UniqueFd fd(open(Path(id).c_str(), O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC, 0644));
+    return fd.ok();
+  }
+
+  bool DirectWritesAtDepth() {
+    if (!AnyFile()) return Create();
+    uint64_t id = RandomFile();
+    UniqueFd fd(open(Path(id).c_str(), O_WRONLY | O_DIRECT | O_CLOEXEC));
+    if (!fd.ok()) return false;
+    constexpr unsigned kDepth = 8;
+    io_uring ring;
+    if (io_uring_queue_init(kDepth, &ring, 0) < 0) return false;
+    std::vector<uint8_t*> bufs;
+    bool ok = true;
+    for (unsigned i = 0; i < kDepth; i++) {
+      uint8_t* b = nullptr;
+      if (posix_memalign(reinterpret_cast<void**>(&b), kBlock, kBlock) != 0) break;
+      bufs.push_back(b);
+      uint64_t blk = Rand(kMaxBlocks);
+      uint64_t ver = ++version_;
+      FillBlock(b, id, blk, ver);
+      files_[id].written[blk] = ver;
+      io_uring_sqe* sqe = io_uring_get_sqe(&ring);
+      io_uring_prep_write(sqe, fd.get(), b, kBlock, blk * kBlock);
+    }
+    // Two writes to one block in the same batch may land in either order;
+    // keep only blocks written once in the batch as known.
+    std::map<uint64_t, int> seen;
+    for (uint8_t* b : bufs) {
+      BlockHeader h;
+      std::memcpy(&h, b, sizeof h);
+      seen[h.block]++;
+    }
+    for (auto [blk, n] : seen) {
+      if (n > 1) files_[id].written.erase(blk);  // either may win: promise neither
+    }
+    if (io_uring_submit(&ring) != static_cast<int>(bufs.size())) ok = false;
+    for (size_t i = 0; ok && i < bufs.size(); i++) {
+      io_uring_cqe* cqe;
+      if (io_uring_wait_cqe(&ring, &cqe) < 0 || cqe->res != static_cast<int>(kBlock)) ok = false;
+      else io_uring_cqe_seen(&ring, cqe);
+    }
+    io_uring_queue_exit(&ring);
+    for (uint8_t* b : bufs) free(b);
+    return ok;
+  }
+
+  bool BufferedWrite() {
+    if (!AnyFile()) return Create();
+    uint64_t id = RandomFile();
+    UniqueFd fd(open(Path(id).c_str(), O_WRONLY | O_CLOEXEC));
+    uint64_t n = 1 + Rand(4), first = Rand(kMaxBlocks - n);
+    Prepare(id, first, n);
+    return fd.ok() && PwriteFull(fd.get(), buf_, n * kBlock, static_cast<off_t>(first * kBlock)) == 0;
+  }
+
+  bool DsyncWrite() {
+    if (!AnyFile()) return Create();
+    uint64_t id = RandomFile();
+    UniqueFd fd(open(Path(id).c_str(), O_WRONLY | O_DIRECT | O_DSYNC | O_CLOEXEC));
+    uint64_t n = 1 + Rand(4), first = Rand(kMaxBlocks - n);
+    Prepare(id, first, n);
+    if (!fd.ok() || PwriteFull(fd.get(), buf_, n * kBlock, static_cast<off_t>(first * kBlock)) != 0) return false;
+    for (uint64_t b = first; b < first + n; b++) {
+      Log("P " + std::to_string(id) + " " + std::to_string(b) + " " + std::to_string(files_[id].written[b]));
+    }
+    return true;
+  }
+
+  bool FsyncFile(uint64_t id, bool datasync) {
+    UniqueFd fd(open(Path(id).c_str(), O_RDONLY | O_CLOEXEC));
+    if (!fd.ok() || (datasync ? fdatasync(fd.get()) : fsync(fd.get())) != 0) return false;
+    Promise(id);
+    return true;
+  }
+
+  // Not a durability point: Linux forwards syncfs(2) to FUSE servers only
+  // for virtiofs, so on deferfs it promises nothing (README, durability).
+  bool SyncFs() {
+    UniqueFd fd(open(root_.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+    return fd.ok() && syncfs(fd.get()) == 0;
+  }
+
+  bool Truncate() {
+    if (!AnyFile()) return Create();
+    uint64_t id = RandomFile();
+    uint64_t blocks = Rand(kMaxBlocks);
+    Void(id, blocks, kMaxBlocks);
+    auto& w = files_[id].written;
+    w.erase(w.lower_bound(blocks), w.end());
+    return truncate(Path(id).c_str(), static_cast<off_t>(blocks * kBlock)) == 0;
+  }
+
+  bool Punch() {
+    if (!AnyFile()) return Create();
+    uint64_t id = RandomFile();
+    uint64_t n = 1 + Rand(8), first = Rand(kMaxBlocks - n);
+    Void(id, first, first + n);
+    auto& w = files_[id].written;
+    w.erase(w.lower_bound(first), w.lower_bound(first + n));
+    UniqueFd fd(open(Path(id).c_str(), O_WRONLY | O_CLOEXEC));
+    return fd.ok() && fallocate(fd.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                                static_cast<off_t>(first * kBlock), static_cast<off_t>(n * kBlock)) == 0;
+  }
+
+  bool Fallocate() {
+    if (!AnyFile()) return Create();
+    uint64_t id = RandomFile();
+    uint64_t n = 1 + Rand(16), first = Rand(kMaxBlocks - n);
+    UniqueFd fd(open(Path(id).c_str(), O_WRONLY | O_CLOEXEC));
+    return fd.ok() && fallocate(fd.get(), 0, static_cast<off_t>(first * kBlock), static_cast<off_t>(n * kBlock)) == 0;
+  }
+
+  bool Rename() {
+    if (!AnyFile()) return Create();
+    uint64_t id = RandomFile();
+    std::string from = Path(id);
+    files_[id].dir = files_[id].dir == kDirs[0] ? kDirs[1] : kDirs[0];
+    return rename(from.c_str(), Path(id).c_str()) == 0;
+  }
+
+  bool Unlink() {
+    if (files_.size() < 3) return Create();
+    uint64_t id = RandomFile();
+    Void(id, 0, kMaxBlocks);
+    std::string p = Path(id);
+    files_.erase(id);
+    return unlink(p.c_str()) == 0;
+  }
+
+  // Keeps a file open across an unlink: its blocks stay live until close.
+  bool Reopen() {
+    if (!AnyFile()) return Create();
+    uint64_t id = RandomFile();
+    UniqueFd fd(open(Path(id).c_str(), O_RDWR | O_CLOEXEC));
+    if (!fd.ok()) return false;
+    Void(id, 0, kMaxBlocks);
+    std::string p = Path(id);
+    files_.erase(id);
+    if (unlink(p.c_str()) != 0) return false;
+    uint8_t b[kBlock];
+    return pread(fd.get(), b, sizeof b, 0) >= 0;
+  }
+
+  std::string root_;
+  int log_;
+  std::mt19937_64 rng_;
+  uint8_t* buf_ = nullptr;
+  uint64_t version_ = 0;
+  uint64_t next_id_ = 1;
+  std::map<uint64_t, File> files_;
+};
+
+// ------------------------------------------------------------ the checker
+
+struct Promises {
+  std::map<std::pair<uint64_t, uint64_t>, uint64_t> kept;  // (file, block) -> version
+  size_t made = 0;
+};
+
+Promises ReadLog(const std::string& path) {
+  Promises p;
+  std::ifstream in(path);
+  std::string kind;
+  uint64_t a, b, c;
+  while (in >> kind >> a >> b >> c) {
+    if (kind == "P") {
+      p.kept[{a, b}] = c;
+      p.made++;
+    } else {
+      for (uint64_t blk = b; blk < c; blk++) p.kept.erase({a, blk});
+    }
+  }
+  return p;
+}
+
+// Checks every file under the workload's directories; adds what is wrong.
+void CheckFiles(const std::string& root, const Promises& promises, std::vector<std::string>* errors) {
+  std::map<uint64_t, std::vector<uint8_t>> contents;
+  for (const char* d : kDirs) {
+    std::string dir = root + "/" + d;
+    RunResult ls = RunCommand({"ls", "-1", dir});
+    if (!ls.succeeded()) continue;  // the directories may not have survived
+    std::istringstream names(ls.out);
+    for (std::string name; std::getline(names, name);) {
+      uint64_t id = 0;
+      if (name.size() < 2 || name[0] != 'f' || sscanf(name.c_str() + 1, "%" SCNu64, &id) != 1) {
+        errors->push_back(dir + "/" + name + ": a name the workload never created");
+        continue;
+      }
+      if (contents.count(id)) {
+        errors->push_back(name + " exists in both directories");
+        continue;
+      }
+      bool ok = false;
+      contents[id] = ReadAllDirect(dir + "/" + name, &ok);
+      if (!ok) errors->push_back(dir + "/" + name + ": unreadable");
+    }
+  }
+  for (auto& [id, bytes] : contents) {
+    if (bytes.size() % kBlock != 0) errors->push_back(FileName(id) + ": size " + std::to_string(bytes.size()) + " is not whole blocks");
+    for (uint64_t blk = 0; blk * kBlock + kBlock <= bytes.size(); blk++) {
+      std::string why;
+      if (CheckBlock(bytes.data() + blk * kBlock, id, blk, &why) < 0) {
+        errors->push_back(FileName(id) + " block " + std::to_string(blk) + " holds " + why);
+      }
+    }
+  }
+  for (auto [key, version] : promises.kept) {
+    auto [id, blk] = key;
+    auto it = contents.find(id);
+    if (it == contents.end()) {
+      errors->push_back(FileName(id) + " lost: block " + std::to_string(blk) + " version " + std::to_string(version) + " was made durable");
+      continue;
+    }
+    std::string why;
+    int64_t have = it->second.size() >= (blk + 1) * kBlock ? CheckBlock(it->second.data() + blk * kBlock, id, blk, &why) : 0;
+    if (have >= 0 && static_cast<uint64_t>(have) < version) {
+      errors->push_back(FileName(id) + " block " + std::to_string(blk) + ": version " + std::to_string(version) +
+                        " was made durable, found " + (have == 0 ? std::string("zeros") : "version " + std::to_string(have)));
+    }
+  }
+}
+
+// ------------------------------------------------------------------ tests
+
+uint64_t EnvOr(const char* name, uint64_t fallback) {
+  const char* v = getenv(name);
+  return v && *v ? std::strtoull(v, nullptr, 0) : fallback;
+}
+
+class CrashTest : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(CrashTest, SigkillAtRandomMomentsKeepsWhatWasPromised) {
+  const uint64_t rounds = EnvOr("DEFERFS_CRASH_ROUNDS", 6);
+  const uint64_t seed = EnvOr("DEFERFS_CRASH_SEED", std::random_device{}());
+  SCOPED_TRACE("DEFERFS_CRASH_SEED=" + std::to_string(seed) + " (completion=" + GetParam() + ")");
+  std::mt19937_64 rng(seed);
+
+  TempDir tmp;
+  const std::string backing = tmp / "backing.img";
+  ASSERT_TRUE(MakePrefilledBacking(backing, 128ull << 20, kStale));
+  const std::string log = tmp / "promises.log";
+
+  for (uint64_t round = 0; round < rounds; round++) {
+    SCOPED_TRACE("round " + std::to_string(round));
+    MountConfig cfg = MountConfig::Existing(backing);
+    // Odd rounds commit in the background every second, so crashes also land
+    // after (and during) background commits, not only before the first one.
+    cfg.options = {"completion=" + GetParam(), "workers=2", round % 2 ? "commit=1" : "commit=5"};
+    MountedFs fs(cfg);
+    ASSERT_TRUE(fs.ok());
+
+    UniqueFd log_fd(open(log.c_str(), O_CREAT | O_TRUNC | O_WRONLY | O_APPEND | O_CLOEXEC, 0644));
+    ASSERT_TRUE(log_fd.ok()) << strerror(errno);
+    const uint64_t child_seed = rng();
+    fflush(nullptr);
+    pid_t child = fork();
+    ASSERT_GE(child, 0);
+    if (child == 0) {
+      Workload(fs.root(), log_fd.get(), child_seed).Run();
+      _exit(0);
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(150 + rng() % 1500));
+    ASSERT_TRUE(fs.Crash()) << fs.DaemonLog();
+    kill(child, SIGKILL);
+    int status;
+    waitpid(child, &status, 0);
+    log_fd.reset();
+
+    ASSERT_TRUE(fs.Mount()) << "the mount did not recover after the crash";
+    Promises promises = ReadLog(log);
+    std::vector<std::string> errors;
+    CheckFiles(fs.root(), promises, &errors);
+    for (size_t i = 0; i < errors.size() && i < 20; i++) ADD_FAILURE() << errors[i];
+    ASSERT_TRUE(errors.empty()) << errors.size() << " problems; " << promises.made << " promises were made";
+
+    // Clean the namespace for the next round (through the file system, so
+    // the blocks come back), then check the store offline.
+    for (const char* d : kDirs) RunCommand({"rm", "-rf", fs.path(d)});
+    ASSERT_TRUE(fs.Unmount());
+    RunResult fsck = RunDeferfs({"fsck", backing});
+    ASSERT_TRUE(fsck.succeeded()) << "fsck after round " << round << ": " << fsck.Describe();
+  }
+}
+
+// O_SYNC (unlike O_DSYNC) promises the timestamps too: a pure overwrite's
+// new mtime must survive a crash that comes before any background commit.
+TEST(CrashTimestampTest, OSyncOverwriteMakesItsMtimeDurable) {
+  MountConfig cfg;
+  cfg.options = {"completion=defer", "commit=300"};
+  MountedFs fs(cfg);
+  ASSERT_TRUE(fs.ok());
+  const std::string path = fs.path("f");
+  AlignedBuf buf(kBlock);
+  std::memset(buf.data(), 'a', kBlock);
+  {
+    UniqueFd fd(open(path.c_str(), O_CREAT | O_RDWR | O_DIRECT | O_CLOEXEC, 0644));
+    ASSERT_TRUE(fd.ok()) << strerror(errno);
+    ASSERT_EQ(PwriteFull(fd.get(), buf.data(), kBlock, 0), 0);
+    ASSERT_EQ(fsync(fd.get()), 0);
+  }
+  struct stat before{}, after{}, recovered{};
+  ASSERT_EQ(stat(path.c_str(), &before), 0);
+  std::this_thread::sleep_for(20ms);  // so the overwrite's mtime differs
+  {
+    UniqueFd fd(open(path.c_str(), O_WRONLY | O_DIRECT | O_SYNC | O_CLOEXEC));
+    ASSERT_TRUE(fd.ok()) << strerror(errno);
+    std::memset(buf.data(), 'b', kBlock);
+    ASSERT_EQ(PwriteFull(fd.get(), buf.data(), kBlock, 0), 0);
+    ASSERT_EQ(fstat(fd.get(), &after), 0);
+  }
+  ASSERT_NE(after.st_mtim.tv_nsec + after.st_mtim.tv_sec * 1'000'000'000LL,
+            before.st_mtim.tv_nsec + before.st_mtim.tv_sec * 1'000'000'000LL);
+  ASSERT_TRUE(fs.Crash());
+  ASSERT_TRUE(fs.Mount());
+  ASSERT_EQ(stat(path.c_str(), &recovered), 0);
+  EXPECT_EQ(recovered.st_mtim.tv_sec, after.st_mtim.tv_sec);
+  EXPECT_EQ(recovered.st_mtim.tv_nsec, after.st_mtim.tv_nsec);
+  std::vector<uint8_t> data = ReadAllDirect(path);
+  ASSERT_EQ(data.size(), kBlock);
+  EXPECT_EQ(data[100], 'b');
+}
+
+INSTANTIATE_TEST_SUITE_P(Modes, CrashTest, ::testing::ValuesIn(AllModes()),
+                         [](const ::testing::TestParamInfo<std::string>& i) { return i.param; });
+
+}  // namespace
+}  // namespace deferfs_test

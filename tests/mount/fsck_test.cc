@@ -1,0 +1,211 @@
+// `deferfs fsck` as a user runs it: on a real mkfs'd backing file after real
+// use through a FUSE mount it is clean; it refuses while the filesystem is
+// mounted; corruption written into the store offline is found (non-zero
+// exit, the precise line), --repair fixes it, the next fsck is clean and the
+// filesystem mounts with its data intact. An overlap is never "repaired".
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "backend/metadata.h"
+#include "backend/superblock.h"
+#include "tests/mount/mounted_fs.h"
+
+namespace deferfs_test {
+namespace {
+
+using deferfs::DirEntry;
+using deferfs::ExtentRecord;
+using deferfs::InodeRecord;
+using deferfs::MetaBatch;
+using deferfs::MetaStore;
+
+// The filesystem's store, opened offline the way fsck does (by the UUID in
+// the backing file's superblock). The backing must not be mounted.
+std::unique_ptr<MetaStore> OpenStore(const MountedFs& fs) {
+  std::vector<uint8_t> buf(deferfs::kSuperblockBytes);
+  UniqueFd fd(open(fs.backing().c_str(), O_RDONLY | O_CLOEXEC));
+  EXPECT_TRUE(fd.ok()) << fs.backing() << ": " << strerror(errno);
+  if (!fd.ok() || pread(fd.get(), buf.data(), buf.size(), 0) != static_cast<ssize_t>(buf.size())) return nullptr;
+  deferfs::Superblock sb;
+  deferfs::Status s = deferfs::DecodeSuperblock(buf.data(), fs.backing(), &sb);
+  EXPECT_TRUE(s.ok()) << s.message();
+  std::unique_ptr<MetaStore> meta;
+  if (s.ok()) s = MetaStore::Open(fs.meta(), sb.uuid, &meta);
+  EXPECT_TRUE(s.ok()) << s.message();
+  return meta;
+}
+
+bool WriteFile(const std::string& path, const std::string& data) {
+  UniqueFd fd(open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
+  return fd.ok() && write(fd.get(), data.data(), data.size()) == static_cast<ssize_t>(data.size());
+}
+
+std::string ReadFile(const std::string& path) {
+  UniqueFd fd(open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  std::string s(1 << 20, '\0');
+  ssize_t n = fd.ok() ? read(fd.get(), s.data(), s.size()) : -1;
+  s.resize(n > 0 ? static_cast<size_t>(n) : 0);
+  return s;
+}
+
+::testing::AssertionResult Mentions(const std::string& out, const std::string& text) {
+  if (out.find(text) != std::string::npos) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure() << "output lacks \"" << text << "\":\n" << out;
+}
+
+class FsckMountTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (getenv("DEFERFS_TEST_DIR") != nullptr && *getenv("DEFERFS_TEST_DIR") != '\0') {
+      GTEST_SKIP() << "fsck needs a real deferfs";
+    }
+  }
+
+  // A tree with every kind of inode and some data, then unmounted.
+  void Populate(MountedFs& fs) {
+    ASSERT_EQ(mkdir(fs.path("d").c_str(), 0755), 0);
+    ASSERT_EQ(mkdir(fs.path("d/sub").c_str(), 0755), 0);
+    ASSERT_TRUE(WriteFile(fs.path("d/f"), std::string(300000, 'x')));
+    ASSERT_TRUE(WriteFile(fs.path("small"), "hello"));
+    ASSERT_TRUE(WriteFile(fs.path("gone"), std::string(8192, 'g')));
+    ASSERT_EQ(link(fs.path("d/f").c_str(), fs.path("d/sub/hard").c_str()), 0);
+    ASSERT_EQ(symlink("d/f", fs.path("ln").c_str()), 0);
+    ASSERT_EQ(rename(fs.path("small").c_str(), fs.path("d/sub/moved").c_str()), 0);
+    ASSERT_EQ(unlink(fs.path("gone").c_str()), 0);
+    ASSERT_EQ(mkdir(fs.path("tmpdir").c_str(), 0755), 0);
+    ASSERT_EQ(rmdir(fs.path("tmpdir").c_str()), 0);
+  }
+
+  RunResult Fsck(const MountedFs& fs, bool repair = false) {
+    std::vector<std::string> args{"fsck", fs.backing()};
+    if (repair) args.push_back("--repair");
+    return RunDeferfs(args);
+  }
+};
+
+TEST_F(FsckMountTest, CleanAfterUseRefusesWhileMountedFindsAndRepairsCorruption) {
+  MountedFs fs;
+  ASSERT_TRUE(fs.ok());
+  Populate(fs);
+
+  RunResult busy = Fsck(fs);
+  EXPECT_EQ(busy.exit_code(), 1) << busy.Describe();
+  EXPECT_TRUE(Mentions(busy.err, "in use")) << busy.Describe();
+
+  ASSERT_TRUE(fs.Unmount());
+  RunResult clean = Fsck(fs);
+  EXPECT_TRUE(clean.succeeded()) << clean.Describe();
+  EXPECT_TRUE(Mentions(clean.out, "is clean"));
+  EXPECT_TRUE(clean.err.empty()) << clean.Describe();
+
+  // Corrupt it offline: a dangling entry, a wrong link count, leaked blocks
+  // of an inode that does not exist.
+  uint64_t f_ino = 0;
+  {
+    std::unique_ptr<MetaStore> meta = OpenStore(fs);
+    ASSERT_TRUE(meta);
+    DirEntry d, f;
+    ASSERT_TRUE(meta->Lookup(deferfs::kRootIno, "d", &d).ok());
+    ASSERT_TRUE(meta->Lookup(d.ino, "f", &f).ok());
+    f_ino = f.ino;
+    InodeRecord root, rec;
+    ASSERT_TRUE(meta->GetInode(deferfs::kRootIno, &root).ok());
+    ASSERT_TRUE(meta->GetInode(f.ino, &rec).ok());
+    ASSERT_EQ(rec.nlink, 2u);
+    rec.nlink = 1;
+    MetaBatch b;
+    b.PutInode(rec);
+    b.PutDirEntry(deferfs::kRootIno, DirEntry{"ghost", 9999, S_IFREG, root.next_cookie++});
+    b.PutInode(root);
+    b.PutExtent(5000, ExtentRecord{0, 16, 60000, 0});
+    ASSERT_TRUE(meta->Commit(&b, true).ok());
+  }
+
+  RunResult bad = Fsck(fs);
+  EXPECT_EQ(bad.exit_code(), 1) << bad.Describe();
+  EXPECT_TRUE(Mentions(bad.out, "error: dir 1 entry 'ghost': inode 9999 does not exist"));
+  EXPECT_TRUE(Mentions(bad.out, "error: ino " + std::to_string(f_ino) + ": nlink 1, but 2 directory entries name it"));
+  EXPECT_TRUE(Mentions(bad.out, "error: ino 5000: no inode record, but its records remain (leaked): 1 extent (16 blocks)"));
+  EXPECT_TRUE(Mentions(bad.err, "deferfs: ")) << bad.Describe();
+  EXPECT_TRUE(Mentions(bad.err, "--repair")) << bad.Describe();
+
+  RunResult fixed = Fsck(fs, /*repair=*/true);
+  EXPECT_TRUE(fixed.succeeded()) << fixed.Describe();
+  EXPECT_TRUE(Mentions(fixed.out, "repaired: dir 1 entry 'ghost': removed"));
+  EXPECT_TRUE(Mentions(fixed.out, "repaired: ino " + std::to_string(f_ino) + ": nlink set to 2"));
+  EXPECT_TRUE(Mentions(fixed.out, "repaired: ino 5000: deleted the leaked records, 16 blocks freed"));
+
+  RunResult again = Fsck(fs);
+  EXPECT_TRUE(again.succeeded()) << again.Describe();
+  EXPECT_TRUE(Mentions(again.out, "is clean"));
+
+  // The repaired filesystem mounts with its data and links as they were.
+  ASSERT_TRUE(fs.Mount());
+  EXPECT_EQ(ReadFile(fs.path("d/sub/hard")), std::string(300000, 'x'));
+  EXPECT_EQ(ReadFile(fs.path("d/sub/moved")), "hello");
+  struct stat st {};
+  ASSERT_EQ(stat(fs.path("d/f").c_str(), &st), 0);
+  EXPECT_EQ(st.st_nlink, 2u);
+  EXPECT_NE(lstat(fs.path("ghost").c_str(), &st), 0);
+  ASSERT_TRUE(fs.Unmount());
+}
+
+TEST_F(FsckMountTest, OverlappingExtentsFailEvenWithRepair) {
+  MountedFs fs;
+  ASSERT_TRUE(fs.ok());
+  ASSERT_TRUE(WriteFile(fs.path("a"), std::string(65536, 'a')));
+  ASSERT_TRUE(WriteFile(fs.path("b"), std::string(4096, 'b')));
+  ASSERT_TRUE(fs.Unmount());
+
+  uint64_t a_ino = 0, b_ino = 0;
+  {
+    std::unique_ptr<MetaStore> meta = OpenStore(fs);
+    ASSERT_TRUE(meta);
+    DirEntry a, b;
+    ASSERT_TRUE(meta->Lookup(deferfs::kRootIno, "a", &a).ok());
+    ASSERT_TRUE(meta->Lookup(deferfs::kRootIno, "b", &b).ok());
+    a_ino = a.ino;
+    b_ino = b.ino;
+    ExtentRecord first{};
+    bool found = false;
+    ASSERT_TRUE(meta->ForEachExtent(a.ino, [&](const ExtentRecord& e) {
+      if (!found) first = e;
+      found = true;
+    }).ok());
+    ASSERT_TRUE(found);
+    // b's block 100 now claims a's first physical block.
+    MetaBatch batch;
+    batch.PutExtent(b.ino, ExtentRecord{100, 1, first.pblk, 0});
+    ASSERT_TRUE(meta->Commit(&batch, true).ok());
+  }
+  const std::string overlap = "error: ino " + std::to_string(b_ino) + ": extent lblk 100 len 1 pblk ";
+  for (bool repair : {false, true}) {
+    RunResult r = Fsck(fs, repair);
+    EXPECT_EQ(r.exit_code(), 1) << r.Describe();
+    EXPECT_TRUE(Mentions(r.out, overlap));
+    EXPECT_TRUE(Mentions(r.out, "overlaps ino " + std::to_string(a_ino) + " extent lblk 0"));
+    EXPECT_TRUE(Mentions(r.err, "found 1 error that --repair cannot fix")) << r.Describe();
+  }
+}
+
+TEST_F(FsckMountTest, UsageErrorsAreOneLine) {
+  RunResult missing = RunDeferfs({"fsck", "/nonexistent/deferfs-fsck.img"});
+  EXPECT_EQ(missing.exit_code(), 1) << missing.Describe();
+  EXPECT_EQ(missing.err.rfind("deferfs: ", 0), 0u) << missing.Describe();
+  RunResult help = RunDeferfs({"fsck", "--help"});
+  EXPECT_TRUE(help.succeeded()) << help.Describe();
+  EXPECT_TRUE(Mentions(help.out, "--repair"));
+  EXPECT_TRUE(Mentions(help.out, "--meta"));
+}
+
+}  // namespace
+}  // namespace deferfs_test
