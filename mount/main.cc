@@ -1,9 +1,14 @@
-// deferfs: the command. Dispatches to the subcommands.
+// deferfs: the command. Parses the command line with CLI11 into the
+// subcommands' argument structs; as mount.fuse.deferfs it is mount(8)'s helper.
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
 #include <cstdio>
 #include <cstring>
 #include <string>
 
 #include "mount/commands.h"
+#include "mount/options.h"
 
 namespace deferfs {
 
@@ -19,37 +24,119 @@ std::string DefaultMetaDir(const std::string& backing, bool is_block_device, con
 
 namespace {
 
-constexpr char kUsage[] =
-    "usage: deferfs <command> [args]\n"
-    "\n"
-    "commands:\n"
-    "  mkfs BACKING [--size SIZE] [--meta DIR] [--force]   format a backing file or block device\n"
-    "  mount BACKING MOUNTPOINT [-o OPTS] [-f]             mount it (see 'deferfs mount --help')\n"
-    "  stats MOUNTPOINT [--json] [--reset]                 a live mount's completion paths and latencies\n"
-    "\n"
-    "  --help       this text\n"
-    "  --version    the version\n";
+constexpr char kMountHelperName[] = "mount.fuse.deferfs";
+
+// CLI11's message, on one line, with where to look for the right usage.
+int ParseFailure(const CLI::App& app, const CLI::ParseError& e) {
+  std::string where = "deferfs";
+  for (const CLI::App* sub : app.get_subcommands()) where += " " + sub->get_name();
+  std::string msg = e.what();
+  for (char& c : msg) {
+    if (c == '\n') c = ' ';
+  }
+  while (!msg.empty() && msg.back() == ' ') msg.pop_back();
+  return Fail(msg + ": see '" + where + " --help'");
+}
 
 }  // namespace
+
+int Main(int argc, char** argv) {
+  const char* base = strrchr(argv[0], '/');
+  if (std::strcmp(base ? base + 1 : argv[0], kMountHelperName) == 0) return MountHelperMain(argc, argv);
+
+  CLI::App app("deferfs: a FUSE filesystem for O_DIRECT IO that studies who runs async DIO completions.",
+               "deferfs");
+  app.set_version_flag("--version", std::string("deferfs ") + DEFERFS_VERSION, "print the version and exit");
+  app.set_help_all_flag("--help-all", "print the help of every command");
+  app.require_subcommand(1);
+  app.footer("Run 'deferfs COMMAND --help' for a command's options; man deferfs for more.");
+
+  MkfsArgs mkfs;
+  CLI::App* mkfs_cmd = app.add_subcommand("mkfs", "format a backing file or block device");
+  mkfs_cmd->add_option("BACKING", mkfs.backing, "backing file or block device")->required();
+  mkfs_cmd->add_option("--size", mkfs.size,
+                       "size with an optional K, M, G or T suffix; creates or resizes a backing file "
+                       "(default: the existing file's or device's size)")
+      ->type_name("SIZE");
+  mkfs_cmd->add_option("--meta", mkfs.meta,
+                       "metadata directory (default: BACKING.meta, or /var/lib/deferfs/UUID for a block device)")
+      ->type_name("DIR");
+  mkfs_cmd->add_flag("--force", mkfs.force, "overwrite an existing deferfs and its metadata directory");
+  mkfs_cmd->add_flag("--discard", mkfs.discard,
+                     "discard a block device's blocks (punch a file's) before formatting (default: off)");
+
+  MountArgs mount;
+  CLI::App* mount_cmd = app.add_subcommand("mount", "mount a formatted backing device");
+  mount_cmd->add_option("BACKING", mount.backing, "backing file or block device")->required();
+  mount_cmd->add_option("MOUNTPOINT", mount.mountpoint, "an existing directory")->required();
+  mount_cmd->add_option("-o", mount.options, "mount options, see below (may be repeated)")
+      ->type_name("OPTS")
+      ->allow_extra_args(false);
+  mount_cmd->add_flag("-f,--foreground", mount.foreground,
+                      "stay in the foreground and log to stderr (default: daemonize, log to syslog)");
+  mount_cmd->footer(MountOptionsHelp());
+
+  StatsArgs stats;
+  CLI::App* stats_cmd = app.add_subcommand("stats", "a live mount's completion paths, wakeups and latencies");
+  stats_cmd->add_option("MOUNTPOINT", stats.mountpoint, "a mounted deferfs")->required();
+  stats_cmd->add_flag("--json", stats.json, "one JSON object, for scripts (default: a table)");
+  stats_cmd->add_flag("--reset", stats.reset,
+                      "start counting anew after printing (root only); with --watch: every interval");
+  stats_cmd->add_flag("--watch", stats.watch, "refresh every second with per-second rates, until interrupted");
+  stats_cmd->add_option("--count", stats.count, "with --watch: stop after N refreshes (0: never)")
+      ->type_name("N")
+      ->capture_default_str()
+      ->check([](const std::string& v) {
+        return !v.empty() && v.find_first_not_of("0123456789") == std::string::npos
+                   ? std::string()
+                   : "'" + v + "' is not a whole number of refreshes (0: no limit)";
+      });
+
+  FsckArgs fsck;
+  CLI::App* fsck_cmd = app.add_subcommand("fsck", "check an unmounted filesystem offline; fix it with --repair");
+  fsck_cmd->add_option("BACKING", fsck.backing, "backing file or block device")->required();
+  fsck_cmd->add_option("--meta", fsck.meta,
+                       "metadata directory (default: BACKING.meta, or /var/lib/deferfs/UUID for a block device)")
+      ->type_name("DIR");
+  fsck_cmd->add_flag("--repair", fsck.repair,
+                     "fix what is safe: leaked records and blocks, orphans, link counts, dangling entries, readdir "
+                     "cookies, the inode counter; unreachable inodes go to /lost+found (default: check only)");
+  fsck_cmd->footer("Exit status 0 when clean (or when --repair fixed everything found), 1 otherwise.");
+
+  // A misspelt command is the likeliest mistake: say so rather than CLI11's
+  // "argument was not expected".
+  if (argc >= 2 && argv[1][0] != '-' && std::strcmp(argv[1], "help") != 0) {
+    bool known = !app.get_subcommands([&](const CLI::App* sub) { return sub->get_name() == argv[1]; }).empty();
+    if (!known) return Fail(std::string("unknown command '") + argv[1] + "': run 'deferfs --help' for the list");
+  }
+  if (argc == 2 && std::strcmp(argv[1], "help") == 0) {
+    std::fputs(app.help().c_str(), stdout);
+    return 0;
+  }
+  if (argc == 1) return Fail("no command given: run 'deferfs --help' for the list");
+  if (argv[1][0] == '-') {
+    bool known = false;
+    for (const char* o : {"-h", "--help", "--help-all", "--version"}) known |= std::strcmp(argv[1], o) == 0;
+    if (!known) return Fail(std::string("unknown option '") + argv[1] + "': run 'deferfs --help'");
+  }
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForVersion& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    return ParseFailure(app, e);
+  }
+  if (mkfs_cmd->parsed()) return MkfsCommand(mkfs);
+  if (mount_cmd->parsed()) return MountCommand(mount);
+  if (stats_cmd->parsed()) return StatsCommand(stats);
+  if (fsck_cmd->parsed()) return FsckCommand(fsck);
+  return Fail("no command given: run 'deferfs --help' for the list");
+}
+
 }  // namespace deferfs
 
-int main(int argc, char** argv) {
-  using namespace deferfs;
-  if (argc < 2) {
-    std::fputs(kUsage, stderr);
-    return 1;
-  }
-  std::string cmd = argv[1];
-  if (cmd == "--help" || cmd == "-h" || cmd == "help") {
-    std::fputs(kUsage, stdout);
-    return 0;
-  }
-  if (cmd == "--version") {
-    std::printf("deferfs %s\n", DEFERFS_VERSION);
-    return 0;
-  }
-  if (cmd == "mkfs") return MkfsCommand(argc - 1, argv + 1);
-  if (cmd == "mount") return MountCommand(argc - 1, argv + 1);
-  if (cmd == "stats") return StatsCommand(argc - 1, argv + 1);
-  return Fail("unknown command '" + cmd + "': run 'deferfs --help' for the list");
-}
+int main(int argc, char** argv) { return deferfs::Main(argc, argv); }

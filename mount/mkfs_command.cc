@@ -3,7 +3,9 @@
 // directory, then the superblock is written and flushed, then the store is
 // moved into place. Before the superblock write nothing existing has changed.
 #include <fcntl.h>
-#include <getopt.h>
+#include <linux/falloc.h>
+#include <linux/fs.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -16,15 +18,10 @@
 #include "backend/superblock.h"
 #include "fs/filesystem.h"
 #include "mount/commands.h"
+#include "mount/progress.h"
 
 namespace deferfs {
 namespace {
-
-constexpr char kMkfsUsage[] =
-    "usage: deferfs mkfs BACKING [--size SIZE] [--meta DIR] [--force]\n"
-    "  --size SIZE   size of the filesystem (K, M, G, T suffixes); creates or resizes a backing file\n"
-    "  --meta DIR    metadata directory (default: BACKING.meta, or /var/lib/deferfs/UUID for a block device)\n"
-    "  --force       overwrite an existing deferfs and its metadata directory\n";
 
 bool ParseSize(const std::string& s, uint64_t* out) {
   uint64_t v = 0;
@@ -47,33 +44,42 @@ void RemoveAll(const std::string& dir) {
   std::filesystem::remove_all(dir, ec);
 }
 
+// Tells the device (BLKDISCARD) or the file system under a backing file
+// (hole punching) that every block after the superblock is unused, in 1 GiB
+// steps so a large device shows progress.
+Status Discard(Device* dev, uint64_t dev_bytes) {
+  constexpr uint64_t kStep = 1ull << 30;
+  Progress progress(dev->is_block_device() ? "discarding" : "punching holes", dev_bytes);
+  for (uint64_t off = kSuperblockBytes; off < dev_bytes; off += kStep) {
+    uint64_t len = std::min(kStep, dev_bytes - off);
+    int rc;
+    if (dev->is_block_device()) {
+      uint64_t range[2] = {off, len};
+      rc = ioctl(dev->fd(), BLKDISCARD, range);
+    } else {
+      rc = fallocate(dev->fd(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(off),
+                     static_cast<off_t>(len));
+    }
+    if (rc != 0) {
+      return Status::Error(errno, std::string("cannot discard the blocks of the backing device: ") + strerror(errno) +
+                                      ": format without --discard");
+    }
+    progress.Update(off + len);
+  }
+  return Status::Ok();
+}
+
 }  // namespace
 
-int MkfsCommand(int argc, char** argv) {
-  static const option kLong[] = {
-      {"size", required_argument, nullptr, 's'}, {"meta", required_argument, nullptr, 'm'},
-      {"force", no_argument, nullptr, 'f'},      {"help", no_argument, nullptr, 'h'},
-      {nullptr, 0, nullptr, 0},
-  };
+int MkfsCommand(const MkfsArgs& args) {
   uint64_t size = 0;
-  bool have_size = false, force = false;
-  std::string meta_dir;
-  opterr = 0;
-  optind = 1;
-  for (int c; (c = getopt_long(argc, argv, "s:m:fh", kLong, nullptr)) != -1;) {
-    switch (c) {
-      case 's':
-        if (!ParseSize(optarg, &size)) return Fail(std::string("bad --size '") + optarg + "': give bytes with an optional K, M, G or T suffix");
-        have_size = true;
-        break;
-      case 'm': meta_dir = optarg; break;
-      case 'f': force = true; break;
-      case 'h': std::fputs(kMkfsUsage, stdout); return 0;
-      default: return Fail(std::string("mkfs: unknown or incomplete option '") + argv[optind - 1] + "': see 'deferfs mkfs --help'");
-    }
+  bool have_size = !args.size.empty();
+  if (have_size && !ParseSize(args.size, &size)) {
+    return Fail("bad --size '" + args.size + "': give bytes with an optional K, M, G or T suffix");
   }
-  if (optind != argc - 1) return Fail("mkfs needs exactly one BACKING path: see 'deferfs mkfs --help'");
-  std::string backing = argv[optind];
+  const std::string& backing = args.backing;
+  const bool force = args.force;
+  std::string meta_dir = args.meta;
   if (have_size && size < kMinDeviceBytes) {
     return Fail("--size " + std::to_string(size) + " is too small: a deferfs needs at least " + std::to_string(kMinDeviceBytes >> 20) + "M");
   }
@@ -148,6 +154,14 @@ int MkfsCommand(int argc, char** argv) {
   if (have_size && !created && !dev->is_block_device() && ftruncate(dev->fd(), static_cast<off_t>(size)) != 0) {
     RemoveAll(tmp);
     return Fail("cannot resize " + backing + ": " + strerror(errno));
+  }
+  if (args.discard) {
+    s = Discard(dev.get(), dev_bytes);
+    if (!s.ok()) {
+      RemoveAll(tmp);
+      undo_create();
+      return Fail(s.message());
+    }
   }
   EncodeSuperblock(sb, sbuf.bytes());
   s = dev->WriteSync(0, sbuf.data(), kSuperblockBytes);

@@ -3,19 +3,18 @@
 // child has the mount ready (or failed): a script can use the mount on its
 // next line, and every error still reaches the terminal as one line.
 #include <fcntl.h>
-#include <getopt.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/signalfd.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
-#include <syslog.h>
 #include <unistd.h>
 
 #include <cstring>
 #include <string>
 
 #include "backend/device.h"
+#include "backend/log.h"
 #include "backend/metadata.h"
 #include "backend/superblock.h"
 #include "fs/filesystem.h"
@@ -26,19 +25,6 @@
 
 namespace deferfs {
 namespace {
-
-constexpr char kMountUsage[] =
-    "usage: deferfs mount BACKING MOUNTPOINT [-o OPTS] [-f]\n"
-    "  -f                 stay in the foreground (log to stderr)\n"
-    "  -o OPTS            comma-separated options:\n"
-    "     completion=MODE inline|workqueue|defer|auto|sync (default auto)\n"
-    "     workers=N       FUSE worker threads, 1-64 (default: half the CPUs, at least 1)\n"
-    "     pollers=N       io_uring poller threads, 1-16 (default 1)\n"
-    "     cthreads=N      completion threads for completion=workqueue, 1-64 (default 1)\n"
-    "     ring_depth=N    io_uring entries per poller, power of two 8-4096 (default 256)\n"
-    "     meta=DIR        metadata directory (default BACKING.meta)\n"
-    "     allow_other, allow_root, ro, rw, nosuid, nodev, noexec, noatime, auto_unmount, fsname=, subtype=\n"
-    "                     standard FUSE/VFS options, passed through; default_permissions is always on\n";
 
 // Where errors and the startup line go: the terminal, or the waiting parent.
 class Reporter {
@@ -76,37 +62,17 @@ int WaitForChild(int pipe_fd, pid_t child) {
   return Fail(msg);
 }
 
-void Log(bool foreground, const std::string& msg) {
-  if (foreground) {
-    std::fprintf(stderr, "deferfs: %s\n", msg.c_str());
-  } else {
-    syslog(LOG_INFO, "%s", msg.c_str());
-  }
-}
-
 }  // namespace
 
-int MountCommand(int argc, char** argv) {
-  static const option kLong[] = {{"help", no_argument, nullptr, 'h'}, {nullptr, 0, nullptr, 0}};
+int MountCommand(const MountArgs& args) {
   MountOptions opts;
-  bool foreground = false;
-  opterr = 0;
-  optind = 1;
-  for (int c; (c = getopt_long(argc, argv, "o:fh", kLong, nullptr)) != -1;) {
-    switch (c) {
-      case 'o': {
-        Status s = ParseMountOptions(optarg, &opts);
-        if (!s.ok()) return Fail(s.message());
-        break;
-      }
-      case 'f': foreground = true; break;
-      case 'h': std::fputs(kMountUsage, stdout); return 0;
-      default: return Fail(std::string("mount: unknown or incomplete option '") + argv[optind - 1] + "': see 'deferfs mount --help'");
-    }
+  for (const std::string& o : args.options) {
+    Status s = ParseMountOptions(o, &opts);
+    if (!s.ok()) return Fail(s.message());
   }
-  if (optind != argc - 2) return Fail("mount needs BACKING and MOUNTPOINT: see 'deferfs mount --help'");
-  std::string backing = argv[optind];
-  std::string mountpoint = argv[optind + 1];
+  const bool foreground = args.foreground;
+  const std::string& backing = args.backing;
+  std::string mountpoint = args.mountpoint;
 
   struct stat st;
   if (stat(mountpoint.c_str(), &st) != 0) return Fail("mountpoint " + mountpoint + " does not exist: create it with mkdir");
@@ -141,8 +107,8 @@ int MountCommand(int argc, char** argv) {
     close(p[0]);
     setsid();
     report_fd = p[1];
-    openlog("deferfs", LOG_PID, LOG_DAEMON);
   }
+  LogInit(opts.log_level, /*use_syslog=*/!foreground);
   Reporter report(report_fd);
 
   std::unique_ptr<Device> dev;
@@ -171,19 +137,29 @@ int MountCommand(int argc, char** argv) {
   fopt.pollers = opts.pollers;
   fopt.cthreads = opts.cthreads;
   fopt.ring_depth = opts.ring_depth;
+  fopt.commit_interval_s = opts.commit;
   fopt.io_buffers = std::max(128u, 2 * opts.workers);
   fopt.workers = opts.workers;
+  fopt.fault_inject = opts.fault_inject;
+  fopt.read_only = opts.read_only;
   std::unique_ptr<Filesystem> fs;
   s = Filesystem::Mount(std::move(dev), std::move(meta), sb, fopt, &fs);
   if (!s.ok()) return report.Error(s.message());
 
-  std::string fuse_o = "default_permissions,fsname=" + backing + ",subtype=deferfs";
+  // An absolute source in the mount table, as mount(8) and umount(8) expect.
+  std::string source = backing;
+  if (char* abs = realpath(backing.c_str(), nullptr)) {
+    source = abs;
+    free(abs);
+  }
+  std::string fuse_o = "default_permissions,fsname=" + source + ",subtype=deferfs";
   for (const auto& o : opts.fuse_opts) fuse_o += "," + o;
   const char* fargv[] = {"deferfs", "-o", fuse_o.c_str()};
-  fuse_args args = FUSE_ARGS_INIT(3, const_cast<char**>(fargv));
-  fuse_session* se = fuse_session_new(&args, &FuseOps(), sizeof(fuse_lowlevel_ops), fs.get());
-  fuse_opt_free_args(&args);  // the parser may have rebuilt argv on the heap
+  fuse_args fargs = FUSE_ARGS_INIT(3, const_cast<char**>(fargv));
+  fuse_session* se = fuse_session_new(&fargs, &FuseOps(), sizeof(fuse_lowlevel_ops), fs.get());
+  fuse_opt_free_args(&fargs);  // the parser may have rebuilt argv on the heap
   if (se == nullptr) return report.Error("cannot create the FUSE session (options: " + fuse_o + ")");
+  LogDebug("FUSE mount options: %s", fuse_o.c_str());
   if (fuse_session_mount(se, mountpoint.c_str()) != 0) {
     fuse_session_destroy(se);
     return report.Error("cannot mount on " + mountpoint + ": is FUSE available (modprobe fuse) and the mountpoint usable?");
@@ -196,8 +172,8 @@ int MountCommand(int argc, char** argv) {
     return report.Error(s.message());
   }
 
-  Log(foreground, "mounted " + backing + " on " + mountpoint + " (" + opts.Describe() + ", uuid " +
-                      UuidToString(sb.uuid) + ", metadata " + opts.meta_dir + ")");
+  LogInfo("mounted %s on %s (%s, uuid %s, metadata %s)", backing.c_str(), mountpoint.c_str(),
+          opts.Describe().c_str(), UuidToString(sb.uuid).c_str(), opts.meta_dir.c_str());
   report.Ready();
   if (!foreground) {
     int devnull = open("/dev/null", O_RDWR | O_CLOEXEC);
@@ -215,6 +191,12 @@ int MountCommand(int argc, char** argv) {
   pollfd pfds[2] = {{sfd.get(), POLLIN, 0}, {pool->exit_fd(), POLLIN, 0}};
   while (poll(pfds, 2, -1) < 0 && errno == EINTR) {
   }
+  if (pfds[0].revents & POLLIN) {
+    signalfd_siginfo si{};
+    if (read(sfd.get(), &si, sizeof(si)) == sizeof(si)) {
+      LogInfo("%s: unmounting %s", strsignal(static_cast<int>(si.ssi_signo)), mountpoint.c_str());
+    }
+  }
   fuse_session_exit(se);
   pool->Stop();
   fuse_session_unmount(se);  // no-op when the kernel already unmounted
@@ -223,7 +205,7 @@ int MountCommand(int argc, char** argv) {
   // last completion it ran: the workers' TaskWorks outlive the pollers.
   fs.reset();
   pool.reset();
-  Log(foreground, "unmounted " + mountpoint);
+  LogInfo("unmounted %s", mountpoint.c_str());
   return 0;
 }
 

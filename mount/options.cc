@@ -18,7 +18,8 @@ constexpr std::string_view kFuseFlags[] = {
 };
 constexpr std::string_view kFuseValued[] = {"fsname=", "subtype=", "max_read=", "blksize="};
 // fstab/mount(8) bookkeeping that is not a filesystem option.
-constexpr std::string_view kIgnored[] = {"defaults", "auto", "noauto", "nofail", "_netdev", "user", "users", "nouser"};
+constexpr std::string_view kIgnored[] = {"defaults", "auto",  "noauto", "nofail", "_netdev",
+                                         "user",     "users", "nouser", "owner",  "group"};
 
 struct NumberOpt {
   std::string_view key;
@@ -30,6 +31,7 @@ constexpr NumberOpt kNumbers[] = {
     {"pollers", &MountOptions::pollers, 1, 16},
     {"cthreads", &MountOptions::cthreads, 1, 64},
     {"ring_depth", &MountOptions::ring_depth, 8, 4096},
+    {"commit", &MountOptions::commit, 1, 300},
 };
 
 struct ParseState {
@@ -74,7 +76,17 @@ Status ParseOne(std::string_view opt, MountOptions* o) {
   for (std::string_view f : kIgnored) {
     if (opt == f) return Status::Ok();
   }
-  if (opt.starts_with("x-") || opt.starts_with("comment=")) return Status::Ok();
+  if (opt == "fault_inject") {
+    o->fault_inject = true;
+    return Status::Ok();
+  }
+  if (key == "loglevel") {
+    if (!has_val || !ParseLogLevel(std::string(val).c_str(), &o->log_level)) {
+      return BadValue(opt, "loglevel is one of error, warn, info, debug");
+    }
+    return Status::Ok();
+  }
+  if (opt.starts_with("x-") || opt.starts_with("comment=") || opt.starts_with("user=")) return Status::Ok();
   for (std::string_view f : kFuseFlags) {
     if (opt != f) continue;
     if (opt == "ro") o->read_only = true;
@@ -123,7 +135,31 @@ unsigned DefaultWorkers() {
 std::string MountOptions::Describe() const {
   return "completion=" + std::string(CompletionModeName(completion)) + ",workers=" + std::to_string(workers) +
          ",pollers=" + std::to_string(pollers) + ",cthreads=" + std::to_string(cthreads) +
-         ",ring_depth=" + std::to_string(ring_depth);
+         ",ring_depth=" + std::to_string(ring_depth) + ",commit=" + std::to_string(commit) +
+         (read_only ? ",ro" : ",rw") +
+         ",loglevel=" + LogLevelName(log_level) + (fault_inject ? ",fault_inject" : "");
+}
+
+std::string MountOptionsHelp() {
+  return "Mount options (-o, comma-separated, may be repeated):\n"
+         "  completion=MODE    who runs async DIO completions: inline|workqueue|defer|auto|sync (default auto)\n"
+         "  workers=N          FUSE worker threads, 1-64 (default " + std::to_string(DefaultWorkers()) +
+         " here: half the CPUs, at least 1)\n"
+         "  pollers=N          io_uring poller threads, 1-16 (default 1)\n"
+         "  cthreads=N         completion threads for completion=workqueue, 1-64 (default 1)\n"
+         "  ring_depth=N       io_uring entries per poller, power of two 8-4096 (default 256)\n"
+         "  commit=SECONDS     background metadata commit interval, 1-300 (default 5): the most a\n"
+         "                     crash loses of what was not fsync'ed\n"
+         "  meta=DIR           metadata directory (default BACKING.meta, /var/lib/deferfs/UUID for a block device)\n"
+         "  loglevel=LEVEL     error|warn|info|debug (default info); stderr with -f, else syslog\n"
+         "  fault_inject       testing only: fail IO whose data carries a tag of backend/fault_inject.h\n"
+         "  ro, rw             read-only (writes fail with EROFS) or read-write (default rw)\n"
+         "  allow_other, allow_root, auto_unmount, nosuid, nodev, noexec, noatime, sync, dirsync,\n"
+         "  fsname=, subtype=, max_read=, blksize=\n"
+         "                     standard FUSE/VFS options, passed to libfuse and the kernel\n"
+         "  default_permissions always on: the kernel checks modes and owners\n"
+         "  defaults, auto, noauto, nofail, _netdev, user, users, owner, group, x-*, comment=\n"
+         "                     fstab bookkeeping, accepted and ignored\n";
 }
 
 }  // namespace deferfs

@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "backend/log.h"
 #include "backend/status.h"
 #include "fs/completion_mode.h"
 
@@ -22,13 +23,19 @@ struct MountOptions {
   unsigned pollers = 1;
   unsigned cthreads = 1;
   unsigned ring_depth = 256;
+  unsigned commit = 5;  // seconds between background metadata commits
   bool read_only = false;
+  bool fault_inject = false;  // testing only: pollers fail tagged bios (backend/fault_inject.h)
+  LogLevel log_level = LogLevel::kInfo;
   // Options for libfuse/the kernel mount (allow_other, ro, fsname=...), in order.
   std::vector<std::string> fuse_opts;
 
-  // "completion=auto,workers=2,..." for logs and the mount's option string.
+  // "completion=auto,workers=2,..." for the log line that starts a mount.
   std::string Describe() const;
 };
+
+// The -o options with their meaning and default, for `deferfs mount --help`.
+std::string MountOptionsHelp();
 
 // Parses a comma-separated -o string (may be given several times: call once
 // per -o). Errors name the option and the accepted values.

@@ -1,12 +1,16 @@
 // deferfs stats: asks a live mount for its report through an ioctl on the
-// mount's root directory and prints it as a table, or as JSON for scripts.
+// mount's root directory and prints it as a table, or as JSON for scripts;
+// --watch redraws it every second with per-second rates.
 #include <fcntl.h>
-#include <getopt.h>
+#include <signal.h>
 #include <sys/ioctl.h>
 #include <unistd.h>
 
 #include <cctype>
+#include <chrono>
+#include <cstdlib>
 #include <cstring>
+#include <map>
 #include <string>
 #include <utility>
 #include <vector>
@@ -17,11 +21,6 @@
 
 namespace deferfs {
 namespace {
-
-constexpr char kStatsUsage[] =
-    "usage: deferfs stats MOUNTPOINT [--json] [--reset]\n"
-    "  --json    one JSON object, for scripts\n"
-    "  --reset   print, then start counting anew (root only)\n";
 
 // Flattens the report's JSON (objects of numbers and strings only, as
 // fs/stats.cc writes it) into "group.name" / value rows, in order.
@@ -74,34 +73,154 @@ class Flattener {
   std::vector<std::pair<std::string, std::string>>* rows_ = nullptr;
 };
 
-}  // namespace
+using Rows = std::vector<std::pair<std::string, std::string>>;
 
-int StatsCommand(int argc, char** argv) {
-  static const option kLong[] = {{"json", no_argument, nullptr, 'j'},
-                                 {"reset", no_argument, nullptr, 'r'},
-                                 {"help", no_argument, nullptr, 'h'},
-                                 {nullptr, 0, nullptr, 0}};
-  bool json = false, reset = false;
-  opterr = 0;
-  optind = 1;
-  for (int c; (c = getopt_long(argc, argv, "jrh", kLong, nullptr)) != -1;) {
-    switch (c) {
-      case 'j': json = true; break;
-      case 'r': reset = true; break;
-      case 'h': std::fputs(kStatsUsage, stdout); return 0;
-      default: return Fail(std::string("stats: unknown option '") + argv[optind - 1] + "': see 'deferfs stats --help'");
-    }
-  }
-  if (optind != argc - 1) return Fail("stats needs exactly one MOUNTPOINT: see 'deferfs stats --help'");
-  std::string mnt = argv[optind];
+// The mount's report; `reset` starts its counters anew after this one.
+Status FetchStats(const std::string& mnt, bool reset, std::string* out) {
   UniqueFd fd(open(mnt.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-  if (!fd.valid()) return Fail("cannot open " + mnt + ": " + strerror(errno));
+  if (!fd.valid()) return Status::Error(errno, "cannot open " + mnt + ": " + strerror(errno));
   std::string buf(kStatsIoctlBytes, '\0');
   if (ioctl(fd.get(), reset ? kIocStatsReset : kIocStats, buf.data()) != 0) {
-    if (errno == ENOTTY || errno == ENOSYS || errno == EINVAL) return Fail(mnt + " is not a deferfs mount");
-    return Fail("stats of " + mnt + " failed: " + strerror(errno));
+    if (errno == ENOTTY || errno == ENOSYS || errno == EINVAL) return Status::Invalid(mnt + " is not a deferfs mount");
+    return Status::Error(errno, "stats of " + mnt + " failed: " + strerror(errno));
   }
   buf.resize(strnlen(buf.data(), buf.size()));
+  *out = std::move(buf);
+  return Status::Ok();
+}
+
+Status FetchRows(const std::string& mnt, bool reset, Rows* rows) {
+  std::string json;
+  DEFERFS_RETURN_IF_ERROR(FetchStats(mnt, reset, &json));
+  rows->clear();
+  if (!Flattener(json).Run(rows)) return Status::Invalid("cannot parse the stats of " + mnt);
+  return Status::Ok();
+}
+
+// The report's groups of monotonic counters (everything else is a gauge,
+// the mount's configuration, or a latency summary).
+bool IsCounter(const std::string& key) {
+  for (std::string_view g : {"dio.", "completions.", "workers.", "pollers."}) {
+    if (key.starts_with(g)) return true;
+  }
+  return false;
+}
+
+bool IsConfig(const std::string& key) {
+  for (std::string_view k : {"mode", "workers", "pollers", "cthreads", "ring_depth"}) {
+    if (key == k) return true;
+  }
+  return false;
+}
+
+double Num(const std::string& v) { return std::strtod(v.c_str(), nullptr); }
+
+// One refresh of --watch: counters with their rate over the last `secs`,
+// gauges, and latency per path. With `reset` every report covers only the
+// last interval, so the values themselves are the deltas.
+std::string WatchBlock(const std::string& mnt, const Rows& prev, const Rows& cur, double secs, bool reset) {
+  std::map<std::string, double> before;
+  for (const auto& [k, v] : prev) before[k] = Num(v);
+  auto rate = [&](const std::string& k, double v) { return (reset ? v : v - before[k]) / secs; };
+
+  std::string out = "deferfs stats " + mnt + " every 1 s:";
+  for (const auto& [k, v] : cur) {
+    if (IsConfig(k)) out += " " + k + " " + v;
+  }
+  out += "\n\n";
+  char line[256];
+  std::snprintf(line, sizeof(line), "%-32s %14s %12s\n", "counter", reset ? "interval" : "total", "per second");
+  out += line;
+  for (const auto& [k, v] : cur) {
+    if (!IsCounter(k)) continue;
+    std::snprintf(line, sizeof(line), "%-32s %14s %12.0f\n", k.c_str(), v.c_str(), rate(k, Num(v)));
+    out += line;
+  }
+  out += "\n";
+  bool gauges = false;
+  for (const auto& [k, v] : cur) {
+    if (IsCounter(k) || IsConfig(k) || k.starts_with("latency.")) continue;
+    if (!gauges) {
+      std::snprintf(line, sizeof(line), "%-32s %14s\n", "gauge", "now");
+      out += line;
+      gauges = true;
+    }
+    std::snprintf(line, sizeof(line), "%-32s %14s\n", k.c_str(), v.c_str());
+    out += line;
+  }
+  if (gauges) out += "\n";
+
+  // latency.<path>.<field>, grouped by path in report order.
+  std::vector<std::string> paths;
+  std::map<std::string, std::map<std::string, std::string>> lat;
+  for (const auto& [k, v] : cur) {
+    if (!k.starts_with("latency.")) continue;
+    size_t dot = k.rfind('.');
+    std::string path = k.substr(8, dot - 8);
+    if (lat.find(path) == lat.end()) paths.push_back(path);
+    lat[path][k.substr(dot + 1)] = v;
+  }
+  std::snprintf(line, sizeof(line), "%-20s %12s %10s %10s %10s   (us, %s)\n", "latency", "per second", "p50", "p99",
+                "max", reset ? "last interval" : "since mount or reset");
+  out += line;
+  for (const std::string& p : paths) {
+    auto& f = lat[p];
+    std::snprintf(line, sizeof(line), "%-20s %12.0f %10s %10s %10s\n", p.c_str(),
+                  rate("latency." + p + ".count", Num(f["count"])), f["p50_us"].c_str(), f["p99_us"].c_str(),
+                  f["max_us"].c_str());
+    out += line;
+  }
+  return out;
+}
+
+// --watch: a block per second until `count` blocks or SIGINT/SIGTERM. On a
+// terminal each block replaces the last; otherwise blocks follow each other
+// separated by a blank line, without escape codes.
+int Watch(const StatsArgs& args) {
+  sigset_t sigs;
+  sigemptyset(&sigs);
+  sigaddset(&sigs, SIGINT);
+  sigaddset(&sigs, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &sigs, nullptr);  // taken by sigtimedwait: a clean stop
+  const bool tty = isatty(STDOUT_FILENO) == 1;
+
+  Rows prev, cur;
+  Status s = FetchRows(args.mountpoint, args.reset, &prev);
+  if (!s.ok()) return Fail(s.message());
+  auto prev_t = std::chrono::steady_clock::now();
+  for (unsigned n = 0; args.count == 0 || n < args.count; n++) {
+    // Sleep a second, or stop at once on a signal.
+    const timespec one_second{1, 0};
+    if (sigtimedwait(&sigs, nullptr, &one_second) > 0) break;
+    s = FetchRows(args.mountpoint, args.reset, &cur);
+    if (!s.ok()) return Fail(s.message());
+    auto now = std::chrono::steady_clock::now();
+    double secs = std::chrono::duration<double>(now - prev_t).count();
+    std::string block = WatchBlock(args.mountpoint, prev, cur, secs, args.reset);
+    if (tty) {
+      std::fputs("\033[H\033[2J", stdout);  // home, clear screen
+    } else if (n > 0) {
+      std::fputc('\n', stdout);
+    }
+    std::fputs(block.c_str(), stdout);
+    std::fflush(stdout);
+    prev.swap(cur);
+    prev_t = now;
+  }
+  return 0;
+}
+
+}  // namespace
+
+int StatsCommand(const StatsArgs& args) {
+  if (args.watch && args.json) return Fail("stats: --watch and --json do not mix: pick one");
+  if (!args.watch && args.count != 0) return Fail("stats: --count needs --watch");
+  if (args.watch) return Watch(args);
+  const std::string& mnt = args.mountpoint;
+  const bool json = args.json;
+  std::string buf;
+  Status st = FetchStats(mnt, args.reset, &buf);
+  if (!st.ok()) return Fail(st.message());
   if (json) {
     std::printf("%s\n", buf.c_str());
     return 0;

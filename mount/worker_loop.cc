@@ -10,6 +10,8 @@
 
 #include <cstring>
 
+#include "backend/log.h"
+
 namespace deferfs {
 namespace {
 
@@ -110,6 +112,7 @@ void WorkerPool::Run(Worker* w) {
     if (err == EINTR || err == ENOENT) continue;  // ENOENT: the request was interrupted
     if (err != EAGAIN) {
       // ENODEV: unmounted. Anything else: the connection is unusable.
+      if (err != ENODEV) LogError("reading the FUSE device failed: %s: the mount stops", strerror(err));
       fuse_session_exit(se_);
       Signal(exit_fd_.get());
       break;
@@ -134,8 +137,9 @@ void WorkerPool::Run(Worker* w) {
 bool WorkerPool::Process(uint8_t* req, size_t len) {
   const auto* in = reinterpret_cast<const fuse_in_header*>(req);
   if (len >= sizeof(*in) && in->opcode == FUSE_SYNCFS) {
-    // libfuse 3.14 has no syncfs callback and would answer ENOSYS, which the
-    // kernel takes as "nothing to do": answer it here so syncfs(2) is durable.
+    // Linux forwards syncfs(2) to a FUSE server only for virtiofs so far
+    // (fc->sync_fs), and libfuse 3.14 has no callback for it; should a kernel
+    // send it, answer it here so syncfs(2) is a durability point.
     Status st = fs_->Sync();
     fuse_out_header out{sizeof(fuse_out_header), st.ok() ? 0 : -st.err(), in->unique};
     [[maybe_unused]] ssize_t r = write(fuse_fd_, &out, sizeof(out));

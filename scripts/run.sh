@@ -53,7 +53,8 @@ if [ ! -f "$backing" ] || [ "$(stat -c %s "$backing")" != "$bytes" ] || [ ! -f "
   echo "== pre-writing $backing ($size)"
   mkdir -p "$(dirname "$backing")"
   rm -f "$backing.prewritten"
-  dd if=/dev/zero of="$backing" bs=4M count=$((bytes / 4194304)) oflag=direct status=none
+  dd_status=none; [ -t 2 ] && dd_status=progress  # a progress line on a terminal only
+  dd if=/dev/zero of="$backing" bs=4M count=$((bytes / 4194304)) oflag=direct status=$dd_status
   touch "$backing.prewritten"
 fi
 fsize=$((bytes / 4 / 1048576))M  # each workload file: a quarter of the device

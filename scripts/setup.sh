@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 pkgs=(build-essential cmake pkg-config libfuse3-dev fuse3 liburing-dev librocksdb-dev
-      libgtest-dev libgmock-dev fio gnuplot-nox python3 util-linux)
+      libgtest-dev libgmock-dev libcli11-dev fio gnuplot-nox python3 util-linux)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

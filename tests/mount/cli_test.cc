@@ -4,11 +4,14 @@
 // daemon gone after unmount, foreground daemon exits 0 on SIGTERM).
 #include <fcntl.h>
 #include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
 #include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cctype>
 #include <cstring>
 #include <filesystem>
@@ -22,6 +25,7 @@
 
 #include <gtest/gtest.h>
 
+#include "tests/mount/cli_error.h"
 #include "tests/mount/mounted_fs.h"
 
 namespace deferfs_test {
@@ -30,30 +34,6 @@ namespace {
 using namespace std::chrono_literals;
 
 // ------------------------------------------------------------------ helpers
-
-std::string Lower(std::string s) {
-  std::transform(s.begin(), s.end(), s.begin(), [](unsigned char c) { return std::tolower(c); });
-  return s;
-}
-
-// The error contract; `mention` (case-insensitive) must appear in the message.
-::testing::AssertionResult IsCliError(const RunResult& r, std::string_view mention = {}) {
-  if (r.timed_out) return ::testing::AssertionFailure() << "did not finish: " << r.Describe();
-  if (!r.exited()) return ::testing::AssertionFailure() << "crashed: " << r.Describe();
-  if (r.exit_code() == 0) return ::testing::AssertionFailure() << "exit status 0: " << r.Describe();
-  const std::string prefix = "deferfs: ";
-  if (r.err.rfind(prefix, 0) != 0 || r.err.size() <= prefix.size() + 1) {
-    return ::testing::AssertionFailure() << "stderr must start with \"deferfs: \" and say what is wrong: "
-                                         << r.Describe();
-  }
-  if (std::count(r.err.begin(), r.err.end(), '\n') != 1 || r.err.back() != '\n') {
-    return ::testing::AssertionFailure() << "stderr must be exactly one line: " << r.Describe();
-  }
-  if (!mention.empty() && Lower(r.err).find(Lower(std::string(mention))) == std::string::npos) {
-    return ::testing::AssertionFailure() << "message should mention \"" << mention << "\": " << r.Describe();
-  }
-  return ::testing::AssertionSuccess();
-}
 
 bool Exists(const std::string& p) {
   struct stat st{};
@@ -426,6 +406,190 @@ TEST_F(CliTest, ForegroundMountExitsZeroOnSignal) {
     EXPECT_FALSE(IsMounted(fs.root()));
     EXPECT_EQ(TryFlock(fs.backing()), 0);
   }
+}
+
+TEST_F(CliTest, HelpListsEveryCommandAndOptionWithDefaults) {
+  RunResult top = RunDeferfs({"--help"});
+  ASSERT_TRUE(top.succeeded()) << top.Describe();
+  for (const char* cmd : {"mkfs", "mount", "stats", "fsck", "--version"}) {
+    EXPECT_NE(top.out.find(cmd), std::string::npos) << "deferfs --help lacks " << cmd << ":\n" << top.out;
+  }
+  const std::vector<std::pair<std::string, std::vector<std::string>>> commands{
+      {"mkfs", {"BACKING", "--size", "--meta", "--force", "--discard", "default"}},
+      {"mount",
+       {"BACKING", "MOUNTPOINT", "-o", "-f", "completion=", "default auto", "workers=", "pollers=", "cthreads=",
+        "ring_depth=", "default 256", "meta=", "loglevel=", "default info", "ro", "allow_other", "noauto"}},
+      {"stats", {"MOUNTPOINT", "--json", "--reset", "--watch", "--count", "N=0"}},
+  };
+  for (const auto& [cmd, words] : commands) {
+    RunResult r = RunDeferfs({cmd, "--help"});
+    ASSERT_TRUE(r.succeeded()) << r.Describe();
+    EXPECT_EQ(r.err, "");
+    for (const std::string& w : words) {
+      EXPECT_NE(r.out.find(w), std::string::npos) << "deferfs " << cmd << " --help lacks " << w << ":\n" << r.out;
+    }
+  }
+}
+
+TEST_F(CliTest, VersionPrintsTheVersion) {
+  RunResult r = RunDeferfs({"--version"});
+  ASSERT_TRUE(r.succeeded()) << r.Describe();
+  EXPECT_EQ(r.out.rfind("deferfs ", 0), 0u) << r.out;
+  EXPECT_TRUE(std::isdigit(static_cast<unsigned char>(r.out[8]))) << r.out;
+}
+
+TEST_F(CliTest, NoCommandOrUnknownOptionIsNamed) {
+  EXPECT_TRUE(IsCliError(RunDeferfs({}), "deferfs --help"));
+  EXPECT_TRUE(IsCliError(RunDeferfs({"mkfs", tmp_ / "x", "--bogus"}), "--bogus"));
+  EXPECT_TRUE(IsCliError(RunDeferfs({"stats"}), "MOUNTPOINT"));
+  EXPECT_TRUE(IsCliError(RunDeferfs({"mount", tmp_ / "x"}), "MOUNTPOINT"));
+  EXPECT_TRUE(IsCliError(RunDeferfs({"stats", mnt_, "--watch", "--count", "many"}), "--count"));
+  EXPECT_TRUE(IsCliError(RunDeferfs({"stats", mnt_, "--watch", "--json"}), "--json"));
+  EXPECT_FALSE(Exists(tmp_ / "x"));
+}
+
+TEST_F(CliTest, RepeatedDashOOptionsAddUp) {
+  const std::string img = tmp_ / "fs.img";
+  ASSERT_NO_FATAL_FAILURE(Mkfs(img));
+  MountGuard guard(mnt_, img);
+  guard.expect_mounted(true);
+  RunResult r = MountBg(img, {"-o", "completion=defer", "-o", "workers=2,pollers=2"});
+  ASSERT_TRUE(r.succeeded()) << r.Describe();
+  RunResult st = RunDeferfs({"stats", mnt_, "--json"});
+  EXPECT_TRUE(st.succeeded()) << st.Describe();
+  EXPECT_NE(st.out.find("\"mode\":\"defer\""), std::string::npos) << st.out;
+  EXPECT_NE(st.out.find("\"workers\":2"), std::string::npos) << st.out;
+  EXPECT_NE(st.out.find("\"pollers\":2"), std::string::npos) << st.out;
+  ASSERT_TRUE(RunCommand({"fusermount3", "-u", mnt_}).succeeded());
+  EXPECT_TRUE(WaitUntil([&] { return TryFlock(img) == 0; }));
+  guard.expect_mounted(false);
+}
+
+TEST_F(CliTest, LogLevelOption) {
+  const std::string img = tmp_ / "fs.img";
+  ASSERT_NO_FATAL_FAILURE(Mkfs(img));
+  {
+    MountGuard guard(mnt_, img);
+    EXPECT_TRUE(IsCliError(MountBg(img, {"-o", "loglevel=loud"}), "loglevel"));
+    RunResult r = MountBg(img, {"-o", "loglevel=loud"});
+    EXPECT_NE(r.err.find("debug"), std::string::npos) << "the accepted values are named: " << r.Describe();
+    EXPECT_FALSE(IsMounted(mnt_));
+  }
+  std::string log;
+  {
+    MountedFs fs(MountConfig::Existing(img));  // default level: info
+    ASSERT_TRUE(fs.ok());
+    ASSERT_TRUE(fs.Unmount());
+    log = fs.DaemonLog();
+  }
+  // The configuration, once, at start; and the unmount.
+  size_t first = log.find("deferfs: mounted " + img);
+  ASSERT_NE(first, std::string::npos) << log;
+  EXPECT_EQ(log.find("deferfs: mounted", first + 1), std::string::npos) << "logged twice:\n" << log;
+  for (const char* key : {"completion=", "workers=", "pollers=", "cthreads=", "ring_depth=", "rw", "metadata "}) {
+    EXPECT_NE(log.find(key, first), std::string::npos) << "start line lacks " << key << ":\n" << log;
+  }
+  EXPECT_NE(log.find("deferfs: unmounted"), std::string::npos) << log;
+
+  MountConfig quiet = MountConfig::Existing(img);
+  quiet.options = {"loglevel=warn"};
+  MountedFs fs(quiet);
+  ASSERT_TRUE(fs.ok());
+  ASSERT_TRUE(fs.Unmount());
+  EXPECT_EQ(fs.DaemonLog().find("mounted"), std::string::npos) << fs.DaemonLog();
+}
+
+TEST_F(CliTest, StatsWatchPrintsRatesOncePerRefreshWhenPiped) {
+  MountedFs fs;
+  ASSERT_TRUE(fs.ok());
+  // Writes keep going while the watch runs, so the rate must show them.
+  UniqueFd fd(open(fs.path("w").c_str(), O_CREAT | O_RDWR | O_DIRECT, 0644));
+  ASSERT_TRUE(fd.ok()) << strerror(errno);
+  std::atomic<bool> stop{false};
+  std::thread writer([&] {
+    void* p = nullptr;
+    if (posix_memalign(&p, 4096, 4096) != 0) return;
+    memset(p, 'x', 4096);
+    for (off_t off = 0; !stop.load(); off = (off + 4096) % (16 << 20)) {
+      if (pwrite(fd.get(), p, 4096, off) != 4096) break;
+    }
+    free(p);
+  });
+  RunResult r = RunDeferfs({"stats", fs.root(), "--watch", "--count", "2"});
+  stop = true;
+  writer.join();
+  ASSERT_TRUE(r.succeeded()) << r.Describe();
+  EXPECT_EQ(r.out.find('\033'), std::string::npos) << "escape codes in piped output:\n" << r.out;
+  size_t blocks = 0;
+  for (size_t at = 0; (at = r.out.find("deferfs stats ", at)) != std::string::npos; at++) blocks++;
+  EXPECT_EQ(blocks, 2u) << r.out;
+  // The last block's dio.writes row: "dio.writes  TOTAL  RATE" with RATE > 0.
+  size_t row = r.out.rfind("\ndio.writes ");
+  ASSERT_NE(row, std::string::npos) << r.out;
+  std::istringstream is(r.out.substr(row + 1));
+  std::string name;
+  double total = -1, rate = -1;
+  is >> name >> total >> rate;
+  EXPECT_GT(total, 0) << r.out;
+  EXPECT_GT(rate, 0) << "no write rate while writes ran:\n" << r.out;
+  for (const char* w : {"per second", "p50", "p99", "write_reply"}) {
+    EXPECT_NE(r.out.find(w), std::string::npos) << r.out;
+  }
+}
+
+TEST_F(CliTest, StatsWatchStopsCleanlyOnSignal) {
+  MountedFs fs;
+  ASSERT_TRUE(fs.ok());
+  for (int sig : {SIGINT, SIGTERM}) {
+    SCOPED_TRACE(strsignal(sig));
+    int out[2];
+    ASSERT_EQ(pipe2(out, O_CLOEXEC), 0);
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_adddup2(&fa, out[1], STDOUT_FILENO);
+    std::string root = fs.root();
+    char* argv[] = {const_cast<char*>(DEFERFS_BIN), const_cast<char*>("stats"), root.data(),
+                    const_cast<char*>("--watch"), nullptr};
+    pid_t pid = -1;
+    ASSERT_EQ(posix_spawn(&pid, DEFERFS_BIN, &fa, nullptr, argv, environ), 0);
+    posix_spawn_file_actions_destroy(&fa);
+    close(out[1]);
+    // Wait for the first refresh (blocking read), then interrupt.
+    std::string got;
+    char buf[4096];
+    for (ssize_t n; got.find("latency") == std::string::npos && (n = read(out[0], buf, sizeof(buf))) > 0;) {
+      got.append(buf, static_cast<size_t>(n));
+    }
+    EXPECT_NE(got.find("deferfs stats"), std::string::npos) << got;
+    ASSERT_EQ(kill(pid, sig), 0);
+    int status = 0;
+    ASSERT_EQ(waitpid(pid, &status, 0), pid);
+    close(out[0]);
+    EXPECT_TRUE(WIFEXITED(status)) << "killed by the signal instead of stopping";
+    EXPECT_EQ(WIFEXITED(status) ? WEXITSTATUS(status) : -1, 0);
+  }
+}
+
+TEST_F(CliTest, MkfsDiscardPunchesTheDataAreaQuietlyWhenPiped) {
+  const std::string img = tmp_ / "full.img";
+  {
+    std::ofstream out(img, std::ios::binary);
+    std::string chunk(1 << 20, 'z');
+    for (int i = 0; i < 32; i++) out.write(chunk.data(), static_cast<std::streamsize>(chunk.size()));
+  }
+  struct stat st{};
+  ASSERT_EQ(stat(img.c_str(), &st), 0);
+  ASSERT_GE(st.st_blocks * 512, 32 << 20);
+  RunResult r = RunDeferfs({"mkfs", img, "--discard"});
+  ASSERT_TRUE(r.succeeded()) << r.Describe();
+  EXPECT_EQ(r.err, "") << "progress output although stderr is not a terminal";
+  ASSERT_EQ(stat(img.c_str(), &st), 0);
+  EXPECT_EQ(st.st_size, 32 << 20);
+  EXPECT_LT(st.st_blocks * 512, 1 << 20) << "the data area was not punched";
+  std::string tail = ReadHead(img, 32 << 20).substr(1 << 20);
+  EXPECT_EQ(tail, std::string(tail.size(), '\0'));
+  MountedFs fs(MountConfig::Existing(img));
+  EXPECT_TRUE(fs.ok());
 }
 
 }  // namespace
