@@ -473,6 +473,7 @@ Status MetaStore::SyncWal() {
   if (upto == synced_.load(std::memory_order_relaxed)) return Status::Ok();
   DEFERFS_RETURN_IF_ERROR(FromRocks(db_->FlushWAL(/*sync=*/true), "wal sync"));
   synced_.store(upto, std::memory_order_relaxed);
+  wal_syncs_.fetch_add(1, std::memory_order_relaxed);
   return Status::Ok();
 }
 

@@ -149,6 +149,9 @@ class MetaStore {
   // the first commit that references data and stay callable until the store
   // is destroyed.
   DataBarrier& barrier() { return *barrier_; }
+  // For `deferfs stats`: batches committed, and WAL write-outs with fsync.
+  uint64_t commits() const { return commits_.load(std::memory_order_relaxed); }
+  uint64_t wal_syncs() const { return wal_syncs_.load(std::memory_order_relaxed); }
 
  private:
   Status LookupAt(const rocksdb::ReadOptions& ro, uint64_t dir, std::string_view name, DirEntry* e);
@@ -158,6 +161,7 @@ class MetaStore {
   std::unique_ptr<rocksdb::DB> db_;
   std::atomic<uint64_t> commits_{0};  // Commit()s that returned
   std::atomic<uint64_t> synced_{0};   // commits_ covered by the last SyncWal()
+  std::atomic<uint64_t> wal_syncs_{0};
   std::mutex sync_mu_;                // one SyncWal() at a time
   uint64_t next_ino_ = kRootIno + 1;
 };

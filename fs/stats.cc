@@ -78,6 +78,11 @@ std::string Filesystem::StatsJson(bool reset) {
   c.push_back({"pollers", "wakeups_avoided", p.wakeups_avoided});
   c.push_back({"pollers", "sleeps", p.sleeps});
   c.push_back({"pollers", "submit_batches", p.submit_batches});
+  // The durability machinery: how often the data barrier flushed the device
+  // and the WAL was written out and synced, against the commits made.
+  c.push_back({"metadata", "commits", meta_->commits()});
+  c.push_back({"metadata", "wal_syncs", meta_->wal_syncs()});
+  c.push_back({"metadata", "device_flushes", meta_->barrier().flushes()});
 
   // Counters only grow: a reset is a baseline subtracted from then on.
   if (stats_base_.size() != c.size()) stats_base_.assign(c.size(), {"", 0});

@@ -100,7 +100,7 @@ Status FetchRows(const std::string& mnt, bool reset, Rows* rows) {
 // The report's groups of monotonic counters (everything else is a gauge,
 // the mount's configuration, or a latency summary).
 bool IsCounter(const std::string& key) {
-  for (std::string_view g : {"dio.", "completions.", "workers.", "pollers."}) {
+  for (std::string_view g : {"dio.", "completions.", "workers.", "pollers.", "metadata."}) {
     if (key.starts_with(g)) return true;
   }
   return false;

@@ -507,6 +507,61 @@ TEST(CrashTimestampTest, OSyncOverwriteMakesItsMtimeDurable) {
   EXPECT_EQ(data[100], 'b');
 }
 
+// The ordering as `deferfs stats` counts it: commits stay in memory until a
+// durability point, which flushes the device once and then syncs the WAL;
+// O_DSYNC data (FUA) is not flushed again; the commit interval syncs alone.
+TEST(DurabilityPointTest, FlushesAndWalSyncsAreWhereTheyBelong) {
+  MountConfig cfg;
+  cfg.options = {"completion=defer", "commit=300"};
+  MountedFs fs(cfg);
+  ASSERT_TRUE(fs.ok());
+  AlignedBuf buf(16 * kBlock);
+  std::memset(buf.data(), 'x', 16 * kBlock);
+  auto delta = [&](const Stats& a, const Stats& b, const char* key) { return b[key] - a[key]; };
+
+  UniqueFd fd(open(fs.path("a").c_str(), O_CREAT | O_RDWR | O_DIRECT | O_CLOEXEC, 0644));
+  ASSERT_TRUE(fd.ok()) << strerror(errno);
+  Stats s0 = Stats::Read(fs);
+  ASSERT_EQ(PwriteFull(fd.get(), buf.data(), 16 * kBlock, 0), 0);  // allocating
+  Stats s1 = Stats::Read(fs);
+  EXPECT_GE(delta(s0, s1, "metadata.commits"), 1u) << s1.raw();
+  EXPECT_EQ(delta(s0, s1, "metadata.wal_syncs"), 0u) << "a plain write must not sync the WAL";
+  EXPECT_EQ(delta(s0, s1, "metadata.device_flushes"), 0u);
+
+  ASSERT_EQ(fsync(fd.get()), 0);
+  Stats s2 = Stats::Read(fs);
+  EXPECT_EQ(delta(s1, s2, "metadata.wal_syncs"), 1u) << s2.raw();
+  EXPECT_EQ(delta(s1, s2, "metadata.device_flushes"), 1u) << "one flush covers data and barrier";
+
+  ASSERT_EQ(fsync(fd.get()), 0);  // nothing new: the device only
+  Stats s3 = Stats::Read(fs);
+  EXPECT_EQ(delta(s2, s3, "metadata.wal_syncs"), 0u) << s3.raw();
+  EXPECT_EQ(delta(s2, s3, "metadata.device_flushes"), 1u);
+
+  UniqueFd dsync(open(fs.path("a").c_str(), O_RDWR | O_DIRECT | O_DSYNC | O_CLOEXEC));
+  ASSERT_TRUE(dsync.ok()) << strerror(errno);
+  Stats s4 = Stats::Read(fs);
+  ASSERT_EQ(PwriteFull(dsync.get(), buf.data(), 16 * kBlock, 16 * kBlock), 0);  // allocating, FUA
+  Stats s5 = Stats::Read(fs);
+  EXPECT_GE(delta(s4, s5, "metadata.wal_syncs"), 1u) << "O_DSYNC must sync its metadata: " << s5.raw();
+  EXPECT_EQ(delta(s4, s5, "metadata.device_flushes"), 0u) << "FUA data owes no device flush";
+}
+
+TEST(DurabilityPointTest, TheCommitIntervalSyncsWithoutBeingAsked) {
+  MountConfig cfg;
+  cfg.options = {"completion=defer", "commit=1"};
+  MountedFs fs(cfg);
+  ASSERT_TRUE(fs.ok());
+  AlignedBuf buf(kBlock);
+  UniqueFd fd(open(fs.path("a").c_str(), O_CREAT | O_RDWR | O_DIRECT | O_CLOEXEC, 0644));
+  ASSERT_TRUE(fd.ok()) << strerror(errno);
+  const uint64_t before = Stats::Read(fs)["metadata.wal_syncs"];
+  ASSERT_EQ(PwriteFull(fd.get(), buf.data(), kBlock, 0), 0);
+  EXPECT_TRUE(WaitUntil([&] { return Stats::Read(fs)["metadata.wal_syncs"] > before; }, 30s))
+      << "no background commit within 30 s of commit=1";
+  EXPECT_GE(Stats::Read(fs)["metadata.device_flushes"], 1u) << "the commit went out without its barrier";
+}
+
 INSTANTIATE_TEST_SUITE_P(Modes, CrashTest, ::testing::ValuesIn(AllModes()),
                          [](const ::testing::TestParamInfo<std::string>& i) { return i.param; });
 
