@@ -162,6 +162,7 @@ class MetaStore {
   std::atomic<uint64_t> commits_{0};  // Commit()s that returned
   std::atomic<uint64_t> synced_{0};   // commits_ covered by the last SyncWal()
   std::atomic<uint64_t> wal_syncs_{0};
+  std::mutex commit_mu_;              // one Write() at a time
   std::mutex sync_mu_;                // one SyncWal() at a time
   uint64_t next_ino_ = kRootIno + 1;
 };
