@@ -67,8 +67,7 @@ Status Filesystem::SyncMeta() {
 }
 
 Status Filesystem::CommitInode(Inode* inode, MetaBatch* b, bool sync) {
-  DEFERFS_RETURN_IF_ERROR(CheckLive());
-  if (Status st = meta_->Commit(b, sync); !st.ok()) return MetaFailed(st);
+  DEFERFS_RETURN_IF_ERROR(Commit(b, sync));
   // A synced commit makes everything before it in the WAL durable too. An
   // unsynced one is read against the epoch after it landed: conservative.
   inode->meta_epoch = sync ? 0 : wal_epoch_.load(std::memory_order_acquire);

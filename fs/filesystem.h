@@ -221,7 +221,9 @@ class Filesystem {
   void MaybeDestroy(Inode* inode, MetaBatch* b, std::vector<BlockRange>* freed);
   // Caller holds inode.mu.
   void FillStat(Inode& inode, struct stat* st);
-  Status Commit(MetaBatch* b);
+  // Every metadata commit goes through here: refused once shut down, and
+  // the first failure shuts the filesystem down.
+  Status Commit(MetaBatch* b, bool sync = false);
 
   std::unique_ptr<Device> dev_;
   std::unique_ptr<MetaStore> meta_;

@@ -69,9 +69,9 @@ Status Filesystem::MetaFailed(const Status& st) {
   return Status::IoError("metadata store failed: " + st.message());
 }
 
-Status Filesystem::Commit(MetaBatch* b) {
+Status Filesystem::Commit(MetaBatch* b, bool sync) {
   DEFERFS_RETURN_IF_ERROR(CheckLive());
-  Status st = meta_->Commit(b);
+  Status st = meta_->Commit(b, sync);
   return st.ok() ? st : MetaFailed(st);
 }
 

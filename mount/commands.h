@@ -48,6 +48,9 @@ int MountHelperMain(int argc, char** argv);
 
 // Prints "deferfs: <msg>" on stderr and returns 1, the exit status of every error.
 int Fail(const std::string& msg);
+// Fail() for a command-line parse error: `what` folded onto one line, then
+// where to look for the usage ("deferfs mount", "mount.fuse.deferfs").
+int UsageFail(std::string what, const std::string& where);
 
 // Where the metadata store lives unless -o meta / --meta says otherwise:
 // next to a backing file, or under /var/lib/deferfs for a block device.

@@ -17,6 +17,14 @@ int Fail(const std::string& msg) {
   return 1;
 }
 
+int UsageFail(std::string what, const std::string& where) {
+  for (char& c : what) {
+    if (c == '\n') c = ' ';
+  }
+  while (!what.empty() && what.back() == ' ') what.pop_back();
+  return Fail(what + ": see '" + where + " --help'");
+}
+
 std::string DefaultMetaDir(const std::string& backing, bool is_block_device, const std::string& uuid) {
   if (is_block_device) return "/var/lib/deferfs/" + uuid;
   return backing + ".meta";
@@ -26,16 +34,11 @@ namespace {
 
 constexpr char kMountHelperName[] = "mount.fuse.deferfs";
 
-// CLI11's message, on one line, with where to look for the right usage.
+// CLI11's message, with the (sub)command the user ran.
 int ParseFailure(const CLI::App& app, const CLI::ParseError& e) {
   std::string where = "deferfs";
   for (const CLI::App* sub : app.get_subcommands()) where += " " + sub->get_name();
-  std::string msg = e.what();
-  for (char& c : msg) {
-    if (c == '\n') c = ' ';
-  }
-  while (!msg.empty() && msg.back() == ' ') msg.pop_back();
-  return Fail(msg + ": see '" + where + " --help'");
+  return UsageFail(e.what(), where);
 }
 
 }  // namespace

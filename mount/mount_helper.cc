@@ -36,11 +36,7 @@ int MountHelperMain(int argc, char** argv) {
   } catch (const CLI::CallForVersion& e) {
     return app.exit(e);
   } catch (const CLI::ParseError& e) {
-    std::string msg = e.what();
-    for (char& c : msg) {
-      if (c == '\n') c = ' ';
-    }
-    return Fail(msg + ": see 'mount.fuse.deferfs --help'");
+    return UsageFail(e.what(), "mount.fuse.deferfs");
   }
   if (!type.empty() && type != "fuse.deferfs" && type != "deferfs") {
     return Fail("mount.fuse.deferfs cannot mount type '" + type + "': it mounts fuse.deferfs");
