@@ -1,7 +1,11 @@
 #!/usr/bin/env python3
 """Turns the fio JSON of scripts/run.sh (the mode comparison) into results.csv, results.md and
-plot.png (gnuplot). File names carry the run: TARGET-WORKLOAD-qdN.json, where
-TARGET is a completion mode or "raw" (the backing file itself).
+plot.png (gnuplot). File names carry the run: TARGET-WORKLOAD-qdN-rK.json, where
+TARGET is a completion mode, "raw" (the backing file itself), "passthrough"
+(libfuse's passthrough_ll) or "floor" (reads of a hole on deferfs: the FUSE
+round trip alone), and K the repetition. Repeated runs are reported by their
+median, with the spread (largest distance from the median, in percent).
+Notes that run.sh leaves as TARGET-note.txt beside the JSON go under the tables.
 
   bench_report.py --brief RUN.json          one progress line for one run
   bench_report.py --out DIR RUN.json...     the whole report into DIR
@@ -14,9 +18,9 @@ import re
 import subprocess
 import sys
 
-MODES = ["raw", "inline", "workqueue", "defer", "auto", "sync"]
+MODES = ["raw", "passthrough", "floor", "inline", "workqueue", "defer", "auto", "sync"]
 WORKLOADS = ["randwrite-alloc", "randwrite-overwrite", "randread", "randwrite-dsync"]
-NAME = re.compile(r"(?P<target>[a-z]+)-(?P<job>[a-z-]+)-qd(?P<qd>\d+)\.json$")
+NAME = re.compile(r"(?P<target>[a-z]+)-(?P<job>[a-z-]+)-qd(?P<qd>\d+)(-r(?P<rep>\d+))?\.json$")
 
 
 def measure(path):
@@ -38,18 +42,51 @@ def fmt_iops(v):
     return f"{v / 1000:.1f}k" if v >= 1000 else f"{v:.0f}"
 
 
+def median(xs):
+    xs = sorted(xs)
+    mid = len(xs) // 2
+    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
+
+
 def load(paths):
-    runs = {}
+    """{(job, target, qd): [measure of each repetition]}."""
+    reps = collections.defaultdict(list)
     for p in paths:
         m = NAME.search(os.path.basename(p))
-        if not m:
-            continue
-        runs[(m["job"], m["target"], int(m["qd"]))] = measure(p)
+        if m:
+            r = measure(p)
+            r["rep"] = int(m["rep"] or 1)
+            reps[(m["job"], m["target"], int(m["qd"]))].append(r)
+    for rs in reps.values():
+        rs.sort(key=lambda r: r["rep"])
+    return reps
+
+
+def summarize(reps):
+    """Per point: the median of each figure, and the IOPS spread in percent."""
+    runs = {}
+    for key, rs in reps.items():
+        r = {k: median([x[k] for x in rs]) for k in rs[0] if k != "rep"}
+        r["n"] = len(rs)
+        r["spread"] = max(abs(x["iops"] / r["iops"] - 1) for x in rs) * 100 if r["iops"] else 0.0
+        runs[key] = r
     return runs
+
+
+def notes(paths):
+    dirs = {os.path.dirname(os.path.abspath(p)) for p in paths}
+    out = []
+    for d in sorted(dirs):
+        for name in sorted(os.listdir(d)):
+            if name.endswith("-note.txt"):
+                with open(os.path.join(d, name)) as f:
+                    out.append(f"- {name[:-len('-note.txt')]}: {f.read().strip()}")
+    return out
 
 
 def markdown(runs):
     lines = []
+    repeated = any(r["n"] > 1 for r in runs.values())
     for job in WORKLOADS:
         # randwrite-alloc on the raw file is a plain overwrite: show that figure.
         raw_job = "randwrite-overwrite" if job == "randwrite-alloc" else job
@@ -57,6 +94,8 @@ def markdown(runs):
         qds = sorted({k[2] for k in runs if k[0] == job})
         if not qds:
             continue
+        if targets == ["raw"] and any(k[1] != "raw" for k in runs):
+            continue  # measured only as the raw reference of randwrite-alloc
         get = lambda t, qd: runs.get((raw_job if t == "raw" else job, t, qd))
         lines.append(f"### {job}\n")
         head = ["QD"] + [f"{t} IOPS" for t in targets]
@@ -69,7 +108,10 @@ def markdown(runs):
             row = [str(qd)]
             for t in targets:
                 r = get(t, qd)
-                row.append(fmt_iops(r["iops"]) if r else "–")
+                cell = fmt_iops(r["iops"]) if r else "–"
+                if r and repeated:
+                    cell += f" ±{r['spread']:.0f}%"
+                row.append(cell)
             if "defer vs workqueue" in head:
                 d, w = get("defer", qd), get("workqueue", qd)
                 row.append(f"{(d['iops'] / w['iops'] - 1) * 100:+.1f} %" if d and w and w["iops"] else "–")
@@ -128,12 +170,17 @@ def main():
         r = measure(a.files[0])
         print(f"{fmt_iops(r['iops']):>7} IOPS  p50 {r['p50_us']:6.0f} µs  p99 {r['p99_us']:6.0f} µs")
         return
-    runs = load(a.files)
+    reps = load(a.files)
+    runs = summarize(reps)
     with open(os.path.join(a.out, "results.csv"), "w") as f:
-        f.write("workload,target,qd,iops,mean_us,p50_us,p99_us\n")
-        for (job, target, qd), r in sorted(runs.items()):
-            f.write(f"{job},{target},{qd},{r['iops']:.1f},{r['mean_us']:.1f},{r['p50_us']:.1f},{r['p99_us']:.1f}\n")
+        f.write("workload,target,qd,rep,iops,mean_us,p50_us,p99_us\n")
+        for (job, target, qd), rs in sorted(reps.items()):
+            for r in rs:
+                f.write(f"{job},{target},{qd},{r['rep']},{r['iops']:.1f},{r['mean_us']:.1f},{r['p50_us']:.1f},{r['p99_us']:.1f}\n")
     md = markdown(runs)
+    extra = notes(a.files)
+    if extra:
+        md += "\nNotes:\n\n" + "\n".join(extra) + "\n"
     with open(os.path.join(a.out, "results.md"), "w") as f:
         f.write(md)
     print(md)

@@ -2,44 +2,64 @@
 # The completion-mode comparison: for each mode, mount deferfs on a pre-written
 # backing file and run the fio matrix (scripts/fio/*.fio at queue depths
 # 1..32); run the same matrix on the backing file itself first (the physical
-# limit). Writes results/<stamp>/{results.csv,results.md,plot.png} and prints
-# the Markdown tables.
-#   scripts/run.sh [--quick] [--modes "defer workqueue ..."] [--backing PATH]
-#                  [--size SIZE] [--runtime SECONDS]
-# Default: the five modes, queue depths 1-32, 4 s per run (about ten
-# minutes); --quick: queue depths 1 and 16 at 2 s (about three).
+# limit), and two references for reads: libfuse's passthrough_ll example over
+# the backing file's directory, and reads of a hole on deferfs (the FUSE round
+# trip alone, no device IO). Writes results/<stamp>/{results.csv,results.md,
+# plot.png} and prints the Markdown tables.
+#   scripts/run.sh [--quick] [--modes "defer workqueue ..."] [--jobs "randread ..."]
+#                  [--qds "1 16"] [--repeat N] [--no-reference]
+#                  [--backing PATH] [--size SIZE] [--runtime SECONDS]
+# Default: the five modes, every job, queue depths 1-32, 4 s per run, once
+# (about twelve minutes); --quick: queue depths 1 and 16 at 2 s (about three).
+# --repeat N runs the whole matrix N times, the modes in a rotated order each
+# time; the tables then show medians and the spread.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 modes="inline workqueue defer auto sync"
+jobs="randwrite-alloc randwrite-overwrite randread randwrite-dsync"
 qds="1 2 4 8 16 32"
 runtime=4
+repeat=1
+reference=1
 backing=/var/tmp/deferfs/bench.img
 size=4G
 while (($#)); do
   case "$1" in
     --quick) qds="1 16"; runtime=2; shift ;;
     --modes) modes=$2; shift 2 ;;
+    --jobs) jobs=$2; shift 2 ;;
+    --qds) qds=$2; shift 2 ;;
+    --repeat) repeat=$2; shift 2 ;;
+    --no-reference) reference=0; shift ;;
     --backing) backing=$2; shift 2 ;;
     --size) size=$2; shift 2 ;;
     --runtime) runtime=$2; shift 2 ;;
     *) echo "run.sh: unknown argument '$1' (see the header of scripts/run.sh)" >&2; exit 2 ;;
   esac
 done
+for j in $jobs; do
+  [ -f "scripts/fio/$j.fio" ] || { echo "run.sh: no job '$j' in scripts/fio/ (--jobs)" >&2; exit 2; }
+done
+[[ $repeat =~ ^[1-9][0-9]*$ ]] || { echo "run.sh: --repeat needs a positive count, not '$repeat'" >&2; exit 2; }
 
 scripts/setup.sh
 bin=$PWD/build/deferfs
 out=results/$(date +%Y%m%d-%H%M%S)
 mkdir -p "$out/json"
 mnt=$(mktemp -d /tmp/deferfs-bench.XXXXXX)
+ptmnt=$(mktemp -d /tmp/deferfs-bench-passthrough.XXXXXX)
+ptbin=$(mktemp -d /tmp/deferfs-bench-bin.XXXXXX)
 cleanup() {
   mountpoint -q "$mnt" && { fusermount3 -u "$mnt" || umount -l "$mnt"; }
-  rmdir "$mnt" 2>/dev/null || true
+  mountpoint -q "$ptmnt" && { fusermount3 -u "$ptmnt" || umount -l "$ptmnt"; }
+  rmdir "$mnt" "$ptmnt" 2>/dev/null || true
+  rm -rf "$ptbin"
 }
 trap cleanup EXIT
 
-# umount returns before the daemon has exited; it holds the backing's flock
-# until then, so wait for that before the next mkfs.
+# umount returns before the deferfs daemon has exited; it holds the backing's
+# flock until then, so wait for that before the next mkfs.
 unmount() {
   fusermount3 -u "$mnt"
   for _ in $(seq 300); do flock -n "$backing" true && return 0; sleep 0.1; done
@@ -59,38 +79,84 @@ if [ ! -f "$backing" ] || [ "$(stat -c %s "$backing")" != "$bytes" ] || [ ! -f "
 fi
 fsize=$((bytes / 4 / 1048576))M  # each workload file: a quarter of the device
 
-run() {  # run WORKLOAD TARGET FILE QD
-  local job=$1 target=$2 file=$3 qd=$4
-  local json=$out/json/$target-$job-qd$qd.json
+has_job() { [[ " $jobs " == *" $1 "* ]]; }
+
+run() {  # run WORKLOAD TARGET FILE QD REP
+  local job=$1 target=$2 file=$3 qd=$4 rep=$5
+  local json=$out/json/$target-$job-qd$qd-r$rep.json
+  printf '  %-11s %-20s qd=%-3s ' "$target" "$job" "$qd"
   FILE=$file SIZE=$fsize QD=$qd RUNTIME=$runtime fio --output-format=json --output="$json" "scripts/fio/$job.fio"
   python3 scripts/bench_report.py --brief "$json"
 }
 
-total=$(( ($(wc -w <<<"$modes") + 1) ))
-n=0
-echo "== raw backing file ($((++n))/$total)"
-for qd in $qds; do
-  for job in randwrite-overwrite randread randwrite-dsync; do
-    printf '  raw %-20s qd=%-3s ' "$job" "$qd"; run "$job" raw "$backing" "$qd"
-  done
-done
+# libfuse's own passthrough_ll, built from the example Debian ships with
+# libfuse3-dev, serving the backing file's directory.
+passthrough() {  # passthrough REP
+  local rep=$1 src=/usr/share/doc/libfuse3-dev/examples/passthrough_ll.c
+  # shellcheck disable=SC2046
+  cc -O2 $(pkg-config fuse3 --cflags) "$src" -o "$ptbin/passthrough_ll" $(pkg-config fuse3 --libs)
+  "$ptbin/passthrough_ll" -o source="$(dirname "$backing")" "$ptmnt"
+  local file=$ptmnt/$(basename "$backing")
+  for qd in $qds; do run randread passthrough "$file" "$qd" "$rep"; done
+  # It passes O_DIRECT on to its own open() and writes from an unaligned
+  # buffer: record what an O_DIRECT write gets instead of a number.
+  if ! FILE=$file SIZE=$fsize QD=1 RUNTIME=1 fio --output=/dev/null scripts/fio/randwrite-overwrite.fio 2>/dev/null; then
+    echo "O_DIRECT writes fail: fio reports EINVAL (passthrough_ll opens the file O_DIRECT and writes from an unaligned buffer)" \
+      >"$out/json/passthrough-note.txt"
+    echo "  passthrough O_DIRECT 4k write: fails"
+  fi
+  fusermount3 -u "$ptmnt"
+}
 
-for mode in $modes; do
-  echo "== completion=$mode ($((++n))/$total)"
-  "$bin" mkfs "$backing" --force >/dev/null
-  "$bin" mount "$backing" "$mnt" -o "completion=$mode"
-  dd if=/dev/zero of="$mnt/written" bs=1M count=$((bytes / 4 / 1048576)) oflag=direct status=none
+read -ra mode_list <<<"$modes"
+nmodes=${#mode_list[@]}
+total=$(( (nmodes + reference + 1) * repeat ))
+n=0
+for ((rep = 1; rep <= repeat; rep++)); do
+  echo "== raw backing file ($((++n))/$total)"
   for qd in $qds; do
-    printf '  %-9s %-20s qd=%-3s ' "$mode" randwrite-alloc "$qd"
-    run randwrite-alloc "$mode" "$mnt/alloc-$qd" "$qd"
-    rm -f "$mnt/alloc-$qd"
-    sync -f "$mnt"  # freed blocks are reusable after a metadata sync
     for job in randwrite-overwrite randread randwrite-dsync; do
-      printf '  %-9s %-20s qd=%-3s ' "$mode" "$job" "$qd"; run "$job" "$mode" "$mnt/written" "$qd"
+      # randwrite-alloc on the raw file is a plain overwrite: measured once as that.
+      if has_job "$job" || { [ "$job" = randwrite-overwrite ] && has_job randwrite-alloc; }; then
+        run "$job" raw "$backing" "$qd" "$rep"
+      fi
     done
   done
-  "$bin" stats "$mnt" --json >"$out/json/stats-$mode.json"
-  unmount
+  if ((reference)) && has_job randread; then
+    echo "== libfuse passthrough_ll ($((++n))/$total)"
+    passthrough "$rep"
+  fi
+
+  # Rotate the order each repetition, so slow drift in this machine's speed
+  # does not always fall on the same mode.
+  for ((i = 0; i < nmodes; i++)); do
+    mode=${mode_list[$(( (i + rep - 1) % nmodes ))]}
+    echo "== completion=$mode ($((++n))/$total)"
+    "$bin" mkfs "$backing" --force >/dev/null
+    "$bin" mount "$backing" "$mnt" -o "completion=$mode"
+    if ((reference)) && ((i == 0)) && has_job randread; then
+      # The FUSE round trip alone: reads of a hole are answered by the worker
+      # without device IO, whatever the completion mode.
+      truncate -s "$fsize" "$mnt/hole"
+      for qd in $qds; do run randread floor "$mnt/hole" "$qd" "$rep"; done
+      rm -f "$mnt/hole"
+    fi
+    if has_job randwrite-overwrite || has_job randread || has_job randwrite-dsync; then
+      dd if=/dev/zero of="$mnt/written" bs=1M count=$((bytes / 4 / 1048576)) oflag=direct status=none
+    fi
+    for qd in $qds; do
+      if has_job randwrite-alloc; then
+        run randwrite-alloc "$mode" "$mnt/alloc-$qd" "$qd" "$rep"
+        rm -f "$mnt/alloc-$qd"
+        sync -f "$mnt"  # freed blocks are reusable after a metadata sync
+      fi
+      for job in randwrite-overwrite randread randwrite-dsync; do
+        has_job "$job" && run "$job" "$mode" "$mnt/written" "$qd" "$rep"
+      done
+    done
+    "$bin" stats "$mnt" --json >"$out/json/stats-$mode-r$rep.json"
+    unmount
+  done
 done
 
 python3 scripts/bench_report.py --out "$out" "$out"/json/*-qd*.json
