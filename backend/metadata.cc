@@ -106,6 +106,10 @@ rocksdb::Options DbOptions(rocksdb::Env* env = nullptr) {
   o.paranoid_checks = true;
   o.max_background_jobs = 2;
   o.write_buffer_size = 32 << 20;
+  // Room for the WAL of several commit= intervals at full speed: a full
+  // buffer would be written out (behind a device flush, ~5 ms here) by
+  // whichever commit filled it, a FUSE worker in the middle of a request.
+  o.writable_file_max_buffer_size = 32 << 20;
   o.keep_log_file_num = 4;
   o.info_log_level = rocksdb::WARN_LEVEL;
   return o;

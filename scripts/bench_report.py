@@ -5,7 +5,9 @@ TARGET is a completion mode, "raw" (the backing file itself), "passthrough"
 (libfuse's passthrough_ll) or "floor" (reads of a hole on deferfs: the FUSE
 round trip alone), and K the repetition. Repeated runs are reported by their
 median, with the spread (largest distance from the median, in percent).
-Notes that run.sh leaves as TARGET-note.txt beside the JSON go under the tables.
+Beside each JSON, run.sh may leave RUN.cpu: the file server's CPU seconds
+during the run (shown as CPU µs per IO); notes it leaves as TARGET-note.txt
+go under the tables.
 
   bench_report.py --brief RUN.json          one progress line for one run
   bench_report.py --out DIR RUN.json...     the whole report into DIR
@@ -30,12 +32,18 @@ def measure(path):
     side = job["write"] if job["write"]["io_bytes"] > 0 else job["read"]
     clat = side["clat_ns"]
     pct = clat.get("percentile", {})
-    return {
+    r = {
         "iops": side["iops"],
         "mean_us": clat["mean"] / 1000.0,
         "p50_us": pct.get("50.000000", 0) / 1000.0,
         "p99_us": pct.get("99.000000", 0) / 1000.0,
     }
+    # run.sh leaves the file server's CPU seconds during the run beside the JSON.
+    cpu = path[: -len(".json")] + ".cpu"
+    if os.path.exists(cpu) and side["total_ios"]:
+        with open(cpu) as f:
+            r["cpu_us"] = float(f.read()) * 1e6 / side["total_ios"]
+    return r
 
 
 def fmt_iops(v):
@@ -66,7 +74,8 @@ def summarize(reps):
     """Per point: the median of each figure, and the IOPS spread in percent."""
     runs = {}
     for key, rs in reps.items():
-        r = {k: median([x[k] for x in rs]) for k in rs[0] if k != "rep"}
+        keys = set.intersection(*(set(x) for x in rs)) - {"rep"}
+        r = {k: median([x[k] for x in rs]) for k in keys}
         r["n"] = len(rs)
         r["spread"] = max(abs(x["iops"] / r["iops"] - 1) for x in rs) * 100 if r["iops"] else 0.0
         runs[key] = r
@@ -102,6 +111,9 @@ def markdown(runs):
         if "defer" in targets and "workqueue" in targets:
             head.append("defer vs workqueue")
         head.append("p50 / p99 µs (" + ", ".join(t for t in targets) + ")")
+        servers = [t for t in targets if any("cpu_us" in r for k, r in runs.items() if k[1] == t and k[0] == job)]
+        if servers:
+            head.append("server CPU µs per IO (" + ", ".join(servers) + ")")
         lines.append("| " + " | ".join(head) + " |")
         lines.append("|" + "---|" * len(head))
         for qd in qds:
@@ -120,6 +132,9 @@ def markdown(runs):
                 r = get(t, qd)
                 lat.append(f"{r['p50_us']:.0f}/{r['p99_us']:.0f}" if r else "–")
             row.append(", ".join(lat))
+            if servers:
+                cpu = [get(t, qd) for t in servers]
+                row.append(", ".join(f"{r['cpu_us']:.0f}" if r and "cpu_us" in r else "–" for r in cpu))
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -168,15 +183,17 @@ def main():
     a = ap.parse_args()
     if a.brief:
         r = measure(a.files[0])
-        print(f"{fmt_iops(r['iops']):>7} IOPS  p50 {r['p50_us']:6.0f} µs  p99 {r['p99_us']:6.0f} µs")
+        cpu = f"  server {r['cpu_us']:5.1f} µs CPU/IO" if "cpu_us" in r else ""
+        print(f"{fmt_iops(r['iops']):>7} IOPS  p50 {r['p50_us']:6.0f} µs  p99 {r['p99_us']:6.0f} µs{cpu}")
         return
     reps = load(a.files)
     runs = summarize(reps)
     with open(os.path.join(a.out, "results.csv"), "w") as f:
-        f.write("workload,target,qd,rep,iops,mean_us,p50_us,p99_us\n")
+        f.write("workload,target,qd,rep,iops,mean_us,p50_us,p99_us,server_cpu_us_per_io\n")
         for (job, target, qd), rs in sorted(reps.items()):
             for r in rs:
-                f.write(f"{job},{target},{qd},{r['rep']},{r['iops']:.1f},{r['mean_us']:.1f},{r['p50_us']:.1f},{r['p99_us']:.1f}\n")
+                cpu = f"{r['cpu_us']:.1f}" if "cpu_us" in r else ""
+                f.write(f"{job},{target},{qd},{r['rep']},{r['iops']:.1f},{r['mean_us']:.1f},{r['p50_us']:.1f},{r['p99_us']:.1f},{cpu}\n")
     md = markdown(runs)
     extra = notes(a.files)
     if extra:

@@ -81,11 +81,21 @@ fsize=$((bytes / 4 / 1048576))M  # each workload file: a quarter of the device
 
 has_job() { [[ " $jobs " == *" $1 "* ]]; }
 
+# CPU seconds (user + system) the file server has used so far: the deferfs
+# daemon or passthrough_ll. A far steadier figure than IOPS on a noisy VM.
+server_pid=
+server_cpu() {
+  awk -v hz="$(getconf CLK_TCK)" '{ printf "%.3f\n", ($14 + $15) / hz }' "/proc/$server_pid/stat"
+}
+
 run() {  # run WORKLOAD TARGET FILE QD REP
   local job=$1 target=$2 file=$3 qd=$4 rep=$5
-  local json=$out/json/$target-$job-qd$qd-r$rep.json
+  local json=$out/json/$target-$job-qd$qd-r$rep.json cpu0=
   printf '  %-11s %-20s qd=%-3s ' "$target" "$job" "$qd"
+  [ "$target" != raw ] && cpu0=$(server_cpu)
   FILE=$file SIZE=$fsize QD=$qd RUNTIME=$runtime fio --output-format=json --output="$json" "scripts/fio/$job.fio"
+  # Beside the JSON: the server's CPU seconds during the run.
+  [ -n "$cpu0" ] && awk -v a="$(server_cpu)" -v b="$cpu0" 'BEGIN { printf "%.3f\n", a - b }' >"${json%.json}.cpu"
   python3 scripts/bench_report.py --brief "$json"
 }
 
@@ -96,6 +106,7 @@ passthrough() {  # passthrough REP
   # shellcheck disable=SC2046
   cc -O2 $(pkg-config fuse3 --cflags) "$src" -o "$ptbin/passthrough_ll" $(pkg-config fuse3 --libs)
   "$ptbin/passthrough_ll" -o source="$(dirname "$backing")" "$ptmnt"
+  server_pid=$(pgrep -f -- "$ptbin/passthrough_ll" | head -1)
   local file=$ptmnt/$(basename "$backing")
   for qd in $qds; do run randread passthrough "$file" "$qd" "$rep"; done
   # It passes O_DIRECT on to its own open() and writes from an unaligned
@@ -134,6 +145,7 @@ for ((rep = 1; rep <= repeat; rep++)); do
     echo "== completion=$mode ($((++n))/$total)"
     "$bin" mkfs "$backing" --force >/dev/null
     "$bin" mount "$backing" "$mnt" -o "completion=$mode"
+    server_pid=$(pgrep -f -- "mount $backing $mnt " | head -1)
     if ((reference)) && ((i == 0)) && has_job randread; then
       # The FUSE round trip alone: reads of a hole are answered by the worker
       # without device IO, whatever the completion mode.

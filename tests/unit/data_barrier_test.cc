@@ -69,6 +69,19 @@ TEST_F(OrderedStoreTest, CommitsStayOffTheWalFileUntilASyncPoint) {
   EXPECT_EQ(seen, 2) << "commits must be visible at once, durable or not";
 }
 
+// A commit runs on a FUSE worker (a deferred completion): if the WAL buffer
+// filled between sync points, that worker would write the WAL out and flush
+// the device (milliseconds) in the middle of a request. Seconds of commits at
+// full speed must fit: 40k extent commits are well over 2 MiB of WAL.
+TEST_F(OrderedStoreTest, ManyCommitsBetweenSyncPointsNeverFlush) {
+  for (uint64_t i = 0; i < 40000; i++) ASSERT_TRUE(CommitExtent(i).ok());
+  EXPECT_EQ(WalBytes(dir_), wal_start_) << "the WAL buffer spilled to the file between sync points";
+  EXPECT_TRUE(wal_at_flush_.empty()) << "a commit flushed the device";
+  ASSERT_TRUE(store_->SyncWal().ok());
+  EXPECT_EQ(wal_at_flush_.size(), 1u);
+  EXPECT_GT(WalBytes(dir_), wal_start_ + (2u << 20));
+}
+
 TEST_F(OrderedStoreTest, TheDeviceIsFlushedBeforeTheWalIsWritten) {
   ASSERT_TRUE(CommitExtent(0).ok());
   ASSERT_TRUE(store_->SyncWal().ok());
