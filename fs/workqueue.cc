@@ -1,5 +1,7 @@
 #include "fs/workqueue.h"
 
+#include <pthread.h>
+
 namespace deferfs {
 
 Workqueue::Workqueue(unsigned threads) {
@@ -27,6 +29,7 @@ void Workqueue::Queue(WorkItem* item) {
 }
 
 void Workqueue::Run() {
+  pthread_setname_np(pthread_self(), "deferfs-cthread");  // as completion threads are called in the docs
   std::unique_lock l(mu_);
   for (;;) {
     cv_.wait(l, [this] { return head_ != nullptr || stop_; });

@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <linux/fuse.h>
 #include <poll.h>
+#include <pthread.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/uio.h>
@@ -92,6 +93,7 @@ void WorkerPool::Stop() {
 }
 
 void WorkerPool::Run(Worker* w) {
+  pthread_setname_np(pthread_self(), "deferfs-worker");
   TaskWork::SetCurrent(&w->tw);
   IoBufferPool& pool = fs_->buffers();
   bool stop = false;

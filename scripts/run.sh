@@ -9,8 +9,8 @@
 #   scripts/run.sh [--quick] [--modes "defer workqueue ..."] [--jobs "randread ..."]
 #                  [--qds "1 16"] [--repeat N] [--no-reference]
 #                  [--backing PATH] [--size SIZE] [--runtime SECONDS]
-# Default: the five modes, every job, queue depths 1-32, 4 s per run, once
-# (about twelve minutes); --quick: queue depths 1 and 16 at 2 s (about three).
+# Default: the five modes, every job, queue depths 1-32, 3 s per run, once
+# (about ten minutes); --quick: queue depths 1 and 16 at 2 s (about three).
 # --repeat N runs the whole matrix N times, the modes in a rotated order each
 # time; the tables then show medians and the spread.
 set -euo pipefail
@@ -19,7 +19,7 @@ cd "$(dirname "$0")/.."
 modes="inline workqueue defer auto sync"
 jobs="randwrite-alloc randwrite-overwrite randread randwrite-dsync"
 qds="1 2 4 8 16 32"
-runtime=4
+runtime=3
 repeat=1
 reference=1
 backing=/var/tmp/deferfs/bench.img
