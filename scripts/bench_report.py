@@ -163,7 +163,8 @@ def plot(runs, out):
                 src = "randwrite-overwrite" if (t == "raw" and job == "randwrite-alloc") else job
                 path = os.path.join(datdir, f"{src}-{t}.dat")
                 if os.path.exists(path):
-                    plots.append(f"'{path}' using 1:{col} with linespoints title '{t}'")
+                    # One colour and point type per target in every panel.
+                    plots.append(f"'{path}' using 1:{col} with linespoints lt {MODES.index(t) + 1} title '{t}'")
             if not plots:
                 continue
             script += [f"set title '{job}: {label}'", "set xlabel 'queue depth'", f"set ylabel '{label}'",

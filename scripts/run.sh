@@ -10,7 +10,7 @@
 #                  [--qds "1 16"] [--repeat N] [--no-reference]
 #                  [--backing PATH] [--size SIZE] [--runtime SECONDS]
 # Default: the five modes, every job, queue depths 1-32, 3 s per run, once
-# (about ten minutes); --quick: queue depths 1 and 16 at 2 s (about three).
+# (about ten minutes); --quick: queue depths 1 and 16 at 2 s (about 2½).
 # --repeat N runs the whole matrix N times, the modes in a rotated order each
 # time; the tables then show medians and the spread.
 set -euo pipefail
