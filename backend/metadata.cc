@@ -109,6 +109,7 @@ rocksdb::Options DbOptions(rocksdb::Env* env = nullptr) {
   // Room for the WAL of several commit= intervals at full speed: a full
   // buffer would be written out (behind a device flush, ~5 ms here) by
   // whichever commit filled it, a FUSE worker in the middle of a request.
+  // (It caps every file writer's buffer; each grows only as it must.)
   o.writable_file_max_buffer_size = 32 << 20;
   o.keep_log_file_num = 4;
   o.info_log_level = rocksdb::WARN_LEVEL;

@@ -83,8 +83,10 @@ has_job() { [[ " $jobs " == *" $1 "* ]]; }
 
 # CPU seconds (user + system) the file server has used so far: the deferfs
 # daemon or passthrough_ll. A far steadier figure than IOPS on a noisy VM.
+# Nothing (and no CPU column) if the server's process was not found.
 server_pid=
 server_cpu() {
+  [ -n "$server_pid" ] && [ -r "/proc/$server_pid/stat" ] || return 0
   awk -v hz="$(getconf CLK_TCK)" '{ printf "%.3f\n", ($14 + $15) / hz }' "/proc/$server_pid/stat"
 }
 
@@ -92,10 +94,12 @@ run() {  # run WORKLOAD TARGET FILE QD REP
   local job=$1 target=$2 file=$3 qd=$4 rep=$5
   local json=$out/json/$target-$job-qd$qd-r$rep.json cpu0=
   printf '  %-11s %-20s qd=%-3s ' "$target" "$job" "$qd"
-  [ "$target" != raw ] && cpu0=$(server_cpu)
+  if [ "$target" != raw ]; then cpu0=$(server_cpu); fi
   FILE=$file SIZE=$fsize QD=$qd RUNTIME=$runtime fio --output-format=json --output="$json" "scripts/fio/$job.fio"
   # Beside the JSON: the server's CPU seconds during the run.
-  [ -n "$cpu0" ] && awk -v a="$(server_cpu)" -v b="$cpu0" 'BEGIN { printf "%.3f\n", a - b }' >"${json%.json}.cpu"
+  if [ -n "$cpu0" ]; then
+    awk -v a="$(server_cpu)" -v b="$cpu0" 'BEGIN { printf "%.3f\n", a - b }' >"${json%.json}.cpu"
+  fi
   python3 scripts/bench_report.py --brief "$json"
 }
 
