@@ -124,13 +124,9 @@ int Main(int argc, char** argv) {
   }
   try {
     app.parse(argc, argv);
-  } catch (const CLI::CallForHelp& e) {
-    return app.exit(e);
-  } catch (const CLI::CallForAllHelp& e) {
-    return app.exit(e);
-  } catch (const CLI::CallForVersion& e) {
-    return app.exit(e);
   } catch (const CLI::ParseError& e) {
+    // --help, --help-all and --version arrive as ParseErrors that exit 0.
+    if (e.get_exit_code() == 0) return app.exit(e);
     return ParseFailure(app, e);
   }
   if (mkfs_cmd->parsed()) return MkfsCommand(mkfs);

@@ -31,11 +31,9 @@ int MountHelperMain(int argc, char** argv) {
   app.footer(MountOptionsHelp());
   try {
     app.parse(argc, argv);
-  } catch (const CLI::CallForHelp& e) {
-    return app.exit(e);
-  } catch (const CLI::CallForVersion& e) {
-    return app.exit(e);
   } catch (const CLI::ParseError& e) {
+    // --help, --help-all and --version arrive as ParseErrors that exit 0.
+    if (e.get_exit_code() == 0) return app.exit(e);
     return UsageFail(e.what(), "mount.fuse.deferfs");
   }
   if (!type.empty() && type != "fuse.deferfs" && type != "deferfs") {

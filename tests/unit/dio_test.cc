@@ -30,6 +30,7 @@
 #include "backend/metadata.h"
 #include "backend/superblock.h"
 #include "fs/filesystem.h"
+#include "tests/unit/fs_files.h"
 #include "tests/unit/temp_dir.h"
 
 namespace deferfs {
@@ -330,21 +331,7 @@ class DioTest : public testing::Test {
 
   Io io() { return Io(fs_.get(), mode_); }
 
-  Inode* Create(const std::string& name) {
-    struct stat st;
-    Inode* inode = nullptr;
-    Status s = fs_->Create(Caller{0, 0, 022, nullptr}, kRootIno, name, 0644, &st, &inode);
-    EXPECT_TRUE(s.ok()) << s.message();
-    return inode;
-  }
-  static Inode* OpenIn(Filesystem* fs, const std::string& name) {
-    struct stat st;
-    Inode* inode = nullptr;
-    Status s = fs->Lookup(kRootIno, name, &st);
-    if (s.ok()) s = fs->Open(st.st_ino, &inode);
-    EXPECT_TRUE(s.ok()) << name << ": " << s.message();
-    return inode;
-  }
+  Inode* Create(const std::string& name) { return CreateIn(fs_.get(), name); }
   Inode* Open(const std::string& name) { return OpenIn(fs_.get(), name); }
   struct stat Stat(Inode* inode) {
     struct stat st {};

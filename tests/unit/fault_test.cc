@@ -25,6 +25,7 @@
 #include "backend/poller.h"
 #include "backend/superblock.h"
 #include "fs/filesystem.h"
+#include "tests/unit/fs_files.h"
 #include "tests/unit/temp_dir.h"
 
 namespace deferfs {
@@ -321,21 +322,8 @@ class FaultDioTest : public testing::TestWithParam<CompletionMode> {
     ASSERT_TRUE(st.ok()) << st.message();
   }
 
-  Inode* Create(const std::string& name) {
-    struct stat st;
-    Inode* inode = nullptr;
-    Status s = fs_->Create(Caller{0, 0, 022, nullptr}, kRootIno, name, 0644, &st, &inode);
-    EXPECT_TRUE(s.ok()) << s.message();
-    return inode;
-  }
-  Inode* Open(const std::string& name) {
-    struct stat st;
-    Inode* inode = nullptr;
-    Status s = fs_->Lookup(kRootIno, name, &st);
-    if (s.ok()) s = fs_->Open(st.st_ino, &inode);
-    EXPECT_TRUE(s.ok()) << name << ": " << s.message();
-    return inode;
-  }
+  Inode* Create(const std::string& name) { return CreateIn(fs_.get(), name); }
+  Inode* Open(const std::string& name) { return OpenIn(fs_.get(), name); }
 
   void Prepare(Req& r, Inode* inode, uint64_t pos, uint32_t flags) {
     r.pool = &fs_->buffers();
