@@ -298,6 +298,18 @@ inline std::vector<uint8_t> ReadAllDirect(const std::string& path, bool* ok = nu
   return std::vector<uint8_t>(buf.data(), buf.data() + size);
 }
 
+// Creates `path` with `bytes` (a multiple of 4 KiB) written through O_DIRECT.
+inline ::testing::AssertionResult WriteAllDirect(const std::string& path, const std::vector<uint8_t>& bytes) {
+  UniqueFd fd(open(path.c_str(), O_CREAT | O_WRONLY | O_DIRECT | O_CLOEXEC, 0644));
+  if (!fd.ok()) return ::testing::AssertionFailure() << "open O_DIRECT " << path << ": " << strerror(errno);
+  AlignedBuf b(bytes.size());
+  std::memcpy(b.data(), bytes.data(), bytes.size());
+  if (int e = PwriteFull(fd.get(), b.data(), b.size(), 0); e != 0) {
+    return ::testing::AssertionFailure() << "O_DIRECT write of " << path << ": " << strerror(e);
+  }
+  return ::testing::AssertionSuccess();
+}
+
 // Byte-for-byte equality with the first difference in the message.
 inline ::testing::AssertionResult SameBytes(const uint8_t* want, const uint8_t* got, size_t n, uint64_t base = 0) {
   for (size_t i = 0; i < n; i++) {

@@ -227,13 +227,7 @@ TEST_P(LoadTest, GaugesReturnToIdleAfterLoadAndKilledApps) {
   // Data written before the load; must survive it unchanged.
   std::mt19937_64 rng(7);
   const std::vector<uint8_t> before = RandomBytes(rng, 4 << 20);
-  {
-    UniqueFd fd(open(fs.path("before").c_str(), O_CREAT | O_WRONLY | O_DIRECT | O_CLOEXEC, 0644));
-    ASSERT_TRUE(fd.ok()) << strerror(errno);
-    AlignedBuf b(before.size());
-    std::memcpy(b.data(), before.data(), before.size());
-    ASSERT_EQ(PwriteFull(fd.get(), b.data(), b.size(), 0), 0);
-  }
+  ASSERT_TRUE(WriteAllDirect(fs.path("before"), before));
   ASSERT_EQ(mkdir(fs.path("fio").c_str(), 0755), 0);
   ASSERT_EQ(mkdir(fs.path("apps").c_str(), 0755), 0);
 
@@ -264,13 +258,7 @@ TEST_P(LoadTest, GaugesReturnToIdleAfterLoadAndKilledApps) {
   ASSERT_EQ(stat(fs.path("").c_str(), &st), 0) << strerror(errno);
   EXPECT_TRUE(SameBytes(before, ReadAllDirect(fs.path("before"))));
   const std::vector<uint8_t> after = RandomBytes(rng, 1 << 20);
-  {
-    UniqueFd fd(open(fs.path("after").c_str(), O_CREAT | O_WRONLY | O_DIRECT | O_CLOEXEC, 0644));
-    ASSERT_TRUE(fd.ok()) << strerror(errno);
-    AlignedBuf b(after.size());
-    std::memcpy(b.data(), after.data(), after.size());
-    ASSERT_EQ(PwriteFull(fd.get(), b.data(), b.size(), 0), 0);
-  }
+  ASSERT_TRUE(WriteAllDirect(fs.path("after"), after));
   EXPECT_TRUE(SameBytes(after, ReadAllDirect(fs.path("after"))));
   for (int i = 0; i < kKilledApps; i++) {
     EXPECT_EQ(stat(fs.path("apps/app" + std::to_string(i)).c_str(), &st), 0) << "app" << i;
