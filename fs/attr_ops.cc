@@ -62,7 +62,7 @@ Status Filesystem::Start() {
   workqueue_ = std::make_unique<Workqueue>(opt_.cthreads);
   iomap_ = std::make_unique<IomapOps>(alloc_.get(), [this] { return ReclaimFreedBlocks(); }, &synced_epoch_);
   engine_ = std::make_unique<DioEngine>(opt_.completion, std::move(raw), workqueue_.get(), iomap_.get(),
-                                        [this](Dio& dio) { return WriteEndIo(dio); });
+                                        [this](std::span<Dio* const> dios) { return WriteEndIo(dios); });
   journal_ = std::make_unique<JournalCommit>(std::chrono::seconds(opt_.commit_interval_s), [this] {
     if (shut_down()) return;  // already reported; nothing more may be written
     Status st = SyncMeta();

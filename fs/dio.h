@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <span>
 #include <vector>
 
 #include "backend/bio.h"
@@ -78,10 +79,11 @@ struct Dio {
 
 class DioEngine {
  public:
-  // The filesystem's write end_io (xfs_dio_write_end_io's role): convert
-  // unwritten blocks, commit NEW allocations or free them on error, set the
-  // new size, all in one metadata batch; flush for DSYNC. 0 or -errno.
-  using EndIo = std::function<int(Dio& dio)>;
+  // The filesystem's write end_io (xfs_dio_write_end_io's role) for one or
+  // more finished writes to one inode: convert unwritten blocks, commit NEW
+  // allocations or free them on error, set the new size, all in one
+  // metadata batch; flush for DSYNC. 0 or -errno, for all of them.
+  using EndIo = std::function<int(std::span<Dio* const> dios)>;
 
   DioEngine(CompletionMode mode, std::vector<Poller*> pollers, Workqueue* wq, IomapOps* iomap, EndIo end_io);
 
@@ -99,6 +101,10 @@ class DioEngine {
   static void iomap_dio_complete_work(WorkItem* work);
   void iomap_dio_done(Dio* dio);
   ssize_t iomap_dio_complete(Dio* dio);
+  // An async completion's work: kIocbQueued if it joined the thread's batch.
+  ssize_t iomap_dio_complete_async(Dio* dio);
+  ssize_t iomap_dio_finish(Dio* dio, int end_io_ret);
+  friend class DioBatch;
   Poller* PickPoller();
 
   const CompletionMode mode_;

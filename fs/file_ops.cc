@@ -211,46 +211,53 @@ ssize_t Filesystem::WriteIter(Kiocb* iocb, IoBuffer* buf, const uint8_t* data, s
   return res;
 }
 
-int Filesystem::WriteEndIo(Dio& dio) {
-  Inode* inode = dio.inode;
-  const bool failed = dio.error.load(std::memory_order_acquire) != 0;
-  if (!failed && dio.pure_overwrite()) return 0;  // nothing to do: the common fast case
-  const uint64_t lblk = dio.pos >> kBlockShift;
-  const uint64_t end = (dio.pos + dio.size + kB - 1) >> kBlockShift;
-
+int Filesystem::WriteEndIo(std::span<Dio* const> dios) {
+  auto nothing_to_do = [](const Dio* d) { return d->pure_overwrite() && d->error.load(std::memory_order_acquire) == 0; };
+  if (std::all_of(dios.begin(), dios.end(), nothing_to_do)) return 0;  // the common fast case
+  Inode* inode = dios.front()->inode;
   // O_DSYNC data went write-through (FUA bios), so it is on stable media
   // already; the metadata that makes it reachable is committed durably below.
-
-  std::vector<BlockRange> unused;  // allocations of a failed write
+  std::vector<BlockRange> unused;  // allocations of failed writes
   bool woke_waiters = false;
   int ret = 0;
   {
     std::lock_guard l(inode->mu);
-    ExtentDelta delta;
-    // This write's fresh allocations: into the extent map as written (their
-    // data is on the device now), or back to the allocator if it failed.
-    // Only this dio's own: a write that failed early must not touch another
-    // in-flight write's allocation further along its range.
-    for (uint64_t key : dio.new_lblks) {
-      auto it = inode->new_extents.find(key);
-      if (it == inode->new_extents.end()) continue;
-      if (failed) unused.push_back(it->second);
-      else inode->extents.Insert(Extent{it->first, it->second.len, it->second.start, ExtentState::kWritten}, &delta);
-      inode->new_extents.erase(it);
-      woke_waiters = true;
-    }
+    ExtentDelta delta;  // accumulates: one commit for every dio (ExtentMap)
     InodeRecord rec = inode->rec;
-    if (!failed) {
-      if (dio.flags & Dio::DIO_NEED_CONVERT) inode->extents.Convert(lblk, end - lblk, &delta);
-      if (dio.flags & Dio::DIO_EXTENDING) rec.size = std::max<uint64_t>(rec.size, dio.pos + dio.size);
+    bool any_ok = false, sync_only = false, any_dsync = false, all_dsync = true;
+    for (const Dio* dio : dios) {
+      if (nothing_to_do(dio)) continue;
+      const bool failed = dio->error.load(std::memory_order_acquire) != 0;
+      const uint64_t lblk = dio->pos >> kBlockShift;
+      const uint64_t end = (dio->pos + dio->size + kB - 1) >> kBlockShift;
+      // This write's fresh allocations: into the extent map as written (their
+      // data is on the device now), or back to the allocator if it failed.
+      // Only this dio's own: a write that failed early must not touch another
+      // in-flight write's allocation further along its range.
+      for (uint64_t key : dio->new_lblks) {
+        auto it = inode->new_extents.find(key);
+        if (it == inode->new_extents.end()) continue;
+        if (failed) unused.push_back(it->second);
+        else inode->extents.Insert(Extent{it->first, it->second.len, it->second.start, ExtentState::kWritten}, &delta);
+        inode->new_extents.erase(it);
+        woke_waiters = true;
+      }
+      if (!failed) {
+        any_ok = true;
+        if (dio->flags & Dio::DIO_NEED_CONVERT) inode->extents.Convert(lblk, end - lblk, &delta);
+        if (dio->flags & Dio::DIO_EXTENDING) rec.size = std::max<uint64_t>(rec.size, dio->pos + dio->size);
+        sync_only |= (dio->flags & Dio::DIO_NEED_SYNC) != 0;
+      }
+      const bool dsync = dio->flags & Dio::DIO_DSYNC;
+      any_dsync |= dsync;
+      all_dsync &= dsync;
     }
-    const bool sync_only = !failed && (dio.flags & Dio::DIO_NEED_SYNC);
-    if (!delta.empty() || rec.size != inode->rec.size || (inode->dirty && !failed) || sync_only) {
+    if (!delta.empty() || rec.size != inode->rec.size || (inode->dirty && any_ok) || sync_only) {
       MetaBatch b;
       ApplyDelta(inode->ino, delta, &b);
       b.PutInode(rec);
-      if (dio.flags & Dio::DIO_DSYNC) b.set_data_durable();  // FUA: no device flush owed
-      Status st = CommitInode(inode, &b, (dio.flags & Dio::DIO_DSYNC) != 0);
+      if (any_dsync && all_dsync) b.set_data_durable();  // all FUA: no device flush owed
+      Status st = CommitInode(inode, &b, any_dsync);
       if (st.ok()) {
         inode->rec = rec;
         inode->dirty = false;

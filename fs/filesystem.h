@@ -34,6 +34,7 @@
 #include <atomic>
 #include <functional>
 #include <memory>
+#include <span>
 #include <mutex>
 #include <utility>
 #include <string>
@@ -184,8 +185,9 @@ class Filesystem {
   Status CheckLive() const;
   // For a failed metadata write: shuts down (logging once) and returns EIO.
   Status MetaFailed(const Status& st);
-  // The write end_io the dio engine calls (fs/file_ops.cc).
-  int WriteEndIo(Dio& dio);
+  // The write end_io the dio engine calls (fs/file_ops.cc): finished writes
+  // to one inode, one or a batch (fs/dio.cc, DioBatch), in one commit.
+  int WriteEndIo(std::span<Dio* const> dios);
   // Loads the inode's extent map from the store if not yet. Caller holds mu.
   Status EnsureExtents(Inode* inode);
   // Synchronous block-aligned DIO of [pos, pos+len) to/from buf (an IoBuffer).

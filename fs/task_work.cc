@@ -78,17 +78,35 @@ size_t TaskWork::RunPending() {
     list = next;
   }
   size_t n = 0;
-  while (fifo) {
-    Kiocb* iocb = fifo;
-    fifo = fifo->ki_next;
-    ssize_t res = iocb->dio_complete(iocb->private_data);
-    iocb->dio_complete = nullptr;
-    iocb->private_data = nullptr;
-    iocb->ki_complete(iocb, res);
-    n++;
-  }
+  RunBatch([&] {
+    while (fifo) {
+      Kiocb* iocb = fifo;
+      fifo = fifo->ki_next;
+      ssize_t res = iocb->dio_complete(iocb->private_data);
+      iocb->dio_complete = nullptr;
+      iocb->private_data = nullptr;
+      if (res != kIocbQueued) iocb->ki_complete(iocb, res);
+      n++;
+    }
+  });
   stats_.deferred_run.fetch_add(n, std::memory_order_relaxed);
   return n;
+}
+
+bool TaskWork::DeferToBatch(CompletionBatch* batch) {
+  if (batch_depth_ != 1 || completing_batches_) return false;
+  if (std::find(batches_.begin(), batches_.end(), batch) == batches_.end()) batches_.push_back(batch);
+  return true;
+}
+
+void TaskWork::CompleteBatches() {
+  // A batch completing may wait, and so run task_work in a nested RunBatch:
+  // that one must not complete the batches being completed here.
+  if (completing_batches_ || batches_.empty()) return;
+  completing_batches_ = true;
+  for (CompletionBatch* batch : batches_) batch->Complete();
+  batches_.clear();
+  completing_batches_ = false;
 }
 
 bool TaskWork::PrepareSleep() {

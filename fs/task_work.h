@@ -23,6 +23,18 @@ namespace deferfs {
 
 class TaskWork;
 
+// Requests whose end work is shared (the kernel's io_comp_batch): a
+// completion run inside TaskWork::RunBatch may hand its request to a batch
+// instead of finishing it, and the batch finishes all of them together.
+class CompletionBatch {
+ public:
+  // Finishes every request handed in (ki_complete included) and empties.
+  virtual void Complete() = 0;
+
+ protected:
+  ~CompletionBatch() = default;
+};
+
 // Threads waiting for a condition that another thread will make true, then
 // call WakeAll(). Thread-safe. WakeAll costs one atomic load when nobody
 // waits: a waiter counts itself (seq_cst) before it checks its condition,
@@ -56,8 +68,25 @@ class TaskWork {
   void Wake();
 
   // Owner: runs every queued completion: res = dio_complete(private), then
-  // ki_complete(iocb, res) with dio_complete cleared. Returns how many ran.
+  // ki_complete(iocb, res) with dio_complete cleared, all in one RunBatch.
+  // A dio_complete that returns kIocbQueued handed its request to a batch,
+  // which calls ki_complete before RunPending returns. Returns how many ran.
   size_t RunPending();
+
+  // Owner: runs fn(); completions in it may DeferToBatch, and every batch
+  // they used is completed before RunBatch returns, so nothing is ever left
+  // held back when the thread goes on to block (see above).
+  template <typename Fn>
+  void RunBatch(Fn&& fn) {
+    ++batch_depth_;
+    fn();
+    if (--batch_depth_ == 0) CompleteBatches();
+  }
+  // Owner: true if `batch` will be completed at the end of the current
+  // RunBatch. Only in the outermost one and never while batches complete:
+  // a completion that waits (and so runs task_work in a nested RunBatch)
+  // must not see requests of its own batch finished under it.
+  bool DeferToBatch(CompletionBatch* batch);
   bool has_pending() const { return head_.load(std::memory_order_acquire) != nullptr; }
 
   // Owner: returns once cond() holds, running queued completions while it
@@ -81,11 +110,16 @@ class TaskWork {
 
  private:
   void Sleep();  // blocks on event_fd until a Wake()
+  void CompleteBatches();
 
   std::atomic<Kiocb*> head_{nullptr};  // LIFO; RunPending reverses it
   std::atomic<bool> sleeping_{false};
   UniqueFd event_fd_;
   Stats stats_;
+  // Owner only.
+  int batch_depth_ = 0;
+  bool completing_batches_ = false;
+  std::vector<CompletionBatch*> batches_;  // to complete when the outermost RunBatch ends
 };
 
 }  // namespace deferfs

@@ -2,6 +2,8 @@
 
 #include <pthread.h>
 
+#include "fs/task_work.h"
+
 namespace deferfs {
 
 Workqueue::Workqueue(unsigned threads) {
@@ -30,15 +32,28 @@ void Workqueue::Queue(WorkItem* item) {
 
 void Workqueue::Run() {
   pthread_setname_np(pthread_self(), "deferfs-cthread");  // as completion threads are called in the docs
+  // Up to kBatch items at a time, run as one completion batch (their
+  // metadata commits grouped); small enough that other threads share the work.
+  constexpr int kBatch = 16;
+  TaskWork* tw = TaskWork::Current();
   std::unique_lock l(mu_);
   for (;;) {
     cv_.wait(l, [this] { return head_ != nullptr || stop_; });
     if (head_ == nullptr) return;  // stop_ and drained
-    WorkItem* item = head_;
-    head_ = item->next;
+    WorkItem* batch = head_;
+    WorkItem* last = head_;
+    for (int n = 1; n < kBatch && last->next != nullptr; n++) last = last->next;
+    head_ = last->next;
     if (!head_) tail_ = nullptr;
+    last->next = nullptr;
     l.unlock();
-    item->fn(item);
+    tw->RunBatch([batch] {
+      for (WorkItem* item = batch; item != nullptr;) {
+        WorkItem* next = item->next;  // fn may free the item
+        item->fn(item);
+        item = next;
+      }
+    });
     l.lock();
   }
 }

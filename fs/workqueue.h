@@ -1,5 +1,6 @@
 // Workqueue: the completion threads (cthreads=K) — the kernel's
-// sb->s_dio_done_wq. Queue() is thread-safe; work runs on one of the threads.
+// sb->s_dio_done_wq. Queue() is thread-safe; work runs on one of the threads,
+// several items at a time in one TaskWork::RunBatch.
 #pragma once
 
 #include <condition_variable>

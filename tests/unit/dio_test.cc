@@ -330,6 +330,14 @@ class DioTest : public testing::Test {
   }
 
   Io io() { return Io(fs_.get(), mode_); }
+  // Metadata commits so far, as `deferfs stats` reports them.
+  uint64_t Commits() {
+    const std::string json = fs_->StatsJson(false);
+    const std::string key = "\"commits\":";
+    const size_t at = json.find(key);
+    EXPECT_NE(at, std::string::npos) << json;
+    return at == std::string::npos ? 0 : std::stoull(json.substr(at + key.size()));
+  }
 
   Inode* Create(const std::string& name) { return CreateIn(fs_.get(), name); }
   Inode* Open(const std::string& name) { return OpenIn(fs_.get(), name); }
@@ -677,6 +685,64 @@ TEST_P(DioDeferModeTest, DeferredCompletionWaitsForTheIssuer) {
   EXPECT_EQ(f->dio_count.load(), 0);
   EXPECT_EQ(static_cast<uint64_t>(Stat(f).st_size), kN * kLen);
   fs_->Release(f);
+}
+
+// Deferred completions run back to back share their end work: allocating
+// writes to one inode make one metadata commit, each request still gets its
+// own result, and what the shared commit recorded survives a remount.
+// O_DSYNC writes are never held back for a batch: they commit (synced) alone.
+TEST_P(DioDeferModeTest, DeferredWritesShareOneCommitPerInode) {
+  Inode* files[2] = {Create("f"), Create("g")};
+  ASSERT_NE(files[0], nullptr);
+  ASSERT_NE(files[1], nullptr);
+  std::mt19937_64 rng(16);
+  Io x = io();
+  constexpr int kN = 12;  // writes per file, to interleaved blocks
+  constexpr size_t kLen = 8 * kB;
+  Model models[2];
+  std::deque<Req> reqs;
+  std::vector<std::vector<uint8_t>> datas;
+  for (int i = 0; i < kN; i++) {
+    for (int f = 0; f < 2; f++) {
+      datas.push_back(RandomBytes(rng, kLen));
+      // Every other block, backwards: each write splits the file's extents.
+      const uint64_t pos = (kN - 1 - i) * 2 * kLen;
+      // The last write to g is O_DSYNC.
+      const uint32_t flags = f == 1 && i == kN - 1 ? uint32_t{IOCB_DIO_DEFER | IOCB_DSYNC} : uint32_t{IOCB_DIO_DEFER};
+      x.StartWrite(reqs.emplace_back(), files[f], pos, datas.back().data(), kLen, flags);
+      models[f].Write(pos, datas.back());
+    }
+  }
+  ASSERT_TRUE(SpinUntil([&] {
+    for (Req& r : reqs) if (r.queued() && !r.parked.load(std::memory_order_acquire)) return false;
+    return true;
+  })) << "a deferred completion never came back to the issuer";
+  int queued[2] = {0, 0};
+  bool dsync_queued = false;
+  for (size_t i = 0; i < reqs.size(); i++) {
+    if (!reqs[i].queued()) continue;
+    const bool dsync = reqs[i].iocb.ki_flags & IOCB_DSYNC;
+    dsync_queued |= dsync;
+    if (!dsync) queued[i % 2]++;
+  }
+  // Requests whose IO was done before submission returned finished there, alone.
+  const uint64_t commits_before = Commits();
+  EXPECT_EQ(TaskWork::Current()->RunPending(), static_cast<size_t>(queued[0] + queued[1] + dsync_queued));
+  const uint64_t want = (queued[0] > 0) + (queued[1] > 0) + dsync_queued;
+  EXPECT_EQ(Commits() - commits_before, want) << queued[0] << " and " << queued[1] << " batched writes";
+  for (Req& r : reqs) {
+    ASSERT_EQ(x.Wait(r), static_cast<ssize_t>(kLen));
+    EXPECT_EQ(r.final_calls, r.queued() ? 1 : 0);
+  }
+  for (Inode* f : files) fs_->Release(f);
+
+  ASSERT_NO_FATAL_FAILURE(Remount());
+  Inode* again[2] = {Open("f"), Open("g")};
+  for (int f = 0; f < 2; f++) {
+    ASSERT_NE(again[f], nullptr);
+    ExpectContents(again[f], models[f]);
+    fs_->Release(again[f]);
+  }
 }
 
 // ---------------------------------------------------------------------------
