@@ -695,44 +695,47 @@ TEST_P(DioDeferModeTest, DeferredWritesShareOneCommitPerInode) {
   Inode* files[2] = {Create("f"), Create("g")};
   ASSERT_NE(files[0], nullptr);
   ASSERT_NE(files[1], nullptr);
-  std::mt19937_64 rng(16);
-  Io x = io();
-  constexpr int kN = 12;  // writes per file, to interleaved blocks
-  constexpr size_t kLen = 8 * kB;
   Model models[2];
-  std::deque<Req> reqs;
-  std::vector<std::vector<uint8_t>> datas;
-  for (int i = 0; i < kN; i++) {
-    for (int f = 0; f < 2; f++) {
-      datas.push_back(RandomBytes(rng, kLen));
-      // Every other block, backwards: each write splits the file's extents.
-      const uint64_t pos = (kN - 1 - i) * 2 * kLen;
-      // The last write to g is O_DSYNC.
-      const uint32_t flags = f == 1 && i == kN - 1 ? uint32_t{IOCB_DIO_DEFER | IOCB_DSYNC} : uint32_t{IOCB_DIO_DEFER};
-      x.StartWrite(reqs.emplace_back(), files[f], pos, datas.back().data(), kLen, flags);
-      models[f].Write(pos, datas.back());
+  {
+    // The requests (and their buffers, from this mount's pool) end before the remount.
+    std::mt19937_64 rng(16);
+    Io x = io();
+    constexpr int kN = 12;  // writes per file, to interleaved blocks
+    constexpr size_t kLen = 8 * kB;
+    std::deque<Req> reqs;
+    std::vector<std::vector<uint8_t>> datas;
+    for (int i = 0; i < kN; i++) {
+      for (int f = 0; f < 2; f++) {
+        datas.push_back(RandomBytes(rng, kLen));
+        // Every other block, backwards: each write splits the file's extents.
+        const uint64_t pos = (kN - 1 - i) * 2 * kLen;
+        // The last write to g is O_DSYNC.
+        const uint32_t flags = f == 1 && i == kN - 1 ? uint32_t{IOCB_DIO_DEFER | IOCB_DSYNC} : uint32_t{IOCB_DIO_DEFER};
+        x.StartWrite(reqs.emplace_back(), files[f], pos, datas.back().data(), kLen, flags);
+        models[f].Write(pos, datas.back());
+      }
     }
-  }
-  ASSERT_TRUE(SpinUntil([&] {
-    for (Req& r : reqs) if (r.queued() && !r.parked.load(std::memory_order_acquire)) return false;
-    return true;
-  })) << "a deferred completion never came back to the issuer";
-  int queued[2] = {0, 0};
-  bool dsync_queued = false;
-  for (size_t i = 0; i < reqs.size(); i++) {
-    if (!reqs[i].queued()) continue;
-    const bool dsync = reqs[i].iocb.ki_flags & IOCB_DSYNC;
-    dsync_queued |= dsync;
-    if (!dsync) queued[i % 2]++;
-  }
-  // Requests whose IO was done before submission returned finished there, alone.
-  const uint64_t commits_before = Commits();
-  EXPECT_EQ(TaskWork::Current()->RunPending(), static_cast<size_t>(queued[0] + queued[1] + dsync_queued));
-  const uint64_t want = (queued[0] > 0) + (queued[1] > 0) + dsync_queued;
-  EXPECT_EQ(Commits() - commits_before, want) << queued[0] << " and " << queued[1] << " batched writes";
-  for (Req& r : reqs) {
-    ASSERT_EQ(x.Wait(r), static_cast<ssize_t>(kLen));
-    EXPECT_EQ(r.final_calls, r.queued() ? 1 : 0);
+    ASSERT_TRUE(SpinUntil([&] {
+      for (Req& r : reqs) if (r.queued() && !r.parked.load(std::memory_order_acquire)) return false;
+      return true;
+    })) << "a deferred completion never came back to the issuer";
+    int queued[2] = {0, 0};
+    bool dsync_queued = false;
+    for (size_t i = 0; i < reqs.size(); i++) {
+      if (!reqs[i].queued()) continue;
+      const bool dsync = reqs[i].iocb.ki_flags & IOCB_DSYNC;
+      dsync_queued |= dsync;
+      if (!dsync) queued[i % 2]++;
+    }
+    // Requests whose IO was done before submission returned finished there, alone.
+    const uint64_t commits_before = Commits();
+    EXPECT_EQ(TaskWork::Current()->RunPending(), static_cast<size_t>(queued[0] + queued[1] + dsync_queued));
+    const uint64_t want = (queued[0] > 0) + (queued[1] > 0) + dsync_queued;
+    EXPECT_EQ(Commits() - commits_before, want) << queued[0] << " and " << queued[1] << " batched writes";
+    for (Req& r : reqs) {
+      ASSERT_EQ(x.Wait(r), static_cast<ssize_t>(kLen));
+      EXPECT_EQ(r.final_calls, r.queued() ? 1 : 0);
+    }
   }
   for (Inode* f : files) fs_->Release(f);
 
