@@ -4,7 +4,9 @@
 // nothing was left in flight). A Dio holds one reference per bio plus one for
 // submission; whoever drops the last calls iomap_dio_done(), the one place
 // that decides who runs the completion (DESIGN.md, "Kiocb and the completion
-// decision"). Thread-safe: any worker may submit; completions run anywhere.
+// decision"). Completions that a thread runs back to back (task_work, a
+// completion thread) share one metadata commit per inode (DioBatch, dio.cc).
+// Thread-safe: any worker may submit; completions run anywhere.
 #pragma once
 
 #include <sys/types.h>

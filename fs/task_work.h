@@ -84,8 +84,9 @@ class TaskWork {
   }
   // Owner: true if `batch` will be completed at the end of the current
   // RunBatch. Only in the outermost one and never while batches complete:
-  // a completion that waits (and so runs task_work in a nested RunBatch)
-  // must not see requests of its own batch finished under it.
+  // a completion that waits runs task_work in a nested RunBatch, and
+  // finishing a batch there could take a lock its caller holds (a commit
+  // runs under the inode's lock).
   bool DeferToBatch(CompletionBatch* batch);
   bool has_pending() const { return head_.load(std::memory_order_acquire) != nullptr; }
 
