@@ -238,48 +238,77 @@ Status MetaStore::Create(const std::string& dir, const Uuid& uuid, uint32_t uid,
   return store->Commit(&b, /*sync=*/true);
 }
 
-Status MetaStore::Open(const std::string& dir, const Uuid& uuid, std::unique_ptr<MetaStore>* out) {
+namespace {
+
+// Whether `dir` is a deferfs store paired with `uuid`. Read-only: opening
+// read-write replays and rewrites the log, and a store that is not ours
+// must stay untouched.
+Status CheckPairing(const std::string& dir, const Uuid& uuid) {
   std::error_code ec;
   if (!std::filesystem::is_directory(dir, ec)) {
     return Status::NotFound("metadata directory " + dir + " does not exist: pass -o meta=DIR or re-run 'deferfs mkfs'");
   }
-  if (!Exists(dir)) {
+  if (!MetaStore::Exists(dir)) {
     return Status::Invalid(dir + " is not a deferfs metadata directory: pass the right -o meta=DIR");
   }
-  // Check the pairing read-only first: opening read-write replays and
-  // rewrites the log, and a store that is not ours must stay untouched.
-  {
-    rocksdb::DB* ro = nullptr;
-    rocksdb::Status s = rocksdb::DB::OpenForReadOnly(DbOptions(), dir, &ro);
-    if (!s.ok()) return Status::Invalid(dir + " is not a readable deferfs metadata directory (" + s.ToString() + "): pass the right -o meta=DIR");
-    std::unique_ptr<rocksdb::DB> db(ro);
-    std::string pairing;
-    s = db->Get(rocksdb::ReadOptions(), Key(kPairing), &pairing);
-    if (!s.ok() || pairing.size() != sizeof(kPairingMagic) + uuid.size() + 4 ||
-        std::memcmp(pairing.data(), kPairingMagic, sizeof(kPairingMagic)) != 0) {
-      return Status::Invalid(dir + " is not a deferfs metadata directory: pass the right -o meta=DIR");
-    }
-    Uuid have;
-    std::memcpy(have.data(), pairing.data() + sizeof(kPairingMagic), have.size());
-    if (have != uuid) {
-      return Status::Invalid("metadata directory " + dir + " belongs to another filesystem (uuid " + UuidToString(have) +
-                             ", backing device has " + UuidToString(uuid) + "): pass the right -o meta=DIR");
-    }
-    db->Close().PermitUncheckedError();
+  rocksdb::DB* ro = nullptr;
+  rocksdb::Status s = rocksdb::DB::OpenForReadOnly(DbOptions(), dir, &ro);
+  if (!s.ok()) return Status::Invalid(dir + " is not a readable deferfs metadata directory (" + s.ToString() + "): pass the right -o meta=DIR");
+  std::unique_ptr<rocksdb::DB> db(ro);
+  std::string pairing;
+  s = db->Get(rocksdb::ReadOptions(), Key(kPairing), &pairing);
+  if (!s.ok() || pairing.size() != sizeof(kPairingMagic) + uuid.size() + 4 ||
+      std::memcmp(pairing.data(), kPairingMagic, sizeof(kPairingMagic)) != 0) {
+    return Status::Invalid(dir + " is not a deferfs metadata directory: pass the right -o meta=DIR");
   }
+  Uuid have;
+  std::memcpy(have.data(), pairing.data() + sizeof(kPairingMagic), have.size());
+  if (have != uuid) {
+    return Status::Invalid("metadata directory " + dir + " belongs to another filesystem (uuid " + UuidToString(have) +
+                           ", backing device has " + UuidToString(uuid) + "): pass the right -o meta=DIR");
+  }
+  db->Close().PermitUncheckedError();
+  return Status::Ok();
+}
+
+}  // namespace
+
+Status MetaStore::Open(const std::string& dir, const Uuid& uuid, std::unique_ptr<MetaStore>* out) {
+  DEFERFS_RETURN_IF_ERROR(CheckPairing(dir, uuid));
   std::unique_ptr<MetaStore> store;
   rocksdb::Status s = OpenOrdered(dir, /*create=*/false, &store);
   if (s.IsIOError() && s.ToString().find("lock") != std::string::npos) {
     return Status::Error(EBUSY, "metadata directory " + dir + " is in use by another deferfs process (already mounted?): unmount it first");
   }
   if (!s.ok()) return Status::IoError("cannot open metadata directory " + dir + ": " + s.ToString());
+  DEFERFS_RETURN_IF_ERROR(store->LoadInodeCounter(dir));
+  *out = std::move(store);
+  return Status::Ok();
+}
 
+Status MetaStore::OpenReadOnly(const std::string& dir, const Uuid& uuid, std::unique_ptr<MetaStore>* out) {
+  DEFERFS_RETURN_IF_ERROR(CheckPairing(dir, uuid));
+  // RocksDB writes nothing in this mode (no new log, manifest or options
+  // file), and takes no lock: the backing device's lock keeps other mounts out.
+  rocksdb::DB* raw = nullptr;
+  rocksdb::Options o = DbOptions();
+  o.info_log = NewRocksLogger();
+  rocksdb::Status s = rocksdb::DB::OpenForReadOnly(o, dir, &raw);
+  if (!s.ok()) return Status::IoError("cannot open metadata directory " + dir + " read-only: " + s.ToString());
+  auto store = std::make_unique<MetaStore>(Private{}, std::make_shared<DataBarrier>(), nullptr,
+                                           std::unique_ptr<rocksdb::DB>(raw));
+  store->read_only_ = true;
+  DEFERFS_RETURN_IF_ERROR(store->LoadInodeCounter(dir));
+  *out = std::move(store);
+  return Status::Ok();
+}
+
+Status MetaStore::LoadInodeCounter(const std::string& dir) {
   std::string next;
-  s = store->db_->Get(rocksdb::ReadOptions(), Key(kNextIno), &next);
+  rocksdb::Status s = db_->Get(rocksdb::ReadOptions(), Key(kNextIno), &next);
   if (!s.ok() || next.size() != 8) return Status::IoError("metadata directory " + dir + " has no inode counter: run 'deferfs fsck'");
   const char* p = next.data();
-  store->next_ino_ = Get<uint64_t>(p);
-  *out = std::move(store);
+  next_ino_ = Get<uint64_t>(p);
   return Status::Ok();
 }
 
@@ -464,6 +493,7 @@ Status MetaStore::ListSymlinkOwners(std::vector<uint64_t>* inos) { return ListOw
 Status MetaStore::ListXattrOwners(std::vector<uint64_t>* inos) { return ListOwners(db_.get(), kXattr, inos); }
 
 Status MetaStore::Commit(MetaBatch* batch, bool sync) {
+  if (read_only_) return Status::Error(EROFS, "the metadata store is open read-only");
   // Armed before the batch can reach any buffer the barrier guards.
   if (!batch->data_durable_) barrier_->Arm();
   {
@@ -478,6 +508,7 @@ Status MetaStore::Commit(MetaBatch* batch, bool sync) {
 }
 
 Status MetaStore::SyncWal() {
+  if (read_only_) return Status::Ok();  // nothing was written
   std::lock_guard l(sync_mu_);
   // Counted after their Write() returned, so all of `upto` is in the buffer.
   const uint64_t upto = commits_.load(std::memory_order_acquire);

@@ -108,6 +108,9 @@ class MetaStore {
   static Status Create(const std::string& dir, const Uuid& uuid, uint32_t uid, uint32_t gid);
   // mount/fsck: opens the store in `dir` and checks it belongs to `uuid`.
   static Status Open(const std::string& dir, const Uuid& uuid, std::unique_ptr<MetaStore>* out);
+  // ro mounts: the same checks, and nothing in `dir` is ever written;
+  // Commit() fails with EROFS.
+  static Status OpenReadOnly(const std::string& dir, const Uuid& uuid, std::unique_ptr<MetaStore>* out);
   // True if `dir` holds a deferfs store for `uuid` (used by mkfs --force checks).
   static bool Exists(const std::string& dir);
 
@@ -159,6 +162,9 @@ class MetaStore {
   std::shared_ptr<DataBarrier> barrier_;
   std::unique_ptr<rocksdb::Env> env_;  // the ordered file system; outlives db_
   std::unique_ptr<rocksdb::DB> db_;
+  Status LoadInodeCounter(const std::string& dir);
+
+  bool read_only_ = false;
   std::atomic<uint64_t> commits_{0};  // Commit()s that returned
   std::atomic<uint64_t> synced_{0};   // commits_ covered by the last SyncWal()
   std::atomic<uint64_t> wal_syncs_{0};

@@ -129,7 +129,7 @@ int MountCommand(const MountArgs& args) {
   }
   if (opts.meta_dir.empty()) opts.meta_dir = DefaultMetaDir(backing, dev->is_block_device(), UuidToString(sb.uuid));
   std::unique_ptr<MetaStore> meta;
-  s = MetaStore::Open(opts.meta_dir, sb.uuid, &meta);
+  s = opts.read_only ? MetaStore::OpenReadOnly(opts.meta_dir, sb.uuid, &meta) : MetaStore::Open(opts.meta_dir, sb.uuid, &meta);
   if (!s.ok()) return report.Error(s.message());
 
   FsOptions fopt;

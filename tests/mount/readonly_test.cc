@@ -1,12 +1,16 @@
 // `-o ro`: the kernel refuses every change with EROFS, reads still work, and
-// the daemon commits nothing (the next read-write mount sees the same tree).
+// the daemon writes nothing: not a commit (the next read-write mount sees the
+// same tree), not a byte of the metadata directory.
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <sys/xattr.h>
 #include <unistd.h>
 
 #include <cstring>
+#include <filesystem>
 #include <fstream>
+#include <map>
+#include <sstream>
 #include <string>
 #include <utility>
 
@@ -41,6 +45,24 @@ class BackgroundMount {
   bool ok_ = false;
 };
 
+// Every file of a directory with its modification time and contents.
+std::map<std::string, std::string> Snapshot(const std::string& dir) {
+  std::map<std::string, std::string> files;
+  for (const auto& e : std::filesystem::directory_iterator(dir)) {
+    struct stat st{};
+    if (lstat(e.path().c_str(), &st) != 0) {
+      ADD_FAILURE() << e.path() << ": " << strerror(errno);
+      continue;
+    }
+    std::ifstream in(e.path(), std::ios::binary);
+    std::ostringstream bytes;
+    bytes << in.rdbuf();
+    files[e.path().filename()] =
+        std::to_string(st.st_mtim.tv_sec) + "." + std::to_string(st.st_mtim.tv_nsec) + " " + bytes.str();
+  }
+  return files;
+}
+
 TEST(ReadOnlyMountTest, RefusesChangesWithErofsAndServesReads) {
   if (getenv("DEFERFS_TEST_DIR") != nullptr) GTEST_SKIP() << "needs deferfs itself";
   TempDir tmp;
@@ -61,6 +83,9 @@ TEST(ReadOnlyMountTest, RefusesChangesWithErofsAndServesReads) {
 
   const std::string mnt = tmp / "mnt";
   ASSERT_EQ(mkdir(mnt.c_str(), 0755), 0);
+  const std::string meta = img + ".meta";  // the default next to a backing file
+  const std::map<std::string, std::string> meta_before = Snapshot(meta);
+  ASSERT_FALSE(meta_before.empty());
   {
     BackgroundMount ro(img, mnt, "ro");
     ASSERT_TRUE(ro.ok());
@@ -95,6 +120,18 @@ TEST(ReadOnlyMountTest, RefusesChangesWithErofsAndServesReads) {
       EXPECT_NE(line.find(" ro,"), std::string::npos) << "not mounted read-only: " << line;
     }
     EXPECT_TRUE(found);
+  }
+
+  // Not a file of the metadata directory was added, removed or touched.
+  const std::map<std::string, std::string> meta_after = Snapshot(meta);
+  EXPECT_EQ(meta_after.size(), meta_before.size());
+  for (const auto& [name, file] : meta_before) {
+    auto it = meta_after.find(name);
+    if (it == meta_after.end()) ADD_FAILURE() << "the ro mount removed " << name;
+    else EXPECT_TRUE(it->second == file) << "the ro mount changed " << name;
+  }
+  for (const auto& [name, file] : meta_after) {
+    if (!meta_before.count(name)) ADD_FAILURE() << "the ro mount created " << name;
   }
 
   // Nothing changed: same file, same times, same size.

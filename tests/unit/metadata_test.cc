@@ -247,18 +247,22 @@ TEST(MetaStoreOpenTest, SecondOpenWhileOpenIsBusy) {
   EXPECT_EQ(second, nullptr);
 }
 
+// A store for kUuid whose PutEverything(seed) records are still only in its
+// WAL (never flushed to a table file), closed.
+void CreateWithRecordsInTheWal(const std::string& dir, uint64_t seed) {
+  ASSERT_OK(MetaStore::Create(dir, kUuid, kUid, kGid));
+  std::unique_ptr<MetaStore> store;
+  ASSERT_OK(MetaStore::Open(dir, kUuid, &store));
+  MetaBatch b;
+  PutEverything(b, seed);
+  ASSERT_OK(store->Commit(&b));
+}
+
 TEST(MetaStoreOpenTest, OtherUuidIsRejectedWithoutTouchingTheStore) {
   TempDir tmp;
   const std::string dir = tmp.Sub("meta");
-  ASSERT_OK(MetaStore::Create(dir, kUuid, kUid, kGid));
-  // Leave unflushed WAL records behind: a read-write open would replay them.
-  {
-    std::unique_ptr<MetaStore> store;
-    ASSERT_OK(MetaStore::Open(dir, kUuid, &store));
-    MetaBatch b;
-    PutEverything(b, 42);
-    ASSERT_OK(store->Commit(&b));
-  }
+  // Unflushed WAL records: a read-write open would replay them.
+  ASSERT_NO_FATAL_FAILURE(CreateWithRecordsInTheWal(dir, 42));
   const Listing before = ListFiles(dir);
   ASSERT_FALSE(before.empty());
 
@@ -270,6 +274,27 @@ TEST(MetaStoreOpenTest, OtherUuidIsRejectedWithoutTouchingTheStore) {
   // And it is still the intact store of its own filesystem.
   ASSERT_OK(MetaStore::Open(dir, kUuid, &store));
   ExpectEverything(*store, 42);
+}
+
+// ro mounts: everything reads back, including records still only in the WAL,
+// and neither the open, a refused commit nor the close writes a byte.
+TEST(MetaStoreOpenTest, ReadOnlyOpenReadsEverythingAndWritesNothing) {
+  TempDir tmp;
+  const std::string dir = tmp.Sub("meta");
+  ASSERT_NO_FATAL_FAILURE(CreateWithRecordsInTheWal(dir, 42));
+  const Listing before = ListFiles(dir);
+  {
+    std::unique_ptr<MetaStore> store;
+    ASSERT_OK(MetaStore::OpenReadOnly(dir, kUuid, &store));
+    ExpectEverything(*store, 42);
+    MetaBatch b;
+    PutEverything(b, 43);
+    EXPECT_TRUE(IsError(store->Commit(&b), EROFS, "read-only"));
+    EXPECT_OK(store->SyncWal());
+  }
+  EXPECT_EQ(ListFiles(dir), before);
+  std::unique_ptr<MetaStore> store;
+  EXPECT_TRUE(IsError(MetaStore::OpenReadOnly(dir, kOtherUuid, &store), EINVAL, "belongs to another filesystem"));
 }
 
 TEST(MetaStoreOpenTest, MissingDirIsNotFound) {
