@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cstring>
-#include <functional>
 
 namespace deferfs {
 
@@ -38,15 +37,19 @@ thread_local DioBatch tls_batch;
 }  // namespace
 
 void DioBatch::Complete() {
-  // Grouped by engine and inode; in completion order within a group, so the
-  // extent map sees the same sequence of changes as one by one.
-  std::stable_sort(dios_.begin(), dios_.end(), [](const Dio* a, const Dio* b) {
-    if (a->engine != b->engine) return std::less<>()(a->engine, b->engine);
-    return std::less<>()(a->inode, b->inode);
-  });
+  // Grouped by engine and inode, each group in completion order so the extent
+  // map sees the same sequence of changes as one by one. Groups are gathered
+  // in place (a batch is nearly always one file: nothing moves), without the
+  // buffer a stable sort would allocate.
+  auto same_file = [](const Dio* a, const Dio* b) { return a->engine == b->engine && a->inode == b->inode; };
   for (size_t i = 0; i < dios_.size();) {
     size_t j = i + 1;
-    while (j < dios_.size() && dios_[j]->engine == dios_[i]->engine && dios_[j]->inode == dios_[i]->inode) j++;
+    for (size_t k = j; k < dios_.size(); k++) {
+      if (!same_file(dios_[k], dios_[i])) continue;
+      std::rotate(dios_.begin() + static_cast<ptrdiff_t>(j), dios_.begin() + static_cast<ptrdiff_t>(k),
+                  dios_.begin() + static_cast<ptrdiff_t>(k) + 1);
+      j++;
+    }
     DioEngine* engine = dios_[i]->engine;
     const int ret = engine->end_io_(std::span<Dio* const>(dios_.data() + i, j - i));
     for (size_t k = i; k < j; k++) {
