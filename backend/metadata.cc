@@ -240,10 +240,9 @@ Status MetaStore::Create(const std::string& dir, const Uuid& uuid, uint32_t uid,
 
 namespace {
 
-// Whether `dir` is a deferfs store paired with `uuid`. Read-only: opening
-// read-write replays and rewrites the log, and a store that is not ours
-// must stay untouched.
-Status CheckPairing(const std::string& dir, const Uuid& uuid) {
+// `dir` opened read-only (RocksDB writes nothing then), after the checks
+// that it is a store at all.
+Status OpenStoreReadOnly(const std::string& dir, const rocksdb::Options& o, std::unique_ptr<rocksdb::DB>* db) {
   std::error_code ec;
   if (!std::filesystem::is_directory(dir, ec)) {
     return Status::NotFound("metadata directory " + dir + " does not exist: pass -o meta=DIR or re-run 'deferfs mkfs'");
@@ -251,12 +250,17 @@ Status CheckPairing(const std::string& dir, const Uuid& uuid) {
   if (!MetaStore::Exists(dir)) {
     return Status::Invalid(dir + " is not a deferfs metadata directory: pass the right -o meta=DIR");
   }
-  rocksdb::DB* ro = nullptr;
-  rocksdb::Status s = rocksdb::DB::OpenForReadOnly(DbOptions(), dir, &ro);
+  rocksdb::DB* raw = nullptr;
+  rocksdb::Status s = rocksdb::DB::OpenForReadOnly(o, dir, &raw);
   if (!s.ok()) return Status::Invalid(dir + " is not a readable deferfs metadata directory (" + s.ToString() + "): pass the right -o meta=DIR");
-  std::unique_ptr<rocksdb::DB> db(ro);
+  db->reset(raw);
+  return Status::Ok();
+}
+
+// Whether the store `db` (in `dir`) is a deferfs store paired with `uuid`.
+Status CheckPairing(rocksdb::DB* db, const std::string& dir, const Uuid& uuid) {
   std::string pairing;
-  s = db->Get(rocksdb::ReadOptions(), Key(kPairing), &pairing);
+  rocksdb::Status s = db->Get(rocksdb::ReadOptions(), Key(kPairing), &pairing);
   if (!s.ok() || pairing.size() != sizeof(kPairingMagic) + uuid.size() + 4 ||
       std::memcmp(pairing.data(), kPairingMagic, sizeof(kPairingMagic)) != 0) {
     return Status::Invalid(dir + " is not a deferfs metadata directory: pass the right -o meta=DIR");
@@ -267,14 +271,20 @@ Status CheckPairing(const std::string& dir, const Uuid& uuid) {
     return Status::Invalid("metadata directory " + dir + " belongs to another filesystem (uuid " + UuidToString(have) +
                            ", backing device has " + UuidToString(uuid) + "): pass the right -o meta=DIR");
   }
-  db->Close().PermitUncheckedError();
   return Status::Ok();
 }
 
 }  // namespace
 
 Status MetaStore::Open(const std::string& dir, const Uuid& uuid, std::unique_ptr<MetaStore>* out) {
-  DEFERFS_RETURN_IF_ERROR(CheckPairing(dir, uuid));
+  // Check the pairing read-only first: opening read-write replays and
+  // rewrites the log, and a store that is not ours must stay untouched.
+  {
+    std::unique_ptr<rocksdb::DB> ro;
+    DEFERFS_RETURN_IF_ERROR(OpenStoreReadOnly(dir, DbOptions(), &ro));
+    DEFERFS_RETURN_IF_ERROR(CheckPairing(ro.get(), dir, uuid));
+    ro->Close().PermitUncheckedError();
+  }
   std::unique_ptr<MetaStore> store;
   rocksdb::Status s = OpenOrdered(dir, /*create=*/false, &store);
   if (s.IsIOError() && s.ToString().find("lock") != std::string::npos) {
@@ -287,16 +297,14 @@ Status MetaStore::Open(const std::string& dir, const Uuid& uuid, std::unique_ptr
 }
 
 Status MetaStore::OpenReadOnly(const std::string& dir, const Uuid& uuid, std::unique_ptr<MetaStore>* out) {
-  DEFERFS_RETURN_IF_ERROR(CheckPairing(dir, uuid));
-  // RocksDB writes nothing in this mode (no new log, manifest or options
-  // file), and takes no lock: the backing device's lock keeps other mounts out.
-  rocksdb::DB* raw = nullptr;
+  // No new log, manifest or options file, and no lock: the backing device's
+  // lock keeps other mounts out.
   rocksdb::Options o = DbOptions();
   o.info_log = NewRocksLogger();
-  rocksdb::Status s = rocksdb::DB::OpenForReadOnly(o, dir, &raw);
-  if (!s.ok()) return Status::IoError("cannot open metadata directory " + dir + " read-only: " + s.ToString());
-  auto store = std::make_unique<MetaStore>(Private{}, std::make_shared<DataBarrier>(), nullptr,
-                                           std::unique_ptr<rocksdb::DB>(raw));
+  std::unique_ptr<rocksdb::DB> db;
+  DEFERFS_RETURN_IF_ERROR(OpenStoreReadOnly(dir, o, &db));
+  DEFERFS_RETURN_IF_ERROR(CheckPairing(db.get(), dir, uuid));
+  auto store = std::make_unique<MetaStore>(Private{}, std::make_shared<DataBarrier>(), nullptr, std::move(db));
   store->read_only_ = true;
   DEFERFS_RETURN_IF_ERROR(store->LoadInodeCounter(dir));
   *out = std::move(store);

@@ -158,13 +158,12 @@ class MetaStore {
 
  private:
   Status LookupAt(const rocksdb::ReadOptions& ro, uint64_t dir, std::string_view name, DirEntry* e);
+  Status LoadInodeCounter(const std::string& dir);
 
   std::shared_ptr<DataBarrier> barrier_;
   std::unique_ptr<rocksdb::Env> env_;  // the ordered file system; outlives db_
   std::unique_ptr<rocksdb::DB> db_;
-  Status LoadInodeCounter(const std::string& dir);
-
-  bool read_only_ = false;
+  bool read_only_ = false;           // OpenReadOnly: Commit() refuses
   std::atomic<uint64_t> commits_{0};  // Commit()s that returned
   std::atomic<uint64_t> synced_{0};   // commits_ covered by the last SyncWal()
   std::atomic<uint64_t> wal_syncs_{0};
