@@ -91,6 +91,14 @@ struct FsOptions {
   bool fault_inject = false;  // testing only: pollers fail tagged bios (backend/fault_inject.h)
 };
 
+// Counters of the FUSE transport (mount/), reported under "fuse".
+struct FuseTransportStats {
+  std::atomic<uint64_t> dev_requests{0};    // read(2) from /dev/fuse
+  std::atomic<uint64_t> ring_requests{0};   // through a FUSE ring entry (transport=uring)
+  std::atomic<uint64_t> remote_commits{0};  // ring replies made off the owning worker
+  std::atomic<uint64_t> ring_buffers{0};    // gauge: IO buffers the ring slots keep
+};
+
 // Bytes of an IoBuffer: the largest FUSE request (1 MiB payload behind a
 // 4 KiB-aligned header slot), and the block span of any 1 MiB unaligned IO.
 inline constexpr size_t kMaxIo = 1 << 20;
@@ -168,6 +176,9 @@ class Filesystem {
   Allocator& allocator() { return *alloc_; }
   CompletionMode completion_mode() const { return opt_.completion; }
   LiveGauges& gauges() { return gauges_; }
+  // The FUSE transport, for the stats report: its name ("dev", "uring") and counters.
+  void set_transport(const char* name) { transport_.store(name, std::memory_order_relaxed); }
+  FuseTransportStats& fuse_stats() { return fuse_stats_; }
   // The FUSE workers' task_work queues, for the stats report.
   void RegisterTaskWork(TaskWork* tw);
   void UnregisterTaskWorks();
@@ -249,6 +260,8 @@ class Filesystem {
   std::unique_ptr<JournalCommit> journal_;
 
   LiveGauges gauges_;
+  FuseTransportStats fuse_stats_;
+  std::atomic<const char*> transport_{"dev"};
   std::mutex stats_mu_;
   std::vector<TaskWork*> task_works_;                // guarded by stats_mu_
   std::vector<std::pair<std::string, uint64_t>> stats_base_;  // guarded by stats_mu_

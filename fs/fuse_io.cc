@@ -28,7 +28,8 @@ struct FuseIo {
   fuse_req_t req = nullptr;
   Filesystem* fs = nullptr;
   TaskWork* issuer = nullptr;
-  IoBuffer* buf = nullptr;  // returned to the pool with the reply
+  IoBuffer* buf = nullptr;  // data buffer; returned to the pool with the reply if owned
+  bool owns_buf = false;
   size_t data_off = 0;      // reads: where the data starts in buf
   bool write = false;
   int64_t start_ns = 0;
@@ -41,7 +42,7 @@ void Finish(FuseIo* raw, ssize_t res) {
   else if (io->write) fuse_reply_write(io->req, static_cast<size_t>(res));
   else fuse_reply_buf(io->req, reinterpret_cast<const char*>(io->buf->base + io->data_off), static_cast<size_t>(res));
   LiveGauges& g = io->fs->gauges();
-  if (io->buf) {
+  if (io->owns_buf) {
     io->fs->buffers().Put(io->buf);
     LiveGauges::Down(g.request_buffers);
   }
@@ -50,11 +51,14 @@ void Finish(FuseIo* raw, ssize_t res) {
   LiveGauges::Down(g.fuse_requests);
 }
 
-// The request now holds `b` until it is answered.
-void Attach(FuseIo* io, IoBuffer* b) {
-  io->buf = b;
-  LiveGauges::Up(io->fs->gauges().request_buffers);
+// The request now uses `b` until it is answered.
+void Attach(FuseIo* io, RecvBuffer b) {
+  io->buf = b.buf;
+  io->owns_buf = b.owned;
+  if (b.owned) LiveGauges::Up(io->fs->gauges().request_buffers);
 }
+
+RecvBuffer FromPool(Filesystem* fs) { return RecvBuffer{fs->buffers().Get(), true}; }
 
 // ki_complete, the seed's issuer side: a kiocb that comes back with
 // dio_complete set goes to its issuer's task_work (which runs dio_complete
@@ -124,8 +128,19 @@ std::unique_ptr<FuseIo> NewIo(fuse_req_t req, fuse_file_info* fi, off_t off, boo
 
 void FuseRead(fuse_req_t req, fuse_ino_t, size_t size, off_t off, fuse_file_info* fi) {
   auto io = NewIo(req, fi, off, false);
-  Attach(io.get(), io->fs->buffers().Get());
-  ssize_t res = io->fs->ReadIter(&io->iocb, io->buf, std::min(size, kMaxIo), &io->data_off);
+  // A FUSE ring entry lends its payload buffer, where the reply has to go
+  // anyway: the device reads straight into it if the covering blocks fit.
+  RecvBuffer lent = RecvBufferSlot::Take();
+  size = std::min(size, kMaxIo);
+  const uint64_t pos = static_cast<uint64_t>(off);
+  const uint64_t span = ((pos + size + kBlockSize - 1) & ~uint64_t{kBlockSize - 1}) - (pos & ~uint64_t{kBlockSize - 1});
+  if (lent.buf && !lent.owned && span <= lent.buf->size) {
+    Attach(io.get(), lent);
+  } else {
+    RecvBufferSlot::Set(lent);
+    Attach(io.get(), FromPool(io->fs));
+  }
+  ssize_t res = io->fs->ReadIter(&io->iocb, io->buf, size, &io->data_off);
   Submitted(std::move(io), res);
 }
 
@@ -139,10 +154,10 @@ void FuseWrite(fuse_req_t req, fuse_ino_t, const char* data, size_t size, off_t 
   const auto* payload = reinterpret_cast<const uint8_t*>(data);
   // Zero copy: the payload sits aligned in the worker's receive buffer; the
   // request takes that buffer along until it is answered.
-  IoBuffer* recv = RecvBufferSlot::Take();
-  if (recv == nullptr || payload < recv->base || payload + size > recv->base + recv->size) {
-    if (recv) RecvBufferSlot::Set(recv);  // not ours after all: give it back
-    Attach(io.get(), io->fs->buffers().Get());
+  RecvBuffer recv = RecvBufferSlot::Take();
+  if (recv.buf == nullptr || payload < recv.buf->base || payload + size > recv.buf->base + recv.buf->size) {
+    RecvBufferSlot::Set(recv);  // not ours after all: give it back
+    Attach(io.get(), FromPool(io->fs));
     if (size > io->buf->size) {
       Finish(io.release(), -EINVAL);
       return;

@@ -4,7 +4,7 @@ namespace deferfs {
 namespace {
 
 constexpr size_t kPage = 4096;
-thread_local IoBuffer* recv_slot = nullptr;
+thread_local RecvBuffer recv_slot;
 
 }  // namespace
 
@@ -54,10 +54,10 @@ size_t IoBufferPool::available() const {
   return free_.size();
 }
 
-void RecvBufferSlot::Set(IoBuffer* b) { recv_slot = b; }
-IoBuffer* RecvBufferSlot::Take() {
-  IoBuffer* b = recv_slot;
-  recv_slot = nullptr;
+void RecvBufferSlot::Set(RecvBuffer b) { recv_slot = b; }
+RecvBuffer RecvBufferSlot::Take() {
+  RecvBuffer b = recv_slot;
+  recv_slot = RecvBuffer{};
   return b;
 }
 

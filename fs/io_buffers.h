@@ -49,11 +49,18 @@ class IoBufferPool {
 
 // The worker loop's receive buffer for the request being processed. A data
 // operation that keeps the payload beyond the callback (an async write) takes
-// the buffer; the loop then fetches a fresh one before its next read.
+// it. An owned buffer is the taker's to return to the pool; a lent one (a FUSE
+// ring entry's payload, which the kernel reuses only after the reply) is not,
+// and a read may put its reply data there.
+struct RecvBuffer {
+  IoBuffer* buf = nullptr;
+  bool owned = false;
+};
+
 class RecvBufferSlot {
  public:
-  static void Set(IoBuffer* b);
-  static IoBuffer* Take();   // the current buffer, now owned by the caller
+  static void Set(RecvBuffer b);
+  static RecvBuffer Take();  // the current buffer, now the caller's to use
 };
 
 }  // namespace deferfs

@@ -78,6 +78,9 @@ std::string Filesystem::StatsJson(bool reset) {
   c.push_back({"pollers", "wakeups_avoided", p.wakeups_avoided});
   c.push_back({"pollers", "sleeps", p.sleeps});
   c.push_back({"pollers", "submit_batches", p.submit_batches});
+  c.push_back({"fuse", "dev_requests", fuse_stats_.dev_requests.load()});
+  c.push_back({"fuse", "ring_requests", fuse_stats_.ring_requests.load()});
+  c.push_back({"fuse", "remote_commits", fuse_stats_.remote_commits.load()});
   // The durability machinery: how often the data barrier flushed the device
   // and the WAL was written out and synced, against the commits made.
   c.push_back({"metadata", "commits", meta_->commits()});
@@ -88,7 +91,8 @@ std::string Filesystem::StatsJson(bool reset) {
   if (stats_base_.size() != c.size()) stats_base_.assign(c.size(), {"", 0});
   std::string out = "{\"mode\":\"" + std::string(CompletionModeName(opt_.completion)) +
                     "\",\"workers\":" + std::to_string(opt_.workers) + ",\"pollers\":" + std::to_string(opt_.pollers) +
-                    ",\"cthreads\":" + std::to_string(opt_.cthreads) + ",\"ring_depth\":" + std::to_string(opt_.ring_depth);
+                    ",\"cthreads\":" + std::to_string(opt_.cthreads) + ",\"ring_depth\":" + std::to_string(opt_.ring_depth) +
+                    ",\"transport\":\"" + transport_.load(std::memory_order_relaxed) + "\"";
   const char* group = "";
   for (size_t i = 0; i < c.size(); i++) {
     if (std::string_view(group) != c[i].group) {
@@ -101,10 +105,12 @@ std::string Filesystem::StatsJson(bool reset) {
     if (reset) stats_base_[i] = {c[i].name, c[i].value};
   }
   out += "},\"dio_inflight\":" + std::to_string(d.inflight.load());
-  // in_use includes the receive buffer each idle FUSE worker keeps.
+  // in_use includes the receive buffer each idle FUSE worker keeps and, with
+  // transport=uring, the ring slots' buffers (`ring`).
   const size_t free_buffers = buffers_->available();
   out += ",\"buffers\":{\"total\":" + std::to_string(opt_.io_buffers) + ",\"free\":" + std::to_string(free_buffers) +
-         ",\"in_use\":" + std::to_string(opt_.io_buffers - free_buffers) + "}";
+         ",\"in_use\":" + std::to_string(opt_.io_buffers - free_buffers) +
+         ",\"ring\":" + std::to_string(fuse_stats_.ring_buffers.load(std::memory_order_relaxed)) + "}";
   auto gauge = [](const std::atomic<int64_t>& g) { return std::to_string(g.load(std::memory_order_relaxed)); };
   out += ",\"live\":{\"fuse_requests\":" + gauge(gauges_.fuse_requests) +
          ",\"request_buffers\":" + gauge(gauges_.request_buffers) + ",\"open_files\":" + gauge(gauges_.open_files) +

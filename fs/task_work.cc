@@ -12,6 +12,30 @@ namespace {
 
 thread_local TaskWork* current_tw = nullptr;
 
+// The queues are lock-free LIFOs linked through `next`. A push is seq_cst:
+// it pairs with PrepareSleep (see Wake).
+template <typename T>
+void PushLifo(std::atomic<T*>& head, T* item, T* T::*next) {
+  T* old = head.load(std::memory_order_relaxed);
+  do {
+    item->*next = old;
+  } while (!head.compare_exchange_weak(old, item, std::memory_order_seq_cst, std::memory_order_relaxed));
+}
+
+// Takes the whole LIFO and returns it in FIFO order: work runs in the order it was queued.
+template <typename T>
+T* TakeFifo(std::atomic<T*>& head, T* T::*next) {
+  T* lifo = head.exchange(nullptr, std::memory_order_acquire);
+  T* fifo = nullptr;
+  while (lifo) {
+    T* rest = lifo->*next;
+    lifo->*next = fifo;
+    fifo = lifo;
+    lifo = rest;
+  }
+  return fifo;
+}
+
 }  // namespace
 
 void WaitQueue::Add(TaskWork* tw) {
@@ -49,10 +73,12 @@ TaskWork* TaskWork::Current() {
 void TaskWork::SetCurrent(TaskWork* tw) { current_tw = tw; }
 
 void TaskWork::Push(Kiocb* iocb) {
-  Kiocb* old = head_.load(std::memory_order_relaxed);
-  do {
-    iocb->ki_next = old;
-  } while (!head_.compare_exchange_weak(old, iocb, std::memory_order_seq_cst, std::memory_order_relaxed));
+  PushLifo(head_, iocb, &Kiocb::ki_next);
+  Wake();
+}
+
+void TaskWork::Add(TaskWorkCallback* cb) {
+  PushLifo(callbacks_, cb, &TaskWorkCallback::next);
   Wake();
 }
 
@@ -69,14 +95,7 @@ void TaskWork::Wake() {
 }
 
 size_t TaskWork::RunPending() {
-  Kiocb* list = head_.exchange(nullptr, std::memory_order_acquire);
-  Kiocb* fifo = nullptr;
-  while (list) {  // reverse: completions run in the order they were queued
-    Kiocb* next = list->ki_next;
-    list->ki_next = fifo;
-    fifo = list;
-    list = next;
-  }
+  Kiocb* fifo = TakeFifo(head_, &Kiocb::ki_next);
   size_t n = 0;
   RunBatch([&] {
     while (fifo) {
@@ -90,6 +109,12 @@ size_t TaskWork::RunPending() {
     }
   });
   stats_.deferred_run.fetch_add(n, std::memory_order_relaxed);
+  for (TaskWorkCallback* cb = TakeFifo(callbacks_, &TaskWorkCallback::next); cb != nullptr;) {
+    TaskWorkCallback* next = cb->next;  // read first: func may queue cb again
+    cb->func(cb);
+    cb = next;
+    n++;
+  }
   return n;
 }
 
@@ -140,6 +165,7 @@ void TaskWork::WaitUntil(const std::function<bool()>& cond, WaitQueue* wq) {
       Awake();
       break;
     }
+    if (plug_) plug_->Flush();
     Sleep();
     Awake();
   }

@@ -23,6 +23,24 @@ namespace deferfs {
 
 class TaskWork;
 
+// Work queued to a thread's task_work by another thread (the kernel's
+// callback_head): `func` runs on the owner, in RunPending.
+struct TaskWorkCallback {
+  TaskWorkCallback* next = nullptr;
+  void (*func)(TaskWorkCallback*) = nullptr;
+};
+
+// Submissions the owner gathers and must send before it sleeps (the kernel's
+// blk_plug, flushed when a task schedules): a thread that sleeps on a reply
+// it has not sent yet would wait for itself.
+class Plug {
+ public:
+  virtual void Flush() = 0;
+
+ protected:
+  ~Plug() = default;
+};
+
 // Requests whose end work is shared (the kernel's io_comp_batch): a
 // completion run inside TaskWork::RunBatch may hand its request to a batch
 // instead of finishing it, and the batch finishes all of them together.
@@ -64,13 +82,18 @@ class TaskWork {
 
   // Queues a completion whose dio_complete the owner must run; wakes it if asleep.
   void Push(Kiocb* iocb);
+  // Queues `cb` for the owner; wakes it if asleep. `cb` must stay alive until it ran.
+  void Add(TaskWorkCallback* cb);
   // Wakes the owner if it is asleep (one eventfd write), else nothing.
   void Wake();
+  // Owner: `plug` is flushed before every sleep in WaitUntil (nullptr: none).
+  void SetPlug(Plug* plug) { plug_ = plug; }
 
   // Owner: runs every queued completion: res = dio_complete(private), then
   // ki_complete(iocb, res) with dio_complete cleared, all in one RunBatch.
   // A dio_complete that returns kIocbQueued handed its request to a batch,
-  // which calls ki_complete before RunPending returns. Returns how many ran.
+  // which calls ki_complete before RunPending returns. Then the queued
+  // callbacks. Returns how many completions and callbacks ran.
   size_t RunPending();
 
   // Owner: runs fn(); completions in it may DeferToBatch, and every batch
@@ -88,7 +111,9 @@ class TaskWork {
   // finishing a batch there could take a lock its caller holds (a commit
   // runs under the inode's lock).
   bool DeferToBatch(CompletionBatch* batch);
-  bool has_pending() const { return head_.load(std::memory_order_acquire) != nullptr; }
+  bool has_pending() const {
+    return head_.load(std::memory_order_acquire) != nullptr || callbacks_.load(std::memory_order_acquire) != nullptr;
+  }
 
   // Owner: returns once cond() holds, running queued completions while it
   // waits. Whoever makes cond() true must then Wake() this TaskWork, directly
@@ -97,7 +122,7 @@ class TaskWork {
 
   // Owner, for a loop that sleeps elsewhere (epoll on event_fd() and more):
   // PrepareSleep returns false if work is already pending (do not sleep);
-  // after the sleep, Awake() must be called.
+  // after the sleep, Awake() must be called. The loop flushes its own plug.
   bool PrepareSleep();
   void Awake();
   int event_fd() const { return event_fd_.get(); }
@@ -114,10 +139,12 @@ class TaskWork {
   void CompleteBatches();
 
   std::atomic<Kiocb*> head_{nullptr};  // LIFO; RunPending reverses it
+  std::atomic<TaskWorkCallback*> callbacks_{nullptr};  // LIFO, likewise
   std::atomic<bool> sleeping_{false};
   UniqueFd event_fd_;
   Stats stats_;
   // Owner only.
+  Plug* plug_ = nullptr;
   int batch_depth_ = 0;
   bool completing_batches_ = false;
   std::vector<CompletionBatch*> batches_;  // to complete when the outermost RunBatch ends

@@ -20,6 +20,7 @@
 #include "fs/filesystem.h"
 #include "fs/fuse_ops.h"
 #include "mount/commands.h"
+#include "mount/fuse_uring.h"
 #include "mount/options.h"
 #include "mount/worker_loop.h"
 
@@ -74,6 +75,10 @@ int MountCommand(const MountArgs& args) {
   const std::string& backing = args.backing;
   std::string mountpoint = args.mountpoint;
 
+  if (opts.transport == FuseTransport::kUring && !FuseUring::KernelEnabled()) {
+    return Fail("transport=uring: this kernel's FUSE over io_uring is off or absent (it needs Linux 6.14+ and, as "
+                "root, 'echo Y > /sys/module/fuse/parameters/enable_uring'): switch it on or mount with transport=dev");
+  }
   struct stat st;
   if (stat(mountpoint.c_str(), &st) != 0) return Fail("mountpoint " + mountpoint + " does not exist: create it with mkdir");
   if (!S_ISDIR(st.st_mode)) return Fail("mountpoint " + mountpoint + " is not a directory");
@@ -139,6 +144,12 @@ int MountCommand(const MountArgs& args) {
   fopt.ring_depth = opts.ring_depth;
   fopt.commit_interval_s = opts.commit;
   fopt.io_buffers = std::max(128u, 2 * opts.workers);
+  // FUSE over io_uring: each ring entry keeps a buffer.
+  unsigned uring_depth = 0;
+  if (opts.transport == FuseTransport::kUring) {
+    uring_depth = opts.uring_depth ? opts.uring_depth : FuseUring::DefaultDepth(FuseUring::KernelQueues());
+    fopt.io_buffers += FuseUring::KernelQueues() * uring_depth;
+  }
   fopt.workers = opts.workers;
   fopt.fault_inject = opts.fault_inject;
   fopt.read_only = opts.read_only;
@@ -165,7 +176,7 @@ int MountCommand(const MountArgs& args) {
     return report.Error("cannot mount on " + mountpoint + ": is FUSE available (modprobe fuse) and the mountpoint usable?");
   }
   std::unique_ptr<WorkerPool> pool;
-  s = WorkerPool::Start(se, fs.get(), opts.workers, &pool);
+  s = WorkerPool::Start(se, fs.get(), opts.workers, uring_depth, &pool);
   if (!s.ok()) {
     fuse_session_unmount(se);
     fuse_session_destroy(se);

@@ -32,6 +32,7 @@ constexpr NumberOpt kNumbers[] = {
     {"cthreads", &MountOptions::cthreads, 1, 64},
     {"ring_depth", &MountOptions::ring_depth, 8, 4096},
     {"commit", &MountOptions::commit, 1, 300},
+    {"uring_depth", &MountOptions::uring_depth, 1, 256},
 };
 
 struct ParseState {
@@ -67,6 +68,15 @@ Status ParseOne(std::string_view opt, MountOptions* o) {
     if (!has_val || !m) return BadValue(opt, "completion is one of " + std::string(kCompletionModeNames));
     o->completion = *m;
     return Status::Ok();
+  }
+  if (key == "transport") {
+    for (auto t : {FuseTransport::kDev, FuseTransport::kUring}) {
+      if (has_val && val == FuseTransportName(t)) {
+        o->transport = t;
+        return Status::Ok();
+      }
+    }
+    return BadValue(opt, "transport is dev or uring");
   }
   if (key == "meta") {
     if (!has_val || val.empty()) return BadValue(opt, "meta takes the metadata directory's path");
@@ -127,6 +137,14 @@ Status ParseMountOptions(const std::string& opts, MountOptions* out) {
   return Status::Ok();
 }
 
+std::string_view FuseTransportName(FuseTransport t) {
+  switch (t) {
+    case FuseTransport::kUring: return "uring";
+    case FuseTransport::kDev: return "dev";
+  }
+  return "?";
+}
+
 unsigned DefaultWorkers() {
   long cpus = sysconf(_SC_NPROCESSORS_ONLN);
   return cpus >= 4 ? static_cast<unsigned>(cpus / 2) : 1;
@@ -136,6 +154,8 @@ std::string MountOptions::Describe() const {
   return "completion=" + std::string(CompletionModeName(completion)) + ",workers=" + std::to_string(workers) +
          ",pollers=" + std::to_string(pollers) + ",cthreads=" + std::to_string(cthreads) +
          ",ring_depth=" + std::to_string(ring_depth) + ",commit=" + std::to_string(commit) +
+         ",transport=" + std::string(FuseTransportName(transport)) +
+         (uring_depth ? ",uring_depth=" + std::to_string(uring_depth) : std::string()) +
          (read_only ? ",ro" : ",rw") +
          ",loglevel=" + LogLevelName(log_level) + (fault_inject ? ",fault_inject" : "");
 }
@@ -148,6 +168,11 @@ std::string MountOptionsHelp() {
          "  pollers=N          io_uring poller threads, 1-16 (default 1)\n"
          "  cthreads=N         completion threads for completion=workqueue, 1-64 (default 1)\n"
          "  ring_depth=N       io_uring entries per poller, power of two 8-4096 (default 256)\n"
+         "  transport=T        how FUSE requests travel: dev|uring (default dev). dev: read/writev on\n"
+         "                     /dev/fuse; uring: FUSE over io_uring (Linux 6.14+, and as root:\n"
+         "                     echo Y > /sys/module/fuse/parameters/enable_uring)\n"
+         "  uring_depth=N      FUSE ring entries per CPU queue, 1-256 (default: 32, fewer on machines\n"
+         "                     with more than 8 CPUs); each pins a 1 MiB buffer\n"
          "  commit=SECONDS     background metadata commit interval, 1-300 (default 5): the most a\n"
          "                     crash loses of what was not fsync'ed\n"
          "  meta=DIR           metadata directory (default BACKING.meta, /var/lib/deferfs/UUID for a block device)\n"

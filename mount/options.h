@@ -16,6 +16,13 @@ namespace deferfs {
 // add context switches between them, the pollers and the application.
 unsigned DefaultWorkers();
 
+// How requests travel between the kernel and the workers.
+enum class FuseTransport {
+  kDev,    // read(2) and writev(2) on /dev/fuse, a system call per request each way
+  kUring,  // FUSE over io_uring (Linux 6.14+, fuse enable_uring=Y), or the mount fails
+};
+std::string_view FuseTransportName(FuseTransport t);
+
 struct MountOptions {
   std::string meta_dir;  // empty: derived from the backing path
   CompletionMode completion = CompletionMode::kAuto;
@@ -24,6 +31,8 @@ struct MountOptions {
   unsigned cthreads = 1;
   unsigned ring_depth = 256;
   unsigned commit = 5;  // seconds between background metadata commits
+  FuseTransport transport = FuseTransport::kDev;
+  unsigned uring_depth = 0;  // FUSE ring entries per kernel queue (per CPU); 0: derived
   bool read_only = false;
   bool fault_inject = false;  // testing only: pollers fail tagged bios (backend/fault_inject.h)
   LogLevel log_level = LogLevel::kInfo;

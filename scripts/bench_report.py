@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Turns the fio JSON of scripts/run.sh (the mode comparison) into results.csv, results.md and
 plot.png (gnuplot). File names carry the run: TARGET-WORKLOAD-qdN-rK.json, where
-TARGET is a completion mode, "raw" (the backing file itself), "passthrough"
+TARGET is a completion mode (MODE_uring: with transport=uring), "raw" (the backing file itself), "passthrough"
 (libfuse's passthrough_ll) or "floor" (reads of a hole on deferfs: the FUSE
 round trip alone), and K the repetition. Repeated runs are reported by their
 median, with the spread (largest distance from the median, in percent).
@@ -20,9 +20,11 @@ import re
 import subprocess
 import sys
 
-MODES = ["raw", "passthrough", "floor", "inline", "workqueue", "defer", "auto", "sync"]
+COMPLETION = ["inline", "workqueue", "defer", "auto", "sync"]
+# Targets in table order; MODE_uring is MODE mounted with transport=uring.
+MODES = ["raw", "passthrough", "floor"] + COMPLETION + [m + "_uring" for m in COMPLETION]
 WORKLOADS = ["randwrite-alloc", "randwrite-overwrite", "randread", "randwrite-dsync"]
-NAME = re.compile(r"(?P<target>[a-z]+)-(?P<job>[a-z-]+)-qd(?P<qd>\d+)(-r(?P<rep>\d+))?\.json$")
+NAME = re.compile(r"(?P<target>[a-z_]+)-(?P<job>[a-z-]+)-qd(?P<qd>\d+)(-r(?P<rep>\d+))?\.json$")
 
 
 def measure(path):

@@ -7,12 +7,14 @@
 # trip alone, no device IO). Writes results/<stamp>/{results.csv,results.md,
 # plot.png} and prints the Markdown tables.
 #   scripts/run.sh [--quick] [--modes "defer workqueue ..."] [--jobs "randread ..."]
-#                  [--qds "1 16"] [--repeat N] [--no-reference]
+#                  [--qds "1 16"] [--repeat N] [--no-reference] [--transports "dev uring"]
 #                  [--backing PATH] [--size SIZE] [--runtime SECONDS]
 # Default: the five modes, every job, queue depths 1-32, 3 s per run, once
 # (about ten minutes); --quick: queue depths 1 and 16 at 2 s (about 2½).
 # --repeat N runs the whole matrix N times, the modes in a rotated order each
-# time; the tables then show medians and the spread.
+# time; the tables then show medians and the spread. --transports "dev uring"
+# mounts each mode twice, the second time with FUSE over io_uring (target
+# MODE_uring; the kernel's switch is turned on for the run and put back after).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,6 +24,7 @@ qds="1 2 4 8 16 32"
 runtime=3
 repeat=1
 reference=1
+transports=dev
 backing=/var/tmp/deferfs/bench.img
 size=4G
 while (($#)); do
@@ -32,6 +35,7 @@ while (($#)); do
     --qds) qds=$2; shift 2 ;;
     --repeat) repeat=$2; shift 2 ;;
     --no-reference) reference=0; shift ;;
+    --transports) transports=$2; shift 2 ;;
     --backing) backing=$2; shift 2 ;;
     --size) size=$2; shift 2 ;;
     --runtime) runtime=$2; shift 2 ;;
@@ -42,6 +46,16 @@ for j in $jobs; do
   [ -f "scripts/fio/$j.fio" ] || { echo "run.sh: no job '$j' in scripts/fio/ (--jobs)" >&2; exit 2; }
 done
 [[ $repeat =~ ^[1-9][0-9]*$ ]] || { echo "run.sh: --repeat needs a positive count, not '$repeat'" >&2; exit 2; }
+uring_switch=/sys/module/fuse/parameters/enable_uring
+uring_was=
+for t in $transports; do
+  case "$t" in
+    dev) ;;
+    uring)
+      [ -w "$uring_switch" ] || { echo "run.sh: --transports uring: this kernel has no FUSE over io_uring ($uring_switch; Linux 6.14+), or we are not root" >&2; exit 2; } ;;
+    *) echo "run.sh: unknown transport '$t' (--transports takes dev and/or uring)" >&2; exit 2 ;;
+  esac
+done
 
 scripts/setup.sh
 bin=$PWD/build/deferfs
@@ -55,8 +69,14 @@ cleanup() {
   mountpoint -q "$ptmnt" && { fusermount3 -u "$ptmnt" || umount -l "$ptmnt"; }
   rmdir "$mnt" "$ptmnt" 2>/dev/null || true
   rm -rf "$ptbin"
+  [ -n "$uring_was" ] && echo "$uring_was" >"$uring_switch"
 }
 trap cleanup EXIT
+if [[ " $transports " == *" uring "* ]] && [ "$(cat "$uring_switch")" != Y ]; then
+  uring_was=$(cat "$uring_switch")
+  echo "== switching FUSE over io_uring on for this run ($uring_switch, back to $uring_was at the end)"
+  echo Y >"$uring_switch"
+fi
 
 # umount returns before the deferfs daemon has exited; it holds the backing's
 # flock until then, so wait for that before the next mkfs.
@@ -135,7 +155,13 @@ if ((reference)) && [ ! -f "$ptsrc" ]; then
 fi
 with_pt=0
 ((reference)) && has_job randread && [ -f "$ptsrc" ] && with_pt=1
-read -ra mode_list <<<"$modes"
+# A mount variant per mode and transport: "defer" (dev) or "defer_uring".
+mode_list=()
+for m in $modes; do
+  for t in $transports; do
+    if [ "$t" = dev ]; then mode_list+=("$m"); else mode_list+=("${m}_$t"); fi
+  done
+done
 nmodes=${#mode_list[@]}
 total=$(( (nmodes + with_pt + 1) * repeat ))
 n=0
@@ -158,9 +184,11 @@ for ((rep = 1; rep <= repeat; rep++)); do
   # does not always fall on the same mode.
   for ((i = 0; i < nmodes; i++)); do
     mode=${mode_list[$(( (i + rep - 1) % nmodes ))]}
-    echo "== completion=$mode ($((++n))/$total)"
+    opts="completion=${mode%_uring}"
+    [[ $mode == *_uring ]] && opts+=",transport=uring"
+    echo "== $opts ($((++n))/$total)"
     "$bin" mkfs "$backing" --force >/dev/null
-    "$bin" mount "$backing" "$mnt" -o "completion=$mode"
+    "$bin" mount "$backing" "$mnt" -o "$opts"
     server_pid=$(pgrep -f -- "mount $backing $mnt " | head -1)
     if ((reference)) && ((i == 0)) && has_job randread; then
       # The FUSE round trip alone: reads of a hole are answered by the worker

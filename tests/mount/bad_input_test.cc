@@ -197,6 +197,8 @@ TEST_F(BadInputTest, EveryNumericMountOptionOutOfRange) {
       {"cthreads=0", "cthreads"},      {"cthreads=65", "cthreads"},     {"ring_depth=4", "ring_depth"},
       {"ring_depth=8192", "ring_depth"}, {"ring_depth=100", "ring_depth"}, {"ring_depth=", "ring_depth"},
       {"meta=", "meta"},               {"completion=", "completion"},   {"completion=DEFER,bogus", "completion"},
+      {"uring_depth=0", "uring_depth"}, {"uring_depth=257", "uring_depth"}, {"transport=", "transport"},
+      {"transport=tcp", "transport"},
   };
   const std::string before = ReadAll(img_);
   const auto meta = TreeState(img_ + ".meta");
