@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <bit>
+#include <charconv>
 #include <cstring>
 #include <fstream>
 #include <string>
@@ -55,7 +56,6 @@ void PrepCmd(io_uring_sqe* sqe, int fuse_fd, uint32_t op, const FuseRingEntry* e
   io_uring_sqe_set_data(sqe, const_cast<FuseRingEntry*>(e));
 }
 
-uint64_t Hash(uint64_t unique) { return unique * 0x9E3779B97F4A7C15ull; }
 
 }  // namespace
 
@@ -72,22 +72,23 @@ unsigned FuseUring::KernelQueues() {
   unsigned last = 0;
   if (f >> s) {
     size_t cut = s.find_last_of("-,");
-    last = static_cast<unsigned>(std::stoul(cut == std::string::npos ? s : s.substr(cut + 1)));
+    const char* p = s.c_str() + (cut == std::string::npos ? 0 : cut + 1);
+    std::from_chars(p, s.c_str() + s.size(), last);
   }
   return last + 1;
 }
 
 unsigned FuseUring::DefaultDepth(unsigned queues) { return std::clamp(256 / std::max(queues, 1u), 4u, 32u); }
 
-FuseUring::FuseUring(fuse_session* se, IoBufferPool* pool, FuseTransportStats* stats)
-    : se_(se), pool_(pool), stats_(stats) {}
+FuseUring::FuseUring(fuse_session* se, IoBufferPool* pool, FuseTransportStats* stats, size_t nentries)
+    : se_(se), pool_(pool), stats_(stats), serving_(nentries) {}
 
 Status FuseUring::Create(fuse_session* se, IoBufferPool* pool, FuseTransportStats* stats, unsigned workers,
                          unsigned depth, std::unique_ptr<FuseUring>* out) {
   const unsigned queues = KernelQueues();
   const unsigned nentries = queues * depth;
   if (pool->buffer_size() < kHeadRoom + kMaxIo) return Status::Invalid("FUSE ring buffers too small");
-  auto t = std::make_unique<FuseUring>(se, pool, stats);
+  auto t = std::make_unique<FuseUring>(se, pool, stats, nentries);
   workers = std::min(workers, queues);
   for (unsigned w = 0; w < workers; w++) {
     t->rings_.push_back(std::make_unique<FuseRing>(t.get(), (queues + workers - 1 - w) / workers * depth));
@@ -107,7 +108,6 @@ Status FuseUring::Create(fuse_session* se, IoBufferPool* pool, FuseTransportStat
       r->entries_.push_back(std::move(e));
     }
   }
-  t->table_.assign(std::bit_ceil(2 * nentries), {0, nullptr});
 
   FuseUring* expected = nullptr;
   if (!instance.compare_exchange_strong(expected, t.get())) {
@@ -191,7 +191,7 @@ ssize_t FuseUring::Writev(int fd, iovec* iov, int count) {
   // Notifications (unique 0), interrupt replies and requests that came by
   // read(2) (FORGET, INTERRUPT, anything before the rings were ready) have
   // no entry: they go back through /dev/fuse.
-  FuseRingEntry* e = out.unique ? Untrack(out.unique) : nullptr;
+  FuseRingEntry* e = out.unique ? serving_.Take(out.unique) : nullptr;
   if (e == nullptr) return writev(fd, iov, count);
 
   size_t n = 0;
@@ -216,36 +216,6 @@ ssize_t FuseUring::Writev(int fd, iovec* iov, int count) {
     r->owner_->Add(&e->commit_work);
   }
   return static_cast<ssize_t>(out.len);
-}
-
-void FuseUring::Track(uint64_t unique, FuseRingEntry* e) {
-  std::lock_guard l(mu_);
-  const size_t mask = table_.size() - 1;
-  size_t i = Hash(unique) & mask;
-  while (table_[i].first != 0) i = (i + 1) & mask;  // never full: twice the entries
-  table_[i] = {unique, e};
-}
-
-FuseRingEntry* FuseUring::Untrack(uint64_t unique) {
-  std::lock_guard l(mu_);
-  const size_t mask = table_.size() - 1;
-  size_t i = Hash(unique) & mask;
-  while (table_[i].first != unique) {
-    if (table_[i].first == 0) return nullptr;
-    i = (i + 1) & mask;
-  }
-  FuseRingEntry* e = table_[i].second;
-  // Backward-shift deletion: move up every later key of the run whose home
-  // slot is not between the hole and itself, so lookups never stop early.
-  for (size_t j = (i + 1) & mask; table_[j].first != 0; j = (j + 1) & mask) {
-    size_t home = Hash(table_[j].first) & mask;
-    bool stays = i <= j ? (i < home && home <= j) : (i < home || home <= j);
-    if (stays) continue;
-    table_[i] = table_[j];
-    i = j;
-  }
-  table_[i] = {0, nullptr};
-  return e;
 }
 
 FuseRing::FuseRing(FuseUring* t, unsigned nentries) : t_(t) { entries_.reserve(nentries); }
@@ -312,11 +282,11 @@ void FuseRing::CommitWork(TaskWorkCallback* cb) {
 }
 
 void FuseRing::Flush() {
-  if (io_uring_sq_ready(&ring_) > 0) io_uring_submit(&ring_);
+  if (ring_ok_ && io_uring_sq_ready(&ring_) > 0) io_uring_submit(&ring_);
 }
 
 size_t FuseRing::Reap(bool wait, std::span<Event> out) {
-  if (closed_) return 0;
+  if (closed_ || !ring_ok_) return 0;
   if (wait) {
     int rc;
     do {
@@ -334,8 +304,11 @@ size_t FuseRing::Reap(bool wait, std::span<Event> out) {
     io_uring_cqe_seen(&ring_, cqe);
     Event& ev = out[n];
     if (IsFdTag(tag)) {
+      if (res < 0) {
+        LogError("FUSE ring: polling fd %d failed: %s", TagFd(tag), strerror(-res));
+        continue;
+      }
       if (!more) ArmPoll(TagFd(tag));  // the kernel ended the multishot poll
-      if (res < 0) continue;
       ev = Event{};
       ev.kind = Event::kFdReady;
       ev.fd = TagFd(tag);
@@ -381,7 +354,7 @@ size_t FuseRing::Reap(bool wait, std::span<Event> out) {
     std::memcpy(req, &in, sizeof(in));
     std::memcpy(req + sizeof(in), e->header.op_in, op_size);
     e->unique = in.unique;
-    t_->Track(in.unique, e);
+    t_->serving_.Insert(in.unique, e);
     t_->stats_->ring_requests.fetch_add(1, std::memory_order_relaxed);
     ev = Event{};
     ev.kind = Event::kRequest;

@@ -21,7 +21,6 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
-#include <mutex>
 #include <span>
 #include <vector>
 
@@ -30,6 +29,7 @@
 #include "fs/io_buffers.h"
 #include "fs/task_work.h"
 #include "mount/fuse_uring_abi.h"
+#include "mount/request_table.h"
 
 namespace deferfs {
 
@@ -51,7 +51,7 @@ class FuseUring {
   // on `se`; one transport per process.
   static Status Create(fuse_session* se, IoBufferPool* pool, FuseTransportStats* stats, unsigned workers,
                        unsigned depth, std::unique_ptr<FuseUring>* out);
-  FuseUring(fuse_session* se, IoBufferPool* pool, FuseTransportStats* stats);
+  FuseUring(fuse_session* se, IoBufferPool* pool, FuseTransportStats* stats, size_t nentries);
   ~FuseUring();  // the rings must be closed (Close) first
 
   // The INIT request, before libfuse processes it: does the kernel offer io_uring?
@@ -73,9 +73,6 @@ class FuseUring {
   ssize_t Writev(int fd, iovec* iov, int count);
   void PatchInitReply(iovec* iov, int count);
 
-  // unique -> entry of the requests being served: open addressing, fixed size.
-  void Track(uint64_t unique, FuseRingEntry* e);
-  FuseRingEntry* Untrack(uint64_t unique);
 
   fuse_session* const se_;
   IoBufferPool* const pool_;
@@ -85,8 +82,7 @@ class FuseUring {
   std::atomic<bool> init_offered_{false};
   std::atomic<bool> negotiated_{false};
 
-  std::mutex mu_;
-  std::vector<std::pair<uint64_t, FuseRingEntry*>> table_;  // guarded by mu_; key 0: free
+  RequestTable<FuseRingEntry> serving_;  // unique -> entry of each request being served
 };
 
 class FuseRing final : public Plug {

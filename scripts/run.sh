@@ -69,7 +69,7 @@ cleanup() {
   mountpoint -q "$ptmnt" && { fusermount3 -u "$ptmnt" || umount -l "$ptmnt"; }
   rmdir "$mnt" "$ptmnt" 2>/dev/null || true
   rm -rf "$ptbin"
-  [ -n "$uring_was" ] && echo "$uring_was" >"$uring_switch"
+  if [ -n "$uring_was" ]; then echo "$uring_was" >"$uring_switch"; fi
 }
 trap cleanup EXIT
 if [[ " $transports " == *" uring "* ]] && [ "$(cat "$uring_switch")" != Y ]; then
