@@ -143,8 +143,12 @@ bool TaskWork::PrepareSleep() {
   return true;
 }
 
-void TaskWork::Awake() {
+void TaskWork::Awake(bool consume) {
   sleeping_.store(false, std::memory_order_relaxed);
+  if (consume) ConsumeWakeup();
+}
+
+void TaskWork::ConsumeWakeup() {
   uint64_t v;
   [[maybe_unused]] ssize_t n = read(event_fd_.get(), &v, sizeof(v));
 }

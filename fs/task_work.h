@@ -122,9 +122,12 @@ class TaskWork {
 
   // Owner, for a loop that sleeps elsewhere (epoll on event_fd() and more):
   // PrepareSleep returns false if work is already pending (do not sleep);
-  // after the sleep, Awake() must be called. The loop flushes its own plug.
+  // after the sleep, Awake() must be called; it reads the eventfd unless
+  // `consume` is false (the loop saw no wakeup on it: ConsumeWakeup when it does).
+  // The loop flushes its own plug.
   bool PrepareSleep();
-  void Awake();
+  void Awake(bool consume = true);
+  void ConsumeWakeup();
   int event_fd() const { return event_fd_.get(); }
 
   struct Stats {

@@ -1,5 +1,6 @@
 #include "mount/fuse_uring.h"
 
+#include <fcntl.h>
 #include <linux/fuse.h>
 #include <poll.h>
 #include <sys/uio.h>
@@ -60,6 +61,12 @@ void PrepCmd(io_uring_sqe* sqe, int fuse_fd, uint32_t op, const FuseRingEntry* e
 }  // namespace
 
 bool FuseUring::KernelEnabled() {
+  // The module (and so its parameter) may not be loaded yet: opening the
+  // device loads it, as mounting would.
+  if (access("/sys/module/fuse", F_OK) != 0) {
+    int fd = open("/dev/fuse", O_RDWR | O_CLOEXEC);
+    if (fd >= 0) close(fd);
+  }
   std::ifstream f("/sys/module/fuse/parameters/enable_uring");
   char c = 0;
   return f >> c && (c == 'Y' || c == 'y' || c == '1');
@@ -172,10 +179,12 @@ void FuseUring::PatchInitReply(iovec* iov, int count) {
   negotiated_.store(true, std::memory_order_release);
 }
 
-ssize_t FuseUring::WritevHook(int fd, iovec* iov, int count, void*) {
+ssize_t FuseUring::Send(int fd, iovec* iov, int count) {
   FuseUring* t = instance.load(std::memory_order_acquire);
   return t ? t->Writev(fd, iov, count) : writev(fd, iov, count);
 }
+
+ssize_t FuseUring::WritevHook(int fd, iovec* iov, int count, void*) { return Send(fd, iov, count); }
 
 ssize_t FuseUring::ReadHook(int fd, void* buf, size_t len, void*) { return read(fd, buf, len); }
 
@@ -244,16 +253,20 @@ Status FuseRing::Start(TaskWork* owner, std::span<const int> fds) {
   }
   for (int fd : fds) ArmPoll(fd);
   rc = io_uring_submit(&ring_);
-  if (rc < 0) return Status::IoError(std::string("cannot register FUSE ring entries: ") + strerror(-rc));
+  Status s = rc < 0 ? Status::IoError(std::string("cannot register FUSE ring entries: ") + strerror(-rc)) : Status::Ok();
   // A refused registration completes at once; a good one only with a request.
   io_uring_cqe* cqe;
   unsigned head;
   io_uring_for_each_cqe(&ring_, head, cqe) {
-    if (!IsFdTag(cqe->user_data) && cqe->res < 0) {
-      return Status::IoError(std::string("the kernel refused a FUSE ring entry: ") + strerror(-cqe->res));
+    if (s.ok() && !IsFdTag(cqe->user_data) && cqe->res < 0) {
+      s = Status::IoError(std::string("the kernel refused a FUSE ring entry: ") + strerror(-cqe->res));
     }
   }
-  return Status::Ok();
+  if (!s.ok()) {  // nothing of this ring may be submitted later
+    io_uring_queue_exit(&ring_);
+    ring_ok_ = false;
+  }
+  return s;
 }
 
 // The SQ has room for every entry's command and every poll at once (Start),
@@ -265,7 +278,6 @@ io_uring_sqe* FuseRing::GetSqe() {
 }
 
 void FuseRing::ArmPoll(int fd) {
-  if (std::find(fds_.begin(), fds_.end(), fd) == fds_.end()) fds_.push_back(fd);
   io_uring_sqe* sqe = GetSqe();
   io_uring_prep_poll_multishot(sqe, fd, POLLIN);
   io_uring_sqe_set_data64(sqe, FdTag(fd));
@@ -285,16 +297,27 @@ void FuseRing::Flush() {
   if (ring_ok_ && io_uring_sq_ready(&ring_) > 0) io_uring_submit(&ring_);
 }
 
+// Ends the ring's service: the events so far, then kClosed.
+size_t FuseRing::Closed(std::span<Event> out, size_t n, int err) {
+  closed_ = true;
+  out[n] = Event{};
+  out[n].kind = Event::kClosed;
+  out[n].err = err;
+  return n + 1;
+}
+
 size_t FuseRing::Reap(bool wait, std::span<Event> out) {
   if (closed_ || !ring_ok_) return 0;
   if (wait) {
+    // What is queued goes out with the wait: one io_uring_enter.
     int rc;
     do {
       rc = io_uring_submit_and_wait(&ring_, 1);
     } while (rc == -EINTR);
-  } else if (io_uring_sq_ready(&ring_) > 0 || (IO_URING_READ_ONCE(*ring_.sq.kflags) & IORING_SQ_TASKRUN)) {
-    io_uring_submit(&ring_);  // COOP_TASKRUN: requests wait in task_work until we enter the kernel
+    if (rc < 0 && rc != -EAGAIN && rc != -EBUSY) return Closed(out, 0, -rc);
   }
+  // Without waiting this only enters the kernel to run task_work that holds
+  // requests (COOP_TASKRUN) or to flush an overflowed CQ.
   size_t n = 0;
   io_uring_cqe* cqe;
   while (n < out.size() && io_uring_peek_cqe(&ring_, &cqe) == 0) {
@@ -304,10 +327,7 @@ size_t FuseRing::Reap(bool wait, std::span<Event> out) {
     io_uring_cqe_seen(&ring_, cqe);
     Event& ev = out[n];
     if (IsFdTag(tag)) {
-      if (res < 0) {
-        LogError("FUSE ring: polling fd %d failed: %s", TagFd(tag), strerror(-res));
-        continue;
-      }
+      if (res < 0) return Closed(out, n, -res);  // a wakeup could be lost: stop cleanly instead
       if (!more) ArmPoll(TagFd(tag));  // the kernel ended the multishot poll
       ev = Event{};
       ev.kind = Event::kFdReady;
@@ -326,14 +346,7 @@ size_t FuseRing::Reap(bool wait, std::span<Event> out) {
       }
       continue;
     }
-    if (res < 0) {
-      // ENOTCONN: unmounted or aborted; the kernel ends every entry so.
-      closed_ = true;
-      ev = Event{};
-      ev.kind = Event::kClosed;
-      ev.err = -res;
-      return n + 1;
-    }
+    if (res < 0) return Closed(out, n, -res);  // ENOTCONN: unmounted or aborted; the kernel ends every entry so
     // A request: rebuild the read(2) layout (fuse_in_header, the first
     // argument, the rest) in the room before the payload, which stays put.
     fuse_in_header in;
@@ -343,8 +356,8 @@ size_t FuseRing::Reap(bool wait, std::span<Event> out) {
     if (in.len < sizeof(in) + payload || op_size > sizeof(e->header.op_in) || payload > e->payload.size) {
       LogError("FUSE ring: malformed request (opcode %u, len %u, payload %zu): answered EIO", in.opcode, in.len,
                payload);
-      fuse_out_header out{sizeof(fuse_out_header), -EIO, in.unique};
-      std::memcpy(e->header.in_out, &out, sizeof(out));
+      fuse_out_header reply{sizeof(fuse_out_header), -EIO, in.unique};
+      std::memcpy(e->header.in_out, &reply, sizeof(reply));
       e->header.ring_ent_in_out.payload_sz = 0;
       e->unique = in.unique;
       Commit(e);

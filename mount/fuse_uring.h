@@ -42,7 +42,7 @@ class FuseUring {
   static bool KernelEnabled();
   // The kernel's queue count: one per possible CPU.
   static unsigned KernelQueues();
-  // Entries per queue when uring_depth= is not given: 32, fewer with more than 8 CPUs.
+  // Entries per queue when uring_depth= is not given: 32, fewer with more than 8 queues.
   static unsigned DefaultDepth(unsigned queues);
 
   // `depth` entries on each kernel queue, the queues spread over `workers`
@@ -52,7 +52,7 @@ class FuseUring {
   static Status Create(fuse_session* se, IoBufferPool* pool, FuseTransportStats* stats, unsigned workers,
                        unsigned depth, std::unique_ptr<FuseUring>* out);
   FuseUring(fuse_session* se, IoBufferPool* pool, FuseTransportStats* stats, size_t nentries);
-  ~FuseUring();  // the rings must be closed (Close) first
+  ~FuseUring();  // closes the rings if Close was not called
 
   // The INIT request, before libfuse processes it: does the kernel offer io_uring?
   void SawInit(const uint8_t* req, size_t len);
@@ -66,13 +66,16 @@ class FuseUring {
   // commands) and gives the entry buffers back.
   void Close();
 
+  // A reply to the session's request: through its ring slot if it came
+  // through one, else writev(2) on `fd`. libfuse's replies come here too.
+  static ssize_t Send(int fd, iovec* iov, int count);
+
  private:
   friend class FuseRing;
   static ssize_t WritevHook(int fd, iovec* iov, int count, void* userdata);
   static ssize_t ReadHook(int fd, void* buf, size_t len, void* userdata);
   ssize_t Writev(int fd, iovec* iov, int count);
   void PatchInitReply(iovec* iov, int count);
-
 
   fuse_session* const se_;
   IoBufferPool* const pool_;
@@ -105,10 +108,11 @@ class FuseRing final : public Plug {
   // Owner: creates the ring, registers the entries and arms a multishot
   // poll on each of `fds`. Errors are the kernel's refusal to register.
   Status Start(TaskWork* owner, std::span<const int> fds);
-  // Owner: submits queued commits, then takes what completed, waiting for
-  // something if `wait` (call TaskWork::PrepareSleep first). Returns how many.
+  // Owner: takes what completed. With `wait` (after TaskWork::PrepareSleep)
+  // it first submits what is queued and sleeps until something completes.
+  // Returns how many events it wrote; a kClosed one is the last ever.
   size_t Reap(bool wait, std::span<Event> out);
-  // Owner: submits queued commits (before the owner sleeps elsewhere).
+  // Owner: submits queued commits.
   void Flush() override;
 
  private:
@@ -116,6 +120,7 @@ class FuseRing final : public Plug {
   void Commit(FuseRingEntry* e);  // owner
   static void CommitWork(TaskWorkCallback* cb);
   void ArmPoll(int fd);
+  size_t Closed(std::span<Event> out, size_t n, int err);
   io_uring_sqe* GetSqe();
 
   FuseUring* const t_;
@@ -123,7 +128,6 @@ class FuseRing final : public Plug {
   io_uring ring_{};
   bool ring_ok_ = false;
   bool closed_ = false;
-  std::vector<int> fds_;
   std::vector<std::unique_ptr<FuseRingEntry>> entries_;
 };
 

@@ -53,7 +53,7 @@ class RequestTable {
 
  private:
   // Fibonacci hashing, the product's top bits: the kernel's uniques step by
-  // two, and the low bits of a product of even numbers are all zero.
+  // two, so a product's low bit is always zero.
   size_t Home(uint64_t unique) const { return static_cast<size_t>((unique * 0x9E3779B97F4A7C15ull) >> shift_); }
   size_t Next(size_t i) const { return (i + 1) & (slots_.size() - 1); }
 

@@ -175,8 +175,13 @@ void WorkerPool::Run(Worker* w) {
     RunDev(w);
   }
   // IO may still be in flight with completions bound for this worker's
-  // task_work: keep running it until the engine is idle.
-  while (fs_->engine().stats().inflight.load(std::memory_order_acquire) > 0) {
+  // task_work, and replies bound for its ring (a dio leaves `inflight` just
+  // before its reply): keep running it until every data request is answered.
+  auto busy = [this] {
+    return fs_->engine().stats().inflight.load(std::memory_order_acquire) > 0 ||
+           fs_->gauges().fuse_requests.load(std::memory_order_acquire) > 0;
+  };
+  while (busy()) {
     if (w->tw.RunPending() == 0) {
       if (w->ring) w->ring->Flush();
       pollfd p{w->tw.event_fd(), POLLIN, 0};
@@ -212,9 +217,14 @@ void WorkerPool::RunRing(Worker* w) {
     w->tw.RunPending();
     size_t n = w->ring->Reap(false, evs);
     if (n == 0) {
-      if (!w->tw.PrepareSleep()) continue;
-      n = w->ring->Reap(true, evs);
-      w->tw.Awake();
+      if (!w->tw.PrepareSleep()) {
+        w->ring->Flush();
+        continue;
+      }
+      n = w->ring->Reap(true, evs);  // sends the queued replies and sleeps: one io_uring_enter
+      w->tw.Awake(/*consume=*/false);  // the eventfd is read when its poll fired
+    } else {
+      w->ring->Flush();  // the replies so far go out before this batch is served
     }
     for (size_t i = 0; i < n; i++) {
       const FuseRing::Event& ev = evs[i];
@@ -228,13 +238,15 @@ void WorkerPool::RunRing(Worker* w) {
         }
         case FuseRing::Event::kFdReady:
           if (ev.fd == stop_fd_.get()) return;
-          if (ev.fd == fuse_fd_) {
+          if (ev.fd == w->tw.event_fd()) {
+            w->tw.ConsumeWakeup();  // RunPending runs what woke us
+          } else if (ev.fd == fuse_fd_) {
             DevRead r;
             while ((r = ReadDev(w)) == DevRead::kProcessed) {
             }
             if (r == DevRead::kOver) return;
           }
-          break;  // the task_work eventfd: RunPending runs what woke us
+          break;
         case FuseRing::Event::kClosed:
           if (ev.err != ENOTCONN) LogError("the kernel ended the FUSE ring: %s: the mount stops", strerror(ev.err));
           SessionOver();
@@ -272,7 +284,8 @@ bool WorkerPool::Process(uint8_t* req, size_t len) {
     // send it, answer it here so syncfs(2) is a durability point.
     Status st = fs_->Sync();
     fuse_out_header out{sizeof(fuse_out_header), st.ok() ? 0 : -st.err(), in->unique};
-    [[maybe_unused]] ssize_t r = write(fuse_fd_, &out, sizeof(out));
+    iovec iov{&out, sizeof(out)};
+    FuseUring::Send(fuse_fd_, &iov, 1);  // a ring slot's request is answered there
     return true;
   }
   fuse_buf buf{};

@@ -65,6 +65,15 @@ class KernelUringSwitch {
     ASSERT_TRUE((sw).ok()) << "cannot write " << kSwitch << " (the tests run as root)";               \
   } while (0)
 
+// The kernel's queue count: one per possible CPU ("0-N" or a list).
+uint64_t PossibleCpus() {
+  std::ifstream f("/sys/devices/system/cpu/possible");
+  std::string s;
+  f >> s;
+  size_t cut = s.find_last_of("-,");
+  return std::stoull(cut == std::string::npos ? s : s.substr(cut + 1)) + 1;
+}
+
 MountConfig UringConfig(const MountVariant& v, std::vector<std::string> extra = {}) {
   MountConfig c = v.Config();
   c.options.push_back("transport=uring");
@@ -169,6 +178,7 @@ TEST(UringMount, FewerEntriesThanRequestsInFlight) {
   Stats s = Stats::Read(fs);
   EXPECT_EQ(s.text("transport"), "uring") << s.raw();
   EXPECT_GT(s["fuse.ring_requests"], 2048u) << s.raw();
+  EXPECT_EQ(s["buffers.ring"], PossibleCpus()) << "one slot per kernel queue: " << s.raw();
 }
 
 // Without the switch the kernel would route nothing through a ring: the

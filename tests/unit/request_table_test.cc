@@ -31,15 +31,16 @@ TEST(RequestTableTest, TakeReturnsWhatWasInsertedOnce) {
 TEST(RequestTableTest, InterleavedUseMatchesAMap) {
   constexpr size_t kCap = 64;
   RequestTable<int> t(kCap);
-  std::vector<int> values(1 << 16);
+  std::vector<int> values(20000);  // a value of its own for every insert
+  size_t inserted = 0;
   std::map<uint64_t, int*> model;
   std::mt19937_64 rng(5);
   uint64_t next_unique = 2;
   for (int round = 0; round < 20000; round++) {
     if (model.size() < kCap && (model.empty() || rng() % 2)) {
-      // Mostly the kernel's pattern; sometimes uniques that share a home.
+      // Mostly the kernel's pattern (steps of two), sometimes far apart.
       uint64_t u = rng() % 4 ? (next_unique += 2) : (next_unique += 2) << 20;
-      int* v = &values[u % values.size()];
+      int* v = &values[inserted++];
       t.Insert(u, v);
       model[u] = v;
     } else {

@@ -32,6 +32,7 @@ void Record(TaskWorkCallback* cb) {
 TEST(TaskWorkTest, CallbacksFromAnotherThreadRunOnTheOwnerInOrderAndWakeIt) {
   TaskWork tw;
   std::vector<int> order;
+  std::atomic<bool> order_done{false};
   std::vector<Recorded> recs(8);
   for (int i = 0; i < 8; i++) recs[i] = Recorded{{nullptr, &Record}, i, {}, &order};
   std::thread other([&] {
@@ -39,8 +40,20 @@ TEST(TaskWorkTest, CallbacksFromAnotherThreadRunOnTheOwnerInOrderAndWakeIt) {
     for (auto& r : recs) tw.Add(&r.cb);
   });
   // The owner sleeps until the callbacks have run: only Add's wakeup ends it.
-  tw.WaitUntil([&] { return order.size() == recs.size(); });
+  // A bounded wait, so a lost wakeup fails the test instead of hanging it.
+  std::atomic<bool> timed_out{false};
+  std::thread watchdog([&] {
+    for (int i = 0; i < 500 && order_done.load() == false; i++) std::this_thread::sleep_for(10ms);
+    if (!order_done.load()) {
+      timed_out = true;
+      tw.Wake();
+    }
+  });
+  tw.WaitUntil([&] { return order.size() == recs.size() || timed_out.load(); });
+  order_done = true;
   other.join();
+  watchdog.join();
+  ASSERT_FALSE(timed_out.load()) << "Add did not wake the sleeping owner";
   EXPECT_EQ(order, (std::vector<int>{0, 1, 2, 3, 4, 5, 6, 7}));
   for (const auto& r : recs) EXPECT_EQ(r.ran_on, std::this_thread::get_id());
   EXPECT_EQ(tw.RunPending(), 0u);
