@@ -143,7 +143,7 @@ ssize_t Filesystem::ReadIter(Kiocb* iocb, IoBuffer* buf, size_t len, size_t* dat
   }
   // Unaligned: read the covering blocks, hand out the middle.
   const uint64_t start = RoundDown(pos);
-  const size_t span = RoundUp(pos + len) - start;
+  const size_t span = ReadSpan(pos, len);
   if (span > buf->size) return -EINVAL;
   inode->iolock.LockShared();
   ssize_t res = SyncRw(inode, false, start, buf, span);

@@ -144,7 +144,11 @@ class Filesystem {
   // Aligned requests (pos, len and buffer 4 KiB-aligned) go through the dio
   // engine and may return kIocbQueued; unaligned ones are read-modify-write,
   // done synchronously under the exclusive IO lock. `buf` is an IoBuffer of
-  // the pool. Reads place the data at buf->base + *data_off.
+  // the pool. Reads place the data at buf->base + *data_off; `buf` must hold
+  // ReadSpan(pos, len) bytes.
+  static uint64_t ReadSpan(uint64_t pos, uint64_t len) {
+    return ((pos + len + kBlockSize - 1) & ~uint64_t{kBlockSize - 1}) - (pos & ~uint64_t{kBlockSize - 1});
+  }
   ssize_t ReadIter(Kiocb* iocb, IoBuffer* buf, size_t len, size_t* data_off);
   ssize_t WriteIter(Kiocb* iocb, IoBuffer* buf, const uint8_t* data, size_t len);
   Status Fallocate(Inode* inode, int mode, uint64_t off, uint64_t len);

@@ -132,9 +132,7 @@ void FuseRead(fuse_req_t req, fuse_ino_t, size_t size, off_t off, fuse_file_info
   // anyway: the device reads straight into it if the covering blocks fit.
   RecvBuffer lent = RecvBufferSlot::Take();
   size = std::min(size, kMaxIo);
-  const uint64_t pos = static_cast<uint64_t>(off);
-  const uint64_t span = ((pos + size + kBlockSize - 1) & ~uint64_t{kBlockSize - 1}) - (pos & ~uint64_t{kBlockSize - 1});
-  if (lent.buf && !lent.owned && span <= lent.buf->size) {
+  if (lent.buf && !lent.owned && Filesystem::ReadSpan(static_cast<uint64_t>(off), size) <= lent.buf->size) {
     Attach(io.get(), lent);
   } else {
     RecvBufferSlot::Set(lent);

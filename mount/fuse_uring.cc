@@ -244,13 +244,8 @@ Status FuseRing::Start(TaskWork* owner, std::span<const int> fds) {
   int rc = io_uring_queue_init_params(depth, &ring_, &p);
   if (rc < 0) return Status::IoError(std::string("cannot create a FUSE ring: ") + strerror(-rc));
   ring_ok_ = true;
-  const int fuse_fd = fuse_session_fd(t_->se_);
-  for (auto& e : entries_) {
-    io_uring_sqe* sqe = GetSqe();
-    PrepCmd(sqe, fuse_fd, fuse_abi::kCmdRegister, e.get(), 0);
-    sqe->addr = reinterpret_cast<uint64_t>(e->iov);
-    sqe->len = 2;
-  }
+  fuse_fd_ = fuse_session_fd(t_->se_);
+  for (auto& e : entries_) Register(e.get());
   for (int fd : fds) ArmPoll(fd);
   rc = io_uring_submit(&ring_);
   Status s = rc < 0 ? Status::IoError(std::string("cannot register FUSE ring entries: ") + strerror(-rc)) : Status::Ok();
@@ -283,9 +278,16 @@ void FuseRing::ArmPoll(int fd) {
   io_uring_sqe_set_data64(sqe, FdTag(fd));
 }
 
+void FuseRing::Register(FuseRingEntry* e) {
+  io_uring_sqe* sqe = GetSqe();
+  PrepCmd(sqe, fuse_fd_, fuse_abi::kCmdRegister, e, 0);
+  sqe->addr = reinterpret_cast<uint64_t>(e->iov);  // the header and payload buffers
+  sqe->len = 2;
+}
+
 void FuseRing::Commit(FuseRingEntry* e) {
   io_uring_sqe* sqe = GetSqe();
-  PrepCmd(sqe, fuse_session_fd(t_->se_), fuse_abi::kCmdCommitAndFetch, e, e->unique);
+  PrepCmd(sqe, fuse_fd_, fuse_abi::kCmdCommitAndFetch, e, e->unique);
 }
 
 void FuseRing::CommitWork(TaskWorkCallback* cb) {
@@ -337,13 +339,8 @@ size_t FuseRing::Reap(bool wait, std::span<Event> out) {
     }
     auto* e = reinterpret_cast<FuseRingEntry*>(tag);
     if (res == -EAGAIN || res == -EINTR) {  // not taken: send the same command again
-      io_uring_sqe* sqe = GetSqe();
-      PrepCmd(sqe, fuse_session_fd(t_->se_), e->unique ? fuse_abi::kCmdCommitAndFetch : fuse_abi::kCmdRegister, e,
-              e->unique);
-      if (!e->unique) {
-        sqe->addr = reinterpret_cast<uint64_t>(e->iov);
-        sqe->len = 2;
-      }
+      if (e->unique) Commit(e);
+      else Register(e);
       continue;
     }
     if (res < 0) return Closed(out, n, -res);  // ENOTCONN: unmounted or aborted; the kernel ends every entry so

@@ -117,7 +117,8 @@ class FuseRing final : public Plug {
 
  private:
   friend class FuseUring;
-  void Commit(FuseRingEntry* e);  // owner
+  void Register(FuseRingEntry* e);  // owner
+  void Commit(FuseRingEntry* e);    // owner
   static void CommitWork(TaskWorkCallback* cb);
   void ArmPoll(int fd);
   size_t Closed(std::span<Event> out, size_t n, int err);
@@ -125,6 +126,7 @@ class FuseRing final : public Plug {
 
   FuseUring* const t_;
   TaskWork* owner_ = nullptr;
+  int fuse_fd_ = -1;
   io_uring ring_{};
   bool ring_ok_ = false;
   bool closed_ = false;
