@@ -7,7 +7,8 @@ round trip alone), and K the repetition. Repeated runs are reported by their
 median, with the spread (largest distance from the median, in percent).
 Beside each JSON, run.sh may leave RUN.cpu: the file server's CPU seconds
 during the run (shown as CPU µs per IO); notes it leaves as TARGET-note.txt
-go under the tables.
+go under the tables. Where the run measured what they need, a last table
+checks issue 5's benchmark goals.
 
   bench_report.py --brief RUN.json          one progress line for one run
   bench_report.py --out DIR RUN.json...     the whole report into DIR
@@ -142,6 +143,61 @@ def markdown(runs):
     return "\n".join(lines)
 
 
+# Issue 5's benchmark goals: (what, figures, bar, unit). A ratio or a
+# difference is taken within each repetition (raw and the modes of one
+# sitting) and the goal judged by the median of those: a ratio of two medians
+# could pair one sitting's fast raw file with another's slow mode.
+FAST = ["defer", "auto", "defer_uring", "auto_uring"]
+FAR_AHEAD = 1.5  # "far ahead of passthrough_ll", taken as 1.5x its IOPS
+
+
+def by_rep(reps, key):
+    return {r["rep"]: r for r in reps.get(key, [])}
+
+
+def paired(reps, a, b, fig, op):
+    ra, rb = by_rep(reps, a), by_rep(reps, b)
+    return [op(ra[k][fig], rb[k][fig]) for k in sorted(ra.keys() & rb.keys()) if rb[k][fig]]
+
+
+def goals(reps):
+    """[(goal, per-repetition values, bar, unit)] for the goals this run measured."""
+    ratio = lambda a, b: paired(reps, a, b, "iops", lambda x, y: x / y)
+    out = []
+    for qd in (8, 16):
+        w = ("randwrite-alloc", "workqueue", qd)
+        d = ("randwrite-alloc", "defer", qd)
+        out.append((f"allocating writes QD{qd}: `defer` ≥ 1.35× `workqueue`", ratio(d, w), 1.35, "×"))
+        out.append((f"allocating writes QD{qd}: `auto` ≥ `defer`", ratio(("randwrite-alloc", "auto", qd), d), 1.0, "×"))
+    for m in FAST:
+        out.append((f"random reads QD32: `{m}` ≥ 0.8× raw",
+                    ratio(("randread", m, 32), ("randread", "raw", 32)), 0.8, "×"))
+        out.append((f"random reads QD1: `{m}`'s mean latency within 20 µs of raw",
+                    paired(reps, ("randread", m, 1), ("randread", "raw", 1), "mean_us", lambda x, y: x - y),
+                    20.0, "µs"))
+        out.append((f"random overwrites QD16: `{m}` ≥ 0.8× raw",
+                    ratio(("randwrite-overwrite", m, 16), ("randwrite-overwrite", "raw", 16)), 0.8, "×"))
+        out.append((f"random reads QD32: `{m}` ≥ {FAR_AHEAD}× `passthrough_ll`",
+                    ratio(("randread", m, 32), ("randread", "passthrough", 32)), FAR_AHEAD, "×"))
+    return [g for g in out if g[1]]
+
+
+def goals_markdown(reps):
+    rows = goals(reps)
+    if not rows:
+        return ""
+    lines = ["### The goals of issue 5\n",
+             "Each figure within one repetition (raw and the modes of one sitting); the verdict takes their median.\n",
+             "| goal | per repetition | median | |", "|---|---|---|---|"]
+    for what, vals, bar, unit in rows:
+        fmt = (lambda v: f"{v:.2f}×") if unit == "×" else (lambda v: f"{v:+.0f} µs")
+        med = median(vals)
+        # Ratios must reach the bar; a latency difference must stay within it.
+        met = med >= bar if unit == "×" else med <= bar
+        lines.append(f"| {what} | {', '.join(fmt(v) for v in vals)} | {fmt(med)} | {'met' if met else 'not met'} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(runs, out):
     series = collections.defaultdict(list)
     for (job, target, qd), r in sorted(runs.items(), key=lambda kv: kv[0][2]):
@@ -201,6 +257,9 @@ def main():
     extra = notes(a.files)
     if extra:
         md += "\nNotes:\n\n" + "\n".join(extra) + "\n"
+    g = goals_markdown(reps)
+    if g:
+        md += "\n" + g
     with open(os.path.join(a.out, "results.md"), "w") as f:
         f.write(md)
     print(md)

@@ -6,11 +6,14 @@
 # the backing file's directory, and reads of a hole on deferfs (the FUSE round
 # trip alone, no device IO). Writes results/<stamp>/{results.csv,results.md,
 # plot.png} and prints the Markdown tables.
-#   scripts/run.sh [--quick] [--modes "defer workqueue ..."] [--jobs "randread ..."]
+#   scripts/run.sh [--quick | --goals] [--modes "defer workqueue ..."] [--jobs "randread ..."]
 #                  [--qds "1 16"] [--repeat N] [--no-reference] [--transports "dev uring"]
 #                  [--backing PATH] [--size SIZE] [--runtime SECONDS]
 # Default: the five modes, every job, queue depths 1-32, 3 s per run, once
-# (about ten minutes); --quick: queue depths 1 and 16 at 2 s (about 2½).
+# (about ten minutes); --quick: queue depths 1 and 16 at 2 s (about 2½);
+# --goals: what issue 5's goals compare (workqueue, defer and auto; allocating
+# writes, overwrites and reads at queue depths 1, 8, 16 and 32), three times
+# (about fifteen minutes). Options after a preset change it.
 # --repeat N runs the whole matrix N times, the modes in a rotated order each
 # time; the tables then show medians and the spread. --transports "dev uring"
 # mounts each mode twice, the second time with FUSE over io_uring (target
@@ -30,6 +33,8 @@ size=4G
 while (($#)); do
   case "$1" in
     --quick) qds="1 16"; runtime=2; shift ;;
+    --goals) modes="workqueue defer auto"; jobs="randwrite-alloc randwrite-overwrite randread"
+             qds="1 8 16 32"; repeat=3; shift ;;
     --modes) modes=$2; shift 2 ;;
     --jobs) jobs=$2; shift 2 ;;
     --qds) qds=$2; shift 2 ;;

@@ -1,0 +1,89 @@
+#!/usr/bin/env python3
+"""The goals table of scripts/bench_report.py: ratios taken within one
+repetition, judged by their median, from fio JSON named as run.sh names it."""
+import json
+import os
+import sys
+import tempfile
+import unittest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "scripts"))
+import bench_report  # noqa: E402
+
+
+def fio_json(path, iops, mean_us, write):
+    side = {"io_bytes": 4096, "iops": iops, "total_ios": 1000,
+            "clat_ns": {"mean": mean_us * 1000, "percentile": {"50.000000": 1000, "99.000000": 2000}}}
+    idle = {"io_bytes": 0, "iops": 0, "total_ios": 0, "clat_ns": {"mean": 0}}
+    with open(path, "w") as f:
+        json.dump({"jobs": [{"write": side if write else idle, "read": idle if write else side}]}, f)
+
+
+class GoalsTest(unittest.TestCase):
+    def setUp(self):
+        self.dir = tempfile.TemporaryDirectory()
+        self.paths = []
+
+    def tearDown(self):
+        self.dir.cleanup()
+
+    def add(self, target, job, qd, rep, iops, mean_us=100.0):
+        path = os.path.join(self.dir.name, f"{target}-{job}-qd{qd}-r{rep}.json")
+        fio_json(path, iops, mean_us, write=job != "randread")
+        self.paths.append(path)
+
+    def goal(self, prefix):
+        rows = [g for g in bench_report.goals(bench_report.load(self.paths)) if g[0].startswith(prefix)]
+        self.assertEqual(len(rows), 1, prefix)
+        return rows[0]
+
+    def test_ratio_is_taken_within_each_repetition(self):
+        # A fast raw sitting and a slow one: per sitting `defer` is 0.9x raw,
+        # while the ratio of the medians (90/100 against 50) would say 1.8x
+        # or, with the other median order, 0.45x.
+        for rep, raw in ((1, 100_000), (2, 50_000), (3, 100_000)):
+            self.add("raw", "randread", 32, rep, raw)
+            self.add("defer", "randread", 32, rep, raw * 0.9)
+        what, vals, bar, unit = self.goal("random reads QD32: `defer` ≥ 0.8× raw")
+        self.assertEqual([round(v, 3) for v in vals], [0.9, 0.9, 0.9])
+        self.assertEqual((bar, unit), (0.8, "×"))
+        self.assertIn("| 0.90× | met |", bench_report.goals_markdown(bench_report.load(self.paths)))
+
+    def test_median_decides_and_short_of_the_bar_is_not_met(self):
+        for rep, ratio in ((1, 1.50), (2, 1.20), (3, 1.30)):
+            self.add("workqueue", "randwrite-alloc", 16, rep, 10_000)
+            self.add("defer", "randwrite-alloc", 16, rep, 10_000 * ratio)
+        _, vals, _, _ = self.goal("allocating writes QD16: `defer` ≥ 1.35×")
+        self.assertEqual(len(vals), 3)
+        md = bench_report.goals_markdown(bench_report.load(self.paths))
+        self.assertIn("| 1.50×, 1.20×, 1.30× | 1.30× | not met |", md)
+
+    def test_latency_goal_is_a_difference_that_must_stay_within_the_bar(self):
+        self.add("raw", "randread", 1, 1, 30_000, mean_us=30.0)
+        self.add("auto", "randread", 1, 1, 20_000, mean_us=45.0)
+        self.add("raw", "randread", 1, 2, 30_000, mean_us=30.0)
+        self.add("auto", "randread", 1, 2, 20_000, mean_us=80.0)
+        self.add("raw", "randread", 1, 3, 30_000, mean_us=30.0)
+        self.add("auto", "randread", 1, 3, 20_000, mean_us=48.0)
+        _, vals, bar, unit = self.goal("random reads QD1: `auto`")
+        self.assertEqual([round(v) for v in vals], [15, 50, 18])
+        self.assertEqual((bar, unit), (20.0, "µs"))
+        self.assertIn("| +15 µs, +50 µs, +18 µs | +18 µs | met |",
+                      bench_report.goals_markdown(bench_report.load(self.paths)))
+
+    def test_a_repetition_missing_one_side_is_left_out(self):
+        self.add("raw", "randwrite-overwrite", 16, 1, 60_000)
+        self.add("auto", "randwrite-overwrite", 16, 1, 30_000)
+        self.add("auto", "randwrite-overwrite", 16, 2, 60_000)  # no raw in repetition 2
+        _, vals, _, _ = self.goal("random overwrites QD16: `auto`")
+        self.assertEqual(vals, [0.5])
+
+    def test_goals_the_run_did_not_measure_are_not_shown(self):
+        self.add("raw", "randread", 32, 1, 100_000)
+        self.add("inline", "randread", 32, 1, 90_000)
+        self.assertEqual(bench_report.goals(bench_report.load(self.paths)), [])
+        self.assertEqual(bench_report.goals_markdown(bench_report.load(self.paths)), "")
+
+
+if __name__ == "__main__":
+    unittest.main()
