@@ -13,7 +13,7 @@
 # (about ten minutes); --quick: queue depths 1 and 16 at 2 s (about 2½);
 # --goals: what issue 5's goals compare (workqueue, defer and auto; allocating
 # writes, overwrites and reads at queue depths 1, 8, 16 and 32), three times
-# (about fifteen minutes). Options after a preset change it.
+# (about ten minutes). Options after a preset change it.
 # --repeat N runs the whole matrix N times, the modes in a rotated order each
 # time; the tables then show medians and the spread. --transports "dev uring"
 # mounts each mode twice, the second time with FUSE over io_uring (target
