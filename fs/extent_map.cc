@@ -31,121 +31,213 @@ void AppendExcept(BlockRange r, BlockRange keep, std::vector<BlockRange>* out) {
   }
 }
 
+// The window's extents with [lo, hi) cut out; appends the blocks cut to *cut.
+std::vector<Extent> CutOut(const std::vector<Extent>& window, uint64_t lo, uint64_t hi,
+                           std::vector<BlockRange>* cut) {
+  std::vector<Extent> out;
+  out.reserve(window.size() + 2);
+  for (const Extent& e : window) {
+    if (End(e) <= lo || e.lblk >= hi) {
+      out.push_back(e);
+      continue;
+    }
+    if (e.lblk < lo) out.push_back({e.lblk, lo - e.lblk, e.pblk, e.state});
+    const uint64_t from = std::max(lo, e.lblk);
+    const uint64_t to = std::min(hi, End(e));
+    cut->push_back({e.pblk + (from - e.lblk), to - from});
+    if (End(e) > hi) out.push_back({hi, End(e) - hi, e.pblk + (hi - e.lblk), e.state});
+  }
+  return out;
+}
+
+uint64_t Blocks(const std::vector<BlockRange>& ranges) {
+  uint64_t n = 0;
+  for (const BlockRange& r : ranges) n += r.len;
+  return n;
+}
+
 }  // namespace
+
+ExtentMap::ExtentMap(size_t leaf_capacity) : leaf_capacity_(std::max<size_t>(leaf_capacity, 4)) {}
 
 void ExtentMap::Load(const Extent& e) {
   assert(e.len > 0);
-  auto [it, inserted] = map_.emplace(e.lblk, e);
-  assert(inserted);
-  if (!inserted) return;
-  assert(it == map_.begin() || End(std::prev(it)->second) <= e.lblk);
-  assert(std::next(it) == map_.end() || End(e) <= std::next(it)->first);
+  Pos p;
+  const bool after = Floor(e.lblk, &p);
+  assert(!after || At(p).lblk != e.lblk);
+  if (after && At(p).lblk == e.lblk) return;
+  assert(!after || End(At(p)) <= e.lblk);
+  if (leaves_.empty()) {
+    leaves_.emplace_back();
+    firsts_.push_back(e.lblk);
+  }
+  // Mount-time loads come in key order: appended to the last leaf.
+  const Pos at = after ? Pos{p.leaf, p.slot + 1} : Pos{0, 0};
+  std::vector<Extent>& leaf = leaves_[at.leaf];
+  assert(at.slot < leaf.size() ? e.lblk + e.len <= leaf[at.slot].lblk
+                               : at.leaf + 1 >= leaves_.size() || e.lblk + e.len <= firsts_[at.leaf + 1]);
+  leaf.insert(leaf.begin() + static_cast<ptrdiff_t>(at.slot), e);
+  Rebalance(at.leaf);
+  size_++;
   mapped_blocks_ += e.len;
   last_pblk_hint_ = e.pblk + e.len;
 }
 
+bool ExtentMap::Floor(uint64_t key, Pos* out) const {
+  auto f = std::upper_bound(firsts_.begin(), firsts_.end(), key);
+  if (f == firsts_.begin()) return false;
+  const size_t i = static_cast<size_t>(f - firsts_.begin()) - 1;
+  const std::vector<Extent>& leaf = leaves_[i];
+  // firsts_[i] <= key: the leaf's first extent qualifies, so s > begin.
+  auto s = std::upper_bound(leaf.begin(), leaf.end(), key,
+                            [](uint64_t k, const Extent& e) { return k < e.lblk; });
+  *out = {i, static_cast<size_t>(s - leaf.begin()) - 1};
+  return true;
+}
+
+ExtentMap::Pos ExtentMap::Next(Pos p) const {
+  if (++p.slot < leaves_[p.leaf].size()) return p;
+  return {p.leaf + 1, 0};
+}
+
 bool ExtentMap::Find(uint64_t lblk, Extent* out, uint64_t* hole_len) const {
-  auto it = map_.upper_bound(lblk);
-  if (it != map_.begin()) {
-    const Extent& e = std::prev(it)->second;
+  Pos p;
+  Pos next{0, 0};
+  if (Floor(lblk, &p)) {
+    const Extent& e = At(p);
     if (lblk < End(e)) {
       *out = {lblk, End(e) - lblk, e.pblk + (lblk - e.lblk), e.state};
       return true;
     }
+    next = Next(p);
   }
-  *hole_len = it == map_.end() ? UINT64_MAX : it->first - lblk;
+  *hole_len = Valid(next) ? At(next).lblk - lblk : UINT64_MAX;
   return false;
 }
 
 bool ExtentMap::NextAfter(uint64_t lblk, Extent* out) const {
-  auto it = map_.upper_bound(lblk);
-  if (it != map_.begin() && End(std::prev(it)->second) > lblk) --it;
-  if (it == map_.end()) return false;
-  *out = it->second;
+  Pos p;
+  Pos next{0, 0};
+  if (Floor(lblk, &p)) next = End(At(p)) > lblk ? p : Next(p);
+  if (!Valid(next)) return false;
+  *out = At(next);
   return true;
 }
 
 void ExtentMap::ForEach(const std::function<void(const Extent&)>& fn) const {
-  for (const auto& [lblk, e] : map_) fn(e);
+  for (const auto& leaf : leaves_) {
+    for (const Extent& e : leaf) fn(e);
+  }
 }
 
 void ExtentMap::Insert(const Extent& e, ExtentDelta* delta) {
   assert(e.len > 0 && End(e) > e.lblk);
   if (e.len == 0) return;
   const uint64_t end = End(e);
-  const uint64_t wlo = WindowStart(e.lblk);
-  const std::vector<Extent> before = Snapshot(wlo, end);
-
+  const Window w = TakeWindow(e.lblk, end);
   std::vector<BlockRange> freed;
-  Carve(e.lblk, end, &freed);
-  auto it = MergePrev(map_.emplace(e.lblk, e).first);
-  mapped_blocks_ += e.len;
-  if (std::next(it) != map_.end()) MergePrev(std::next(it));
+  std::vector<Extent> after = CutOut(w.before, e.lblk, end, &freed);
+  auto at = std::lower_bound(after.begin(), after.end(), e.lblk,
+                             [](const Extent& x, uint64_t k) { return x.lblk < k; });
+  at = after.insert(at, e);
+  // Only e's neighbours can merge: the rest of the window was merged before.
+  if (std::next(at) != after.end() && Mergeable(*at, *std::next(at))) {
+    at->len += std::next(at)->len;
+    after.erase(std::next(at));
+  }
+  if (at != after.begin() && Mergeable(*std::prev(at), *at)) {
+    std::prev(at)->len += at->len;
+    after.erase(at);
+  }
+  Replace(w, after);
+  mapped_blocks_ = mapped_blocks_ - Blocks(freed) + e.len;
   last_pblk_hint_ = e.pblk + e.len;
 
   // Re-inserting blocks that were mapped here (e.g. a state change done as
   // an Insert) must not hand them to the allocator.
   for (BlockRange r : freed) AppendExcept(r, {e.pblk, e.len}, &delta->freed);
-  Diff(before, wlo, end, delta);
+  Diff(w.before, after, delta);
 }
 
 void ExtentMap::Punch(uint64_t lblk, uint64_t len, ExtentDelta* delta) {
   len = std::min(len, UINT64_MAX - lblk);  // "to the end of the file"
   if (len == 0) return;
   const uint64_t end = lblk + len;
-  const uint64_t wlo = WindowStart(lblk);
-  const std::vector<Extent> before = Snapshot(wlo, end);
-  Carve(lblk, end, &delta->freed);
-  Diff(before, wlo, end, delta);
+  const Window w = TakeWindow(lblk, end);
+  std::vector<BlockRange> cut;
+  const std::vector<Extent> after = CutOut(w.before, lblk, end, &cut);
+  Replace(w, after);
+  mapped_blocks_ -= Blocks(cut);
+  delta->freed.insert(delta->freed.end(), cut.begin(), cut.end());
+  Diff(w.before, after, delta);
 }
 
 void ExtentMap::Convert(uint64_t lblk, uint64_t len, ExtentDelta* delta) {
   len = std::min(len, UINT64_MAX - lblk);
   if (len == 0) return;
   const uint64_t end = lblk + len;
-  const uint64_t wlo = WindowStart(lblk);
-  const std::vector<Extent> before = Snapshot(wlo, end);
-
-  auto it = map_.upper_bound(lblk);
-  if (it != map_.begin() && End(std::prev(it)->second) > lblk) --it;
-  // Merging is only tried next to a converted extent: elsewhere the map was
+  const Window w = TakeWindow(lblk, end);
+  // Merging is only tried next to a converted piece: elsewhere the map was
   // already merged, and a Load()ed map must not be rewritten outside range.
-  bool converted = false;
-  for (; it != map_.end() && it->first < end; ++it) {
-    if (it->second.state == ExtentState::kUnwritten) {
-      if (it->first < lblk) it = SplitAt(it, lblk);
-      if (End(it->second) > end) SplitAt(it, end);
-      it->second.state = ExtentState::kWritten;
-      it = MergePrev(it);
-      converted = true;
-    } else if (converted) {
-      it = MergePrev(it);
-      converted = false;
+  std::vector<Extent> after;
+  after.reserve(w.before.size() + 2);
+  bool back_converted = false;
+  auto push = [&](const Extent& x, bool converted) {
+    if (!after.empty() && (converted || back_converted) && Mergeable(after.back(), x)) {
+      after.back().len += x.len;
+    } else {
+      after.push_back(x);
     }
+    back_converted = converted;
+  };
+  for (const Extent& e : w.before) {
+    if (e.state != ExtentState::kUnwritten || End(e) <= lblk || e.lblk >= end) {
+      push(e, false);
+      continue;
+    }
+    if (e.lblk < lblk) push({e.lblk, lblk - e.lblk, e.pblk, e.state}, false);
+    const uint64_t from = std::max(lblk, e.lblk);
+    const uint64_t to = std::min(end, End(e));
+    push({from, to - from, e.pblk + (from - e.lblk), ExtentState::kWritten}, true);
+    if (End(e) > end) push({end, End(e) - end, e.pblk + (end - e.lblk), e.state}, false);
   }
-  if (converted && it != map_.end()) MergePrev(it);
-  Diff(before, wlo, end, delta);
+  Replace(w, after);
+  Diff(w.before, after, delta);
 }
 
 Status ExtentMap::CheckInvariants() const {
+  if (firsts_.size() != leaves_.size()) return Status::Invalid("extent map's leaf index has the wrong size");
   uint64_t total = 0;
+  size_t count = 0;
   const Extent* prev = nullptr;
-  for (const auto& [key, e] : map_) {
-    const char* bad = nullptr;
-    if (key != e.lblk) {
-      bad = "is stored under another key";
-    } else if (e.len == 0) {
-      bad = "is empty";
-    } else if (End(e) < e.lblk || e.pblk + e.len < e.pblk) {
-      bad = "wraps around";
-    } else if (prev != nullptr && End(*prev) > e.lblk) {
-      bad = "overlaps the previous extent";
-    } else if (prev != nullptr && Mergeable(*prev, e)) {
-      bad = "should be merged with the previous extent";
+  for (size_t i = 0; i < leaves_.size(); i++) {
+    const std::vector<Extent>& leaf = leaves_[i];
+    if (leaf.empty() || leaf.size() > leaf_capacity_ || (leaf.size() < leaf_capacity_ / 4 && leaves_.size() > 1)) {
+      return Status::Invalid("extent map leaf " + std::to_string(i) + " holds " + std::to_string(leaf.size()) +
+                             " extents, outside its bounds");
     }
-    if (bad != nullptr) return Status::Invalid("extent " + Describe(e) + " " + bad);
-    total += e.len;
-    prev = &e;
+    if (firsts_[i] != leaf.front().lblk) {
+      return Status::Invalid("extent map leaf " + std::to_string(i) + " is indexed under another key");
+    }
+    for (const Extent& e : leaf) {
+      const char* bad = nullptr;
+      if (e.len == 0) {
+        bad = "is empty";
+      } else if (End(e) < e.lblk || e.pblk + e.len < e.pblk) {
+        bad = "wraps around";
+      } else if (prev != nullptr && End(*prev) > e.lblk) {
+        bad = "overlaps the previous extent";
+      } else if (prev != nullptr && Mergeable(*prev, e)) {
+        bad = "should be merged with the previous extent";
+      }
+      if (bad != nullptr) return Status::Invalid("extent " + Describe(e) + " " + bad);
+      total += e.len;
+      count++;
+      prev = &e;
+    }
+  }
+  if (count != size_) {
+    return Status::Invalid("extent map counts " + std::to_string(size_) + " extents, holds " + std::to_string(count));
   }
   if (total != mapped_blocks_) {
     return Status::Invalid("extents map " + std::to_string(total) + " blocks, counter says " +
@@ -154,79 +246,115 @@ Status ExtentMap::CheckInvariants() const {
   return Status::Ok();
 }
 
-ExtentMap::Map::iterator ExtentMap::SplitAt(Map::iterator it, uint64_t lblk) {
-  Extent& left = it->second;
-  assert(left.lblk < lblk && lblk < End(left));
-  const uint64_t head = lblk - left.lblk;
-  const Extent right{lblk, left.len - head, left.pblk + head, left.state};
-  left.len = head;
-  return map_.emplace_hint(std::next(it), lblk, right);
+ExtentMap::Window ExtentMap::TakeWindow(uint64_t lo, uint64_t hi) const {
+  Window w;
+  Pos p;
+  // From the last extent before lo, or else the first one.
+  if (!(lo > 0 && Floor(lo - 1, &p))) p = {0, 0};
+  w.from = p;
+  for (; Valid(p) && At(p).lblk <= hi; p = Next(p)) w.before.push_back(At(p));
+  return w;
 }
 
-ExtentMap::Map::iterator ExtentMap::MergePrev(Map::iterator it) {
-  if (it == map_.begin()) return it;
-  auto prev = std::prev(it);
-  if (!Mergeable(prev->second, it->second)) return it;
-  prev->second.len += it->second.len;
-  map_.erase(it);
-  return prev;
-}
-
-void ExtentMap::Carve(uint64_t lo, uint64_t hi, std::vector<BlockRange>* freed) {
-  auto it = map_.lower_bound(lo);
-  if (it != map_.begin()) {
-    Extent& p = std::prev(it)->second;
-    if (End(p) > lo) {
-      if (End(p) > hi) SplitAt(std::prev(it), hi);
-      const uint64_t cut = End(p) - lo;
-      freed->push_back({p.pblk + (lo - p.lblk), cut});
-      p.len -= cut;
-      mapped_blocks_ -= cut;
+void ExtentMap::Replace(const Window& w, const std::vector<Extent>& after) {
+  size_ = size_ - w.before.size() + after.size();
+  if (leaves_.empty()) {
+    if (after.empty()) return;
+    leaves_.push_back(after);
+    firsts_.push_back(after.front().lblk);
+    Rebalance(0);
+    return;
+  }
+  // The window's extents run from w.from over one leaf or, rarely (a long
+  // punch, a window across a leaf edge), several.
+  size_t last = w.from.leaf;
+  size_t end_slot = w.from.slot;
+  for (size_t left = w.before.size(), slot = w.from.slot;;) {
+    const size_t take = std::min(left, leaves_[last].size() - slot);
+    left -= take;
+    end_slot = slot + take;
+    if (left == 0) break;
+    last++;
+    slot = 0;
+  }
+  if (last == w.from.leaf) {
+    std::vector<Extent>& leaf = leaves_[last];
+    const auto at = leaf.begin() + static_cast<ptrdiff_t>(w.from.slot);
+    const size_t n = w.before.size();
+    const size_t common = std::min(n, after.size());
+    std::copy(after.begin(), after.begin() + static_cast<ptrdiff_t>(common), at);
+    if (n > common) {
+      leaf.erase(at + static_cast<ptrdiff_t>(common), at + static_cast<ptrdiff_t>(n));
+    } else {
+      leaf.insert(at + static_cast<ptrdiff_t>(common), after.begin() + static_cast<ptrdiff_t>(common), after.end());
     }
+    Rebalance(last);
+    return;
   }
-  while (it != map_.end() && it->first < hi) {
-    Extent& e = it->second;
-    const uint64_t cut = std::min(End(e), hi) - e.lblk;
-    freed->push_back({e.pblk, cut});
-    mapped_blocks_ -= cut;
-    if (cut == e.len) {
-      it = map_.erase(it);
-      continue;
-    }
-    // The tail survives: re-key its node to hi rather than reallocate.
-    auto node = map_.extract(it++);
-    node.key() = hi;
-    node.mapped() = {hi, node.mapped().len - cut, node.mapped().pblk + cut, node.mapped().state};
-    map_.insert(it, std::move(node));
-    break;
+  std::vector<Extent> merged(leaves_[w.from.leaf].begin(),
+                             leaves_[w.from.leaf].begin() + static_cast<ptrdiff_t>(w.from.slot));
+  merged.insert(merged.end(), after.begin(), after.end());
+  merged.insert(merged.end(), leaves_[last].begin() + static_cast<ptrdiff_t>(end_slot), leaves_[last].end());
+  const auto first = static_cast<ptrdiff_t>(w.from.leaf);
+  leaves_.erase(leaves_.begin() + first, leaves_.begin() + static_cast<ptrdiff_t>(last) + 1);
+  firsts_.erase(firsts_.begin() + first, firsts_.begin() + static_cast<ptrdiff_t>(last) + 1);
+  if (merged.empty()) {
+    // Emptied leaves: the neighbour that now stands at w.from.leaf, or the one before, may be below its bound.
+    if (w.from.leaf < leaves_.size()) Rebalance(w.from.leaf);
+    else if (!leaves_.empty()) Rebalance(leaves_.size() - 1);
+    return;
+  }
+  const size_t chunks = (merged.size() + leaf_capacity_ - 1) / leaf_capacity_;
+  for (size_t c = 0, from = 0; c < chunks; c++) {
+    const size_t to = merged.size() * (c + 1) / chunks;
+    leaves_.emplace(leaves_.begin() + first + static_cast<ptrdiff_t>(c),
+                    merged.begin() + static_cast<ptrdiff_t>(from), merged.begin() + static_cast<ptrdiff_t>(to));
+    firsts_.insert(firsts_.begin() + first + static_cast<ptrdiff_t>(c), merged[from].lblk);
+    from = to;
+  }
+  Rebalance(w.from.leaf);
+}
+
+void ExtentMap::Rebalance(size_t i) {
+  std::vector<Extent>& leaf = leaves_[i];
+  if (leaf.empty()) {
+    leaves_.erase(leaves_.begin() + static_cast<ptrdiff_t>(i));
+    firsts_.erase(firsts_.begin() + static_cast<ptrdiff_t>(i));
+    if (!leaves_.empty()) Rebalance(std::min(i, leaves_.size() - 1));
+    return;
+  }
+  firsts_[i] = leaf.front().lblk;
+  if (leaf.size() > leaf_capacity_) {
+    std::vector<Extent> right;
+    right.reserve(leaf_capacity_ + 1);
+    right.assign(leaf.begin() + static_cast<ptrdiff_t>(leaf.size() / 2), leaf.end());
+    leaf.resize(leaf.size() / 2);
+    firsts_.insert(firsts_.begin() + static_cast<ptrdiff_t>(i) + 1, right.front().lblk);
+    leaves_.insert(leaves_.begin() + static_cast<ptrdiff_t>(i) + 1, std::move(right));
+    return;
+  }
+  if (leaf.size() < leaf_capacity_ / 4 && leaves_.size() > 1) {
+    // Too small: join a neighbour (and split again if that overflows).
+    const size_t a = i + 1 < leaves_.size() ? i : i - 1;
+    std::vector<Extent>& left = leaves_[a];
+    left.insert(left.end(), leaves_[a + 1].begin(), leaves_[a + 1].end());
+    leaves_.erase(leaves_.begin() + static_cast<ptrdiff_t>(a) + 1);
+    firsts_.erase(firsts_.begin() + static_cast<ptrdiff_t>(a) + 1);
+    Rebalance(a);
   }
 }
 
-uint64_t ExtentMap::WindowStart(uint64_t lblk) const {
-  auto it = map_.lower_bound(lblk);
-  return it == map_.begin() ? lblk : std::prev(it)->first;
-}
-
-std::vector<Extent> ExtentMap::Snapshot(uint64_t lo, uint64_t hi) const {
-  std::vector<Extent> out;
-  for (auto it = map_.lower_bound(lo); it != map_.end() && it->first <= hi; ++it) {
-    out.push_back(it->second);
-  }
-  return out;
-}
-
-void ExtentMap::Diff(const std::vector<Extent>& before, uint64_t lo, uint64_t hi,
-                     ExtentDelta* delta) const {
+void ExtentMap::Diff(const std::vector<Extent>& before, const std::vector<Extent>& after, ExtentDelta* delta) {
   const size_t old_removed = delta->removed.size();
   const size_t old_upserted = delta->upserted.size();
   auto b = before.begin();
-  for (auto it = map_.lower_bound(lo); it != map_.end() && it->first <= hi; ++it) {
-    for (; b != before.end() && b->lblk < it->first; ++b) delta->removed.push_back(b->lblk);
-    if (b != before.end() && b->lblk == it->first) {
-      if (*b != it->second) delta->upserted.push_back(it->second);
+  for (const Extent& a : after) {
+    for (; b != before.end() && b->lblk < a.lblk; ++b) delta->removed.push_back(b->lblk);
+    if (b != before.end() && b->lblk == a.lblk) {
+      if (*b != a) delta->upserted.push_back(a);
       ++b;
     } else {
-      delta->upserted.push_back(it->second);
+      delta->upserted.push_back(a);
     }
   }
   for (; b != before.end(); ++b) delta->removed.push_back(b->lblk);

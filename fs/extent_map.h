@@ -6,7 +6,6 @@
 
 #include <cstdint>
 #include <functional>
-#include <map>
 #include <vector>
 
 #include "backend/allocator.h"
@@ -43,6 +42,10 @@ struct ExtentDelta {
 // Not thread-safe: the owning inode's lock protects it.
 class ExtentMap {
  public:
+  // Extents per leaf (below). Tests pass a small one to exercise leaf splits.
+  static constexpr size_t kLeafCapacity = 64;
+  explicit ExtentMap(size_t leaf_capacity = kLeafCapacity);
+
   // Mount-time load of one persisted extent; no merging (keys must stay as
   // persisted), overlap only asserted. Use CheckInvariants to verify.
   void Load(const Extent& e);
@@ -71,7 +74,7 @@ class ExtentMap {
   // The first extent ending after lblk, untrimmed (SEEK_DATA).
   bool NextAfter(uint64_t lblk, Extent* out) const;
 
-  size_t size() const { return map_.size(); }
+  size_t size() const { return size_; }
   uint64_t mapped_blocks() const { return mapped_blocks_; }
   // Physical block right after the last inserted extent: the allocator goal
   // that keeps a file's blocks contiguous.
@@ -81,23 +84,40 @@ class ExtentMap {
   Status CheckInvariants() const;
 
  private:
-  using Map = std::map<uint64_t, Extent>;  // key == value.lblk
+  // The extents in lblk order, cut into leaves of at most leaf_capacity_
+  // (and, but for the last one standing, at least a quarter of it);
+  // firsts_[i] is leaves_[i].front().lblk. A lookup is a binary search of
+  // firsts_, small and hot in cache, then one of a single contiguous leaf:
+  // a handful of cache misses where a balanced tree of the 100k extents a
+  // randomly written file reaches takes ~20 dependent ones.
+  struct Pos {
+    size_t leaf = 0;
+    size_t slot = 0;
+  };
+  // A mutation of [lo, hi) can only change keys in [start of the extent
+  // before lo, hi]: that extent may shrink or absorb a merge, one at hi may
+  // merge. The mutation rewrites that window as a whole; comparing it before
+  // and after yields the exact delta.
+  struct Window {
+    Pos from;                   // where `before` starts (or would)
+    std::vector<Extent> before;
+  };
+  Window TakeWindow(uint64_t lo, uint64_t hi) const;
+  void Replace(const Window& w, const std::vector<Extent>& after);
+  static void Diff(const std::vector<Extent>& before, const std::vector<Extent>& after, ExtentDelta* delta);
 
-  // Splits the extent at `it` (which covers lblk) there; returns the tail.
-  Map::iterator SplitAt(Map::iterator it, uint64_t lblk);
-  // Merges the extent at `it` into its predecessor if mergeable.
-  Map::iterator MergePrev(Map::iterator it);
-  // Unmaps [lo, hi), appending the physical blocks dropped.
-  void Carve(uint64_t lo, uint64_t hi, std::vector<BlockRange>* freed);
+  // The last extent with lblk <= key, if any.
+  bool Floor(uint64_t key, Pos* out) const;
+  const Extent& At(Pos p) const { return leaves_[p.leaf][p.slot]; }
+  bool Valid(Pos p) const { return p.leaf < leaves_.size(); }
+  Pos Next(Pos p) const;
+  // Restores the leaf bounds after leaf i changed size.
+  void Rebalance(size_t i);
 
-  // A mutation of [lo, hi) can only change keys in [WindowStart(lo), hi]:
-  // the extent before lo may shrink or absorb a merge, one at hi may merge.
-  // Diffing that window before and after yields the exact delta.
-  uint64_t WindowStart(uint64_t lo) const;
-  std::vector<Extent> Snapshot(uint64_t lo, uint64_t hi) const;
-  void Diff(const std::vector<Extent>& before, uint64_t lo, uint64_t hi, ExtentDelta* delta) const;
-
-  Map map_;
+  size_t leaf_capacity_;
+  std::vector<std::vector<Extent>> leaves_;
+  std::vector<uint64_t> firsts_;
+  size_t size_ = 0;
   uint64_t mapped_blocks_ = 0;
   uint64_t last_pblk_hint_ = 0;
 };

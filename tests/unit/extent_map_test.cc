@@ -150,12 +150,12 @@ class Model {
   std::vector<std::optional<Slot>> slots_;
 };
 
-void RunRandom(uint32_t seed, int steps) {
-  SCOPED_TRACE("seed " + std::to_string(seed));
+void RunRandom(uint32_t seed, int steps, size_t leaf_capacity = ExtentMap::kLeafCapacity) {
+  SCOPED_TRACE("seed " + std::to_string(seed) + ", leaves of " + std::to_string(leaf_capacity));
   std::mt19937_64 rng(seed);
   auto rand = [&rng](uint64_t n) { return std::uniform_int_distribution<uint64_t>(0, n - 1)(rng); };
   constexpr uint64_t kBlocks = 256;
-  ExtentMap m;
+  ExtentMap m(leaf_capacity);
   Model model(kBlocks);
   uint64_t next_pblk = 1000;
   uint64_t last_end = 0;
@@ -215,6 +215,12 @@ void RunRandom(uint32_t seed, int steps) {
 
 TEST(ExtentMapTest, RandomAgainstModel) {
   for (uint32_t seed : {1u, 2u, 3u, 4u, 99u}) RunRandom(seed, 12000);
+}
+
+// Leaves of 4 to 8 extents: most windows then meet a leaf edge, and leaves
+// split, join and empty all the time (CheckInvariants checks their bounds).
+TEST(ExtentMapTest, RandomAgainstModelWithSmallLeaves) {
+  for (uint32_t seed : {5u, 6u, 7u}) RunRandom(seed, 12000, 8);
 }
 
 TEST(ExtentMapTest, ManySingleBlockConvertsInOneUnwrittenExtent) {
