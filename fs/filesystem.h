@@ -96,6 +96,7 @@ struct FuseTransportStats {
   std::atomic<uint64_t> dev_requests{0};    // read(2) from /dev/fuse
   std::atomic<uint64_t> ring_requests{0};   // through a FUSE ring entry (transport=uring)
   std::atomic<uint64_t> remote_commits{0};  // ring replies made off the owning worker
+  std::atomic<uint64_t> ring_copied_bytes{0};  // reply payload copied into a ring slot
   std::atomic<uint64_t> ring_buffers{0};    // gauge: IO buffers the ring slots keep
 };
 

@@ -81,6 +81,7 @@ std::string Filesystem::StatsJson(bool reset) {
   c.push_back({"fuse", "dev_requests", fuse_stats_.dev_requests.load()});
   c.push_back({"fuse", "ring_requests", fuse_stats_.ring_requests.load()});
   c.push_back({"fuse", "remote_commits", fuse_stats_.remote_commits.load()});
+  c.push_back({"fuse", "ring_copied_bytes", fuse_stats_.ring_copied_bytes.load()});
   // The durability machinery: how often the data barrier flushed the device
   // and the WAL was written out and synced, against the commits made.
   c.push_back({"metadata", "commits", meta_->commits()});

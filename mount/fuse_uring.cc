@@ -204,6 +204,7 @@ ssize_t FuseUring::Writev(int fd, iovec* iov, int count) {
   if (e == nullptr) return writev(fd, iov, count);
 
   size_t n = 0;
+  size_t copied = 0;
   for (int i = 1; i < count; i++) {
     if (n + iov[i].iov_len > e->payload.size) {  // cannot happen within max_write; fail the request, not us
       out.error = -EIO;
@@ -211,9 +212,13 @@ ssize_t FuseUring::Writev(int fd, iovec* iov, int count) {
       break;
     }
     // A read reply was read into the payload already: nothing to move.
-    if (iov[i].iov_base != e->payload.base + n) std::memmove(e->payload.base + n, iov[i].iov_base, iov[i].iov_len);
+    if (iov[i].iov_base != e->payload.base + n) {
+      std::memmove(e->payload.base + n, iov[i].iov_base, iov[i].iov_len);
+      copied += iov[i].iov_len;
+    }
     n += iov[i].iov_len;
   }
+  if (copied != 0) stats_->ring_copied_bytes.fetch_add(copied, std::memory_order_relaxed);
   out.len = static_cast<uint32_t>(sizeof(out) + n);
   std::memcpy(e->header.in_out, &out, sizeof(out));
   e->header.ring_ent_in_out.payload_sz = static_cast<uint32_t>(n);
