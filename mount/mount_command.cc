@@ -5,6 +5,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/mount.h>
 #include <sys/signalfd.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -216,6 +217,18 @@ int MountCommand(const MountArgs& args) {
   // last completion it ran: the workers' TaskWorks outlive the pollers.
   fs.reset();
   pool.reset();
+  // When the kernel aborted the connection (fusectl's abort: the rescue of a
+  // hung mount), libfuse leaves the dead mount behind, where every access
+  // fails with ENOTCONN. Nothing can use it again: detach it.
+  struct stat root;
+  if (stat(mountpoint.c_str(), &root) != 0 && errno == ENOTCONN) {
+    if (umount2(mountpoint.c_str(), MNT_DETACH) != 0) {
+      LogError("the connection to %s was aborted and detaching the dead mount failed: %s: run umount -l %s",
+               mountpoint.c_str(), strerror(errno), mountpoint.c_str());
+      return 0;
+    }
+    LogWarn("the connection to %s was aborted: detached the dead mount", mountpoint.c_str());
+  }
   LogInfo("unmounted %s", mountpoint.c_str());
   return 0;
 }

@@ -400,24 +400,29 @@ bool MountedFs::Crash() {
 bool MountedFs::StopWithSignal(int sig) {
   if (reference_ || daemon_ <= 0) return true;
   kill(daemon_, sig);
+  return WaitForExit("signal " + std::to_string(sig));
+}
+
+bool MountedFs::WaitForExit(const std::string& cause) {
+  if (reference_ || daemon_ <= 0) return true;
   int status = 0;
   bool clean = true;
   if (!WaitFor(daemon_, kExitDeadline, &status)) {
-    ADD_FAILURE() << "deferfs daemon ignored signal " << sig << " for " << kExitDeadline.count()
-                  << "s; killing it. Its output:\n"
+    ADD_FAILURE() << "deferfs daemon still running " << kExitDeadline.count() << "s after " << cause
+                  << "; killing it. Its output:\n"
                   << DaemonLog();
     kill(daemon_, SIGKILL);
     waitpid(daemon_, &status, 0);
     clean = false;
   } else if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
-    ADD_FAILURE() << "deferfs daemon ended with " << DescribeStatus(status) << " on signal " << sig
+    ADD_FAILURE() << "deferfs daemon ended with " << DescribeStatus(status) << " after " << cause
                   << " (want exit 0); its output:\n"
                   << DaemonLog();
     clean = false;
   }
   daemon_ = -1;
   if (IsMounted(root_)) {
-    ADD_FAILURE() << root_ << " still mounted after the daemon exited on signal " << sig;
+    ADD_FAILURE() << root_ << " still mounted after the daemon exited (" << cause << "); detaching it";
     RunCommand({"umount", "-l", root_});
     clean = false;
   }

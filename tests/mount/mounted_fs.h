@@ -174,6 +174,10 @@ class MountedFs {
   pid_t daemon_pid() const { return daemon_; }
   // Sends `sig` to the daemon, which must unmount and exit 0 by itself.
   bool StopWithSignal(int sig);
+  // After `cause` (a signal sent, the connection aborted) the daemon must
+  // exit 0 by itself and leave nothing mounted; else it is killed, the mount
+  // detached, and the test fails.
+  bool WaitForExit(const std::string& cause);
   // SIGKILLs the daemon (a crash), reaps it and detaches the dead mount;
   // returns once the backing is free for Mount() to recover it.
   bool Crash();

@@ -21,49 +21,13 @@
 
 #include "tests/mount/cli_error.h"
 #include "tests/mount/io_helpers.h"
+#include "tests/mount/kernel_uring_switch.h"
 #include "tests/mount/mounted_fs.h"
 
 namespace deferfs_test {
 namespace {
 
-constexpr const char* kSwitch = "/sys/module/fuse/parameters/enable_uring";
 constexpr uint64_t kMiB = 1024 * 1024;
-
-// Sets the kernel's FUSE-over-io_uring switch for the test's lifetime and
-// puts back what it was.
-class KernelUringSwitch {
- public:
-  explicit KernelUringSwitch(bool on) {
-    std::ifstream in(kSwitch);
-    char c = 0;
-    if (!(in >> c)) return;
-    present_ = true;
-    was_ = c;
-    ok_ = Write(on ? 'Y' : 'N');
-  }
-  ~KernelUringSwitch() {
-    if (present_) Write(was_);
-  }
-  bool present() const { return present_; }
-  bool ok() const { return ok_; }
-
- private:
-  static bool Write(char c) {
-    std::ofstream out(kSwitch);
-    out << c << '\n';
-    out.flush();
-    return out.good();
-  }
-  bool present_ = false, ok_ = false;
-  char was_ = 'N';
-};
-
-#define SKIP_WITHOUT_KERNEL_SUPPORT(sw)                                                               \
-  do {                                                                                                 \
-    if (getenv("DEFERFS_TEST_DIR") != nullptr) GTEST_SKIP() << "needs deferfs itself";                \
-    if (!(sw).present()) GTEST_SKIP() << "this kernel has no FUSE over io_uring (Linux 6.14+, CONFIG_FUSE_IO_URING)"; \
-    ASSERT_TRUE((sw).ok()) << "cannot write " << kSwitch << " (the tests run as root)";               \
-  } while (0)
 
 // The kernel's queue count: one per possible CPU ("0-N" or a list).
 uint64_t PossibleCpus() {
