@@ -6,7 +6,6 @@
 
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -23,13 +22,6 @@ namespace deferfs_test {
 namespace {
 
 using namespace std::chrono_literals;
-
-std::string ReadFile(const std::string& p) {
-  std::ifstream in(p);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
 
 bool OnPath(const std::string& prog) { return RunCommand({"sh", "-c", "command -v " + prog}).succeeded(); }
 
@@ -104,9 +96,16 @@ TEST(InstallTest, InstallsBinaryHelperAndManPage) {
   EXPECT_FALSE(bad.succeeded());
   EXPECT_NE(bad.err.find("completion"), std::string::npos) << bad.Describe();
 
-  const std::string man = root / "usr/share/man/man8/deferfs.8";
-  const std::string page = ReadFile(man);
-  ASSERT_FALSE(page.empty()) << man << " is missing";
+  // Gzipped, as Debian's policy wants it; the helper's page is a link to it.
+  const std::string man = root / "usr/share/man/man8/deferfs.8.gz";
+  RunResult unzipped = RunCommand({"gzip", "-dc", man});
+  ASSERT_TRUE(unzipped.succeeded()) << man << ": " << unzipped.Describe();
+  const std::string page = unzipped.out;
+  ASSERT_FALSE(page.empty()) << man << " is empty";
+  char link[64] = {};
+  const std::string helper_page = root / "usr/share/man/man8/mount.fuse.deferfs.8.gz";
+  EXPECT_GT(readlink(helper_page.c_str(), link, sizeof(link) - 1), 0) << helper_page << ": " << strerror(errno);
+  EXPECT_STREQ(link, "deferfs.8.gz");
   for (const char* section : {"NAME", "SYNOPSIS", "DESCRIPTION", "COMMANDS", "MOUNT OPTIONS", "COMPLETION MODES",
                               "STATS", "FILES", "EXIT STATUS", "EXAMPLES", "SEE ALSO"}) {
     EXPECT_NE(page.find(std::string(".SH ") + section), std::string::npos) << "man page lacks " << section;
@@ -126,7 +125,7 @@ TEST(InstallTest, InstallsBinaryHelperAndManPage) {
     EXPECT_NE(page.find(escaped), std::string::npos) << "man page does not document mount option " << name;
   }
   if (OnPath("groff")) {
-    RunResult g = RunCommand({"groff", "-man", "-t", "-Tutf8", "-ww", "-z", man});
+    RunResult g = RunCommand({"sh", "-c", "gzip -dc '" + man + "' | groff -man -t -Tutf8 -ww -z"});
     EXPECT_TRUE(g.succeeded()) << g.Describe();
     EXPECT_EQ(g.err, "") << "groff warnings in the man page";
   }
@@ -156,7 +155,8 @@ TEST(InstallTest, DebPackageDeclaresDependenciesAndContents) {
   ASSERT_TRUE(c.succeeded()) << c.Describe();
   EXPECT_NE(c.out.find("./usr/sbin/deferfs\n"), std::string::npos) << c.out;
   EXPECT_NE(c.out.find("./usr/sbin/mount.fuse.deferfs -> deferfs"), std::string::npos) << c.out;
-  EXPECT_NE(c.out.find("./usr/share/man/man8/deferfs.8"), std::string::npos) << c.out;
+  EXPECT_NE(c.out.find("./usr/share/man/man8/deferfs.8.gz\n"), std::string::npos) << c.out;
+  EXPECT_NE(c.out.find("./usr/share/man/man8/mount.fuse.deferfs.8.gz -> deferfs.8.gz"), std::string::npos) << c.out;
   EXPECT_EQ(c.out.find("test"), std::string::npos) << "tests must not be packaged:\n" << c.out;
 }
 
