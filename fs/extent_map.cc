@@ -166,7 +166,7 @@ void ExtentMap::Punch(uint64_t lblk, uint64_t len, ExtentDelta* delta) {
   const Window w = TakeWindow(lblk, end);
   std::vector<BlockRange> cut;
   const std::vector<Extent> after = CutOut(w.before, lblk, end, &cut);
-  Replace(w, after);
+  if (after != w.before) Replace(w, after);
   mapped_blocks_ -= Blocks(cut);
   delta->freed.insert(delta->freed.end(), cut.begin(), cut.end());
   Diff(w.before, after, delta);
@@ -201,7 +201,7 @@ void ExtentMap::Convert(uint64_t lblk, uint64_t len, ExtentDelta* delta) {
     push({from, to - from, e.pblk + (from - e.lblk), ExtentState::kWritten}, true);
     if (End(e) > end) push({end, End(e) - end, e.pblk + (end - e.lblk), e.state}, false);
   }
-  Replace(w, after);
+  if (after != w.before) Replace(w, after);
   Diff(w.before, after, delta);
 }
 
@@ -295,22 +295,33 @@ void ExtentMap::Replace(const Window& w, const std::vector<Extent>& after) {
                              leaves_[w.from.leaf].begin() + static_cast<ptrdiff_t>(w.from.slot));
   merged.insert(merged.end(), after.begin(), after.end());
   merged.insert(merged.end(), leaves_[last].begin() + static_cast<ptrdiff_t>(end_slot), leaves_[last].end());
-  const auto first = static_cast<ptrdiff_t>(w.from.leaf);
-  leaves_.erase(leaves_.begin() + first, leaves_.begin() + static_cast<ptrdiff_t>(last) + 1);
-  firsts_.erase(firsts_.begin() + first, firsts_.begin() + static_cast<ptrdiff_t>(last) + 1);
-  if (merged.empty()) {
-    // Emptied leaves: the neighbour that now stands at w.from.leaf, or the one before, may be below its bound.
+  // Spread over as many leaves as the window spanned where their bounds
+  // allow (the usual case, a window across one leaf edge): the leaves are
+  // refilled in place, and the index shifts only when their count changes.
+  const size_t spanned = last - w.from.leaf + 1;
+  size_t chunks = (merged.size() + leaf_capacity_ - 1) / leaf_capacity_;
+  if (chunks < spanned && merged.size() / spanned >= leaf_capacity_ / 4) chunks = spanned;
+  const auto keep = static_cast<ptrdiff_t>(w.from.leaf + std::min(chunks, spanned));
+  if (chunks < spanned) {
+    const auto end = static_cast<ptrdiff_t>(last + 1);
+    leaves_.erase(leaves_.begin() + keep, leaves_.begin() + end);
+    firsts_.erase(firsts_.begin() + keep, firsts_.begin() + end);
+  } else if (chunks > spanned) {
+    leaves_.insert(leaves_.begin() + keep, chunks - spanned, {});
+    firsts_.insert(firsts_.begin() + keep, chunks - spanned, 0);
+  }
+  for (size_t c = 0, from = 0; c < chunks; c++) {
+    const size_t to = merged.size() * (c + 1) / chunks;
+    const size_t i = w.from.leaf + c;
+    leaves_[i].assign(merged.begin() + static_cast<ptrdiff_t>(from), merged.begin() + static_cast<ptrdiff_t>(to));
+    firsts_[i] = merged[from].lblk;
+    from = to;
+  }
+  if (chunks == 0) {
+    // The window emptied its leaves: the neighbour now at w.from.leaf, or the one before, may be below its bound.
     if (w.from.leaf < leaves_.size()) Rebalance(w.from.leaf);
     else if (!leaves_.empty()) Rebalance(leaves_.size() - 1);
     return;
-  }
-  const size_t chunks = (merged.size() + leaf_capacity_ - 1) / leaf_capacity_;
-  for (size_t c = 0, from = 0; c < chunks; c++) {
-    const size_t to = merged.size() * (c + 1) / chunks;
-    leaves_.emplace(leaves_.begin() + first + static_cast<ptrdiff_t>(c),
-                    merged.begin() + static_cast<ptrdiff_t>(from), merged.begin() + static_cast<ptrdiff_t>(to));
-    firsts_.insert(firsts_.begin() + first + static_cast<ptrdiff_t>(c), merged[from].lblk);
-    from = to;
   }
   Rebalance(w.from.leaf);
 }
