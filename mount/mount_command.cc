@@ -11,6 +11,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <climits>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 
@@ -22,6 +24,7 @@
 #include "fs/fuse_ops.h"
 #include "mount/commands.h"
 #include "mount/fuse_uring.h"
+#include "mount/mountinfo.h"
 #include "mount/options.h"
 #include "mount/worker_loop.h"
 
@@ -172,10 +175,13 @@ int MountCommand(const MountArgs& args) {
   fuse_opt_free_args(&fargs);  // the parser may have rebuilt argv on the heap
   if (se == nullptr) return report.Error("cannot create the FUSE session (options: " + fuse_o + ")");
   LogDebug("FUSE mount options: %s", fuse_o.c_str());
+  char real_mountpoint[PATH_MAX];  // before mounting: resolving it after would ask the mount
+  if (realpath(mountpoint.c_str(), real_mountpoint) == nullptr) real_mountpoint[0] = '\0';
   if (fuse_session_mount(se, mountpoint.c_str()) != 0) {
     fuse_session_destroy(se);
     return report.Error("cannot mount on " + mountpoint + ": is FUSE available (modprobe fuse) and the mountpoint usable?");
   }
+  const std::string device = FuseDeviceAt(real_mountpoint);  // this connection's, "0:N"
   std::unique_ptr<WorkerPool> pool;
   s = WorkerPool::Start(se, fs.get(), opts.workers, uring_depth, &pool);
   if (!s.ok()) {
@@ -213,24 +219,27 @@ int MountCommand(const MountArgs& args) {
   pool->Stop();
   fuse_session_unmount(se);  // no-op when the kernel already unmounted
   fuse_session_destroy(se);
+  // When the kernel aborted the connection (fusectl's abort: the rescue of a
+  // hung mount), libfuse leaves the dead mount behind, where every access
+  // fails with ENOTCONN. Nothing can use it again: detach it. Found by its
+  // device, which no other mount has, and before the backing's lock is
+  // released (fs.reset()), after which another mount may come.
+  int rc = 0;
+  if (const std::string dead = device.empty() ? "" : MountPathOf(device); !dead.empty()) {
+    if (umount2(dead.c_str(), MNT_DETACH) == 0 || errno == EINVAL || errno == ENOENT) {  // gone meanwhile
+      LogWarn("the connection to %s was aborted: detached the dead mount", dead.c_str());
+    } else {
+      LogError("the connection to %s was aborted and detaching the dead mount failed: %s: run umount -l %s",
+               dead.c_str(), strerror(errno), dead.c_str());
+      rc = 1;
+    }
+  }
   // A poller may still be inside the Wake() of a worker's TaskWork for the
   // last completion it ran: the workers' TaskWorks outlive the pollers.
   fs.reset();
   pool.reset();
-  // When the kernel aborted the connection (fusectl's abort: the rescue of a
-  // hung mount), libfuse leaves the dead mount behind, where every access
-  // fails with ENOTCONN. Nothing can use it again: detach it.
-  struct stat root;
-  if (stat(mountpoint.c_str(), &root) != 0 && errno == ENOTCONN) {
-    if (umount2(mountpoint.c_str(), MNT_DETACH) != 0) {
-      LogError("the connection to %s was aborted and detaching the dead mount failed: %s: run umount -l %s",
-               mountpoint.c_str(), strerror(errno), mountpoint.c_str());
-      return 0;
-    }
-    LogWarn("the connection to %s was aborted: detached the dead mount", mountpoint.c_str());
-  }
-  LogInfo("unmounted %s", mountpoint.c_str());
-  return 0;
+  if (rc == 0) LogInfo("unmounted %s", mountpoint.c_str());
+  return rc;
 }
 
 }  // namespace deferfs

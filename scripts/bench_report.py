@@ -38,6 +38,8 @@ def measure(path):
     r = {
         "iops": side["iops"],
         "mean_us": clat["mean"] / 1000.0,
+        # Submission to completion: what an application waits (the QD1 goal).
+        "lat_mean_us": side.get("lat_ns", clat)["mean"] / 1000.0,
         "p50_us": pct.get("50.000000", 0) / 1000.0,
         "p99_us": pct.get("99.000000", 0) / 1000.0,
     }
@@ -161,7 +163,9 @@ def paired(reps, a, b, fig, op):
 
 
 def goals(reps):
-    """[(goal, per-repetition values, bar, unit)] for the goals this run measured."""
+    """[(goal, per-repetition values, bar, unit)] for the goals this run measured.
+
+    The QD1 goal compares fio's total latency (submission to completion)."""
     ratio = lambda a, b: paired(reps, a, b, "iops", lambda x, y: x / y)
     out = []
     for qd in (8, 16):
@@ -173,7 +177,7 @@ def goals(reps):
         out.append((f"random reads QD32: `{m}` ≥ 0.8× raw",
                     ratio(("randread", m, 32), ("randread", "raw", 32)), 0.8, "×"))
         out.append((f"random reads QD1: `{m}`'s mean latency within 20 µs of raw",
-                    paired(reps, ("randread", m, 1), ("randread", "raw", 1), "mean_us", lambda x, y: x - y),
+                    paired(reps, ("randread", m, 1), ("randread", "raw", 1), "lat_mean_us", lambda x, y: x - y),
                     20.0, "µs"))
         out.append((f"random overwrites QD16: `{m}` ≥ 0.8× raw",
                     ratio(("randwrite-overwrite", m, 16), ("randwrite-overwrite", "raw", 16)), 0.8, "×"))
@@ -186,6 +190,7 @@ def goals_markdown(reps):
     rows = goals(reps)
     if not rows:
         return ""
+    repetitions = max(r["rep"] for rs in reps.values() for r in rs)
     lines = ["### The goals of issue 5\n",
              "Each figure within one repetition (raw and the modes of one sitting); the verdict takes their median.\n",
              "| goal | per repetition | median | |", "|---|---|---|---|"]
@@ -194,7 +199,9 @@ def goals_markdown(reps):
         med = median(vals)
         # Ratios must reach the bar; a latency difference must stay within it.
         met = med >= bar if unit == "×" else med <= bar
-        lines.append(f"| {what} | {', '.join(fmt(v) for v in vals)} | {fmt(med)} | {'met' if met else 'not met'} |")
+        # A repetition that lacks one side of the pair is left out: say so.
+        partial = f" ({len(vals)} of {repetitions} repetitions)" if len(vals) < repetitions else ""
+        lines.append(f"| {what} | {', '.join(fmt(v) for v in vals)}{partial} | {fmt(med)} | {'met' if met else 'not met'} |")
     return "\n".join(lines) + "\n"
 
 

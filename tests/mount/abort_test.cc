@@ -29,33 +29,26 @@
 namespace deferfs_test {
 namespace {
 
-constexpr const char* kFusectl = "/sys/fs/fuse/connections";
-
-// The FUSE control filesystem mounted for the test's lifetime, unless it
-// already was (then it stays).
+// The FUSE control filesystem, mounted for the test's lifetime in a
+// directory of its own: the system's /sys/fs/fuse/connections, mounted or
+// not, is left as it is.
 class Fusectl {
  public:
-  Fusectl() {
-    std::ifstream mounts("/proc/self/mounts");
-    std::string dev, dir, type, rest;
-    while (mounts >> dev >> dir >> type && std::getline(mounts, rest)) {
-      if (dir == kFusectl && type == "fusectl") {
-        ok_ = true;
-        return;
-      }
-    }
-    ok_ = mount("fusectl", kFusectl, "fusectl", 0, nullptr) == 0;
+  Fusectl() : dir_("/tmp", "deferfs-fusectl") {
+    ok_ = mount("fusectl", dir_.path().c_str(), "fusectl", 0, nullptr) == 0;
     err_ = errno;
-    mounted_ = ok_;
   }
   ~Fusectl() {
-    if (mounted_) umount2(kFusectl, MNT_DETACH);
+    if (ok_) umount2(dir_.path().c_str(), MNT_DETACH);
   }
   bool ok() const { return ok_; }
   int err() const { return err_; }
+  // The abort switch of the connection of the mount with device `dev`.
+  std::string AbortFile(dev_t dev) const { return dir_ / (std::to_string(minor(dev)) + "/abort"); }
 
  private:
-  bool ok_ = false, mounted_ = false;
+  TempDir dir_;  // outlives the mount (members are destroyed in reverse order)
+  bool ok_ = false;
   int err_ = 0;
 };
 
@@ -81,11 +74,13 @@ TEST_P(AbortTest, AbortedConnectionEndsTheDaemonCleanly) {
 
   struct stat st{};
   ASSERT_EQ(stat(fs.root().c_str(), &st), 0) << strerror(errno);
-  const std::string abort_file = std::string(kFusectl) + "/" + std::to_string(minor(st.st_dev)) + "/abort";
+  const std::string abort_file = fusectl.AbortFile(st.st_dev);
 
-  // Four writers of 4k O_DIRECT blocks until a write fails.
+  // Four writers of 4k O_DIRECT blocks until a write fails (or, should the
+  // abort not happen, until told to stop).
   constexpr int kWriters = 4;
   std::atomic<uint64_t> written{0};
+  std::atomic<bool> stop{false};
   std::vector<int> errs(kWriters, 0);
   std::vector<std::thread> writers;
   for (int i = 0; i < kWriters; i++) {
@@ -96,7 +91,7 @@ TEST_P(AbortTest, AbortedConnectionEndsTheDaemonCleanly) {
         return;
       }
       AlignedBuf b(4096);
-      for (uint64_t k = 0;; k++) {
+      for (uint64_t k = 0; !stop.load(); k++) {
         if (pwrite(fd.get(), b.data(), b.size(), static_cast<off_t>((k * 7919 % 1024) * 4096)) != 4096) {
           errs[i] = errno;
           return;
@@ -106,13 +101,13 @@ TEST_P(AbortTest, AbortedConnectionEndsTheDaemonCleanly) {
     });
   }
   const bool busy = WaitUntil([&] { return written.load() >= 400; }, std::chrono::seconds(60));
-  {
-    std::ofstream abort(abort_file);
-    abort << "1\n";
-    abort.flush();
-    EXPECT_TRUE(abort.good()) << "writing " << abort_file;
-  }
+  std::ofstream abort(abort_file);
+  abort << "1\n";
+  abort.flush();
+  const bool aborted = abort.good();
+  if (!aborted) stop = true;
   for (std::thread& t : writers) t.join();
+  ASSERT_TRUE(aborted) << "cannot write " << abort_file;
   ASSERT_TRUE(busy) << "the writers wrote only " << written.load() << " blocks";
   for (int e : errs) EXPECT_TRUE(e == ECONNABORTED || e == ENOTCONN) << "a writer ended with " << strerror(e);
 

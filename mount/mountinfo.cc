@@ -1,0 +1,66 @@
+#include "mount/mountinfo.h"
+
+#include <fstream>
+#include <sstream>
+#include <vector>
+
+namespace deferfs {
+
+namespace {
+
+struct Entry {
+  std::string device, path, fstype;
+};
+
+bool IsOctal(char c) { return c >= '0' && c <= '7'; }
+
+// Paths in mountinfo escape space, tab, newline and backslash as \ooo.
+std::string Unescape(const std::string& s) {
+  std::string out;
+  for (size_t i = 0; i < s.size(); i++) {
+    if (s[i] == '\\' && i + 3 < s.size() && IsOctal(s[i + 1]) && IsOctal(s[i + 2]) && IsOctal(s[i + 3])) {
+      out += static_cast<char>((s[i + 1] - '0') * 64 + (s[i + 2] - '0') * 8 + (s[i + 3] - '0'));
+      i += 3;
+    } else {
+      out += s[i];
+    }
+  }
+  return out;
+}
+
+// "id parent major:minor root mountpoint options [optional...] - fstype source superoptions"
+std::vector<Entry> Entries() {
+  std::vector<Entry> out;
+  std::ifstream in("/proc/self/mountinfo");
+  for (std::string line; std::getline(in, line);) {
+    std::istringstream f(line);
+    std::string id, parent, device, root, path, options, field;
+    if (!(f >> id >> parent >> device >> root >> path >> options)) continue;
+    while (f >> field && field != "-") {
+    }
+    Entry e{device, Unescape(path), ""};
+    if (f >> e.fstype) out.push_back(std::move(e));
+  }
+  return out;
+}
+
+bool IsFuse(const std::string& fstype) { return fstype == "fuse" || fstype.rfind("fuse.", 0) == 0; }
+
+}  // namespace
+
+std::string FuseDeviceAt(const std::string& mountpoint) {
+  std::string device;
+  for (const Entry& e : Entries()) {
+    if (e.path == mountpoint && IsFuse(e.fstype)) device = e.device;  // later lines are mounted on top
+  }
+  return device;
+}
+
+std::string MountPathOf(const std::string& device) {
+  for (const Entry& e : Entries()) {
+    if (e.device == device) return e.path;
+  }
+  return "";
+}
+
+}  // namespace deferfs
