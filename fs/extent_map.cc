@@ -50,6 +50,28 @@ std::vector<Extent> CutOut(const std::vector<Extent>& window, uint64_t lo, uint6
   return out;
 }
 
+// A window's new contents, built in lblk order. A piece merges into the one
+// before it only if one of the two is `fresh` (made by the operation):
+// elsewhere the map was merged already, and a Load()ed map must not be
+// rewritten outside the range an operation changes.
+class WindowWriter {
+ public:
+  explicit WindowWriter(size_t expect) { out_.reserve(expect); }
+  void Add(const Extent& x, bool fresh) {
+    if (!out_.empty() && (fresh || back_fresh_) && Mergeable(out_.back(), x)) {
+      out_.back().len += x.len;
+    } else {
+      out_.push_back(x);
+    }
+    back_fresh_ = fresh;
+  }
+  std::vector<Extent> Take() { return std::move(out_); }
+
+ private:
+  std::vector<Extent> out_;
+  bool back_fresh_ = false;
+};
+
 uint64_t Blocks(const std::vector<BlockRange>& ranges) {
   uint64_t n = 0;
   for (const BlockRange& r : ranges) n += r.len;
@@ -136,19 +158,19 @@ void ExtentMap::Insert(const Extent& e, ExtentDelta* delta) {
   const uint64_t end = End(e);
   const Window w = TakeWindow(e.lblk, end);
   std::vector<BlockRange> freed;
-  std::vector<Extent> after = CutOut(w.before, e.lblk, end, &freed);
-  auto at = std::lower_bound(after.begin(), after.end(), e.lblk,
-                             [](const Extent& x, uint64_t k) { return x.lblk < k; });
-  at = after.insert(at, e);
-  // Only e's neighbours can merge: the rest of the window was merged before.
-  if (std::next(at) != after.end() && Mergeable(*at, *std::next(at))) {
-    at->len += std::next(at)->len;
-    after.erase(std::next(at));
+  const std::vector<Extent> rest = CutOut(w.before, e.lblk, end, &freed);
+  // e goes where the cut was: after the pieces before it, before those at end.
+  WindowWriter out(rest.size() + 1);
+  bool placed = false;
+  for (const Extent& x : rest) {
+    if (!placed && x.lblk >= end) {
+      out.Add(e, true);
+      placed = true;
+    }
+    out.Add(x, false);
   }
-  if (at != after.begin() && Mergeable(*std::prev(at), *at)) {
-    std::prev(at)->len += at->len;
-    after.erase(at);
-  }
+  if (!placed) out.Add(e, true);
+  const std::vector<Extent> after = out.Take();
   Replace(w, after);
   mapped_blocks_ = mapped_blocks_ - Blocks(freed) + e.len;
   last_pblk_hint_ = e.pblk + e.len;
@@ -177,30 +199,19 @@ void ExtentMap::Convert(uint64_t lblk, uint64_t len, ExtentDelta* delta) {
   if (len == 0) return;
   const uint64_t end = lblk + len;
   const Window w = TakeWindow(lblk, end);
-  // Merging is only tried next to a converted piece: elsewhere the map was
-  // already merged, and a Load()ed map must not be rewritten outside range.
-  std::vector<Extent> after;
-  after.reserve(w.before.size() + 2);
-  bool back_converted = false;
-  auto push = [&](const Extent& x, bool converted) {
-    if (!after.empty() && (converted || back_converted) && Mergeable(after.back(), x)) {
-      after.back().len += x.len;
-    } else {
-      after.push_back(x);
-    }
-    back_converted = converted;
-  };
+  WindowWriter out(w.before.size() + 2);
   for (const Extent& e : w.before) {
     if (e.state != ExtentState::kUnwritten || End(e) <= lblk || e.lblk >= end) {
-      push(e, false);
+      out.Add(e, false);
       continue;
     }
-    if (e.lblk < lblk) push({e.lblk, lblk - e.lblk, e.pblk, e.state}, false);
+    if (e.lblk < lblk) out.Add({e.lblk, lblk - e.lblk, e.pblk, e.state}, false);
     const uint64_t from = std::max(lblk, e.lblk);
     const uint64_t to = std::min(end, End(e));
-    push({from, to - from, e.pblk + (from - e.lblk), ExtentState::kWritten}, true);
-    if (End(e) > end) push({end, End(e) - end, e.pblk + (end - e.lblk), e.state}, false);
+    out.Add({from, to - from, e.pblk + (from - e.lblk), ExtentState::kWritten}, true);
+    if (End(e) > end) out.Add({end, End(e) - end, e.pblk + (end - e.lblk), e.state}, false);
   }
+  const std::vector<Extent> after = out.Take();
   if (after != w.before) Replace(w, after);
   Diff(w.before, after, delta);
 }
