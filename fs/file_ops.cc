@@ -19,6 +19,8 @@ bool Aligned(uint64_t v) { return (v & (kB - 1)) == 0; }
 
 }  // namespace
 
+uint64_t Filesystem::ReadSpan(uint64_t pos, uint64_t len) { return RoundUp(pos + len) - RoundDown(pos); }
+
 Status Filesystem::EnsureExtents(Inode* inode) {
   if (inode->extents_loaded || !inode->is_reg()) return Status::Ok();
   Status inner;

@@ -147,9 +147,7 @@ class Filesystem {
   // done synchronously under the exclusive IO lock. `buf` is an IoBuffer of
   // the pool. Reads place the data at buf->base + *data_off; `buf` must hold
   // ReadSpan(pos, len) bytes.
-  static uint64_t ReadSpan(uint64_t pos, uint64_t len) {
-    return ((pos + len + kBlockSize - 1) & ~uint64_t{kBlockSize - 1}) - (pos & ~uint64_t{kBlockSize - 1});
-  }
+  static uint64_t ReadSpan(uint64_t pos, uint64_t len);
   ssize_t ReadIter(Kiocb* iocb, IoBuffer* buf, size_t len, size_t* data_off);
   ssize_t WriteIter(Kiocb* iocb, IoBuffer* buf, const uint8_t* data, size_t len);
   Status Fallocate(Inode* inode, int mode, uint64_t off, uint64_t len);
