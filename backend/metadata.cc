@@ -77,9 +77,19 @@ std::string EncodeInode(const InodeRecord& r) {
   return s;
 }
 constexpr size_t kInodeValueSize = 4 * 4 + 8 * 8;
+constexpr size_t kDirEntryValueSize = 8 + 4 + 8;  // ino, mode, cookie
+
+// Why an inode value cannot be decoded, as an fsck line; empty if it can.
+std::string InodeValueFault(uint64_t ino, size_t bytes) {
+  if (bytes == kInodeValueSize) return {};
+  return "ino " + std::to_string(ino) + ": the inode record is corrupt (" + std::to_string(bytes) + " bytes, not " +
+         std::to_string(kInodeValueSize) + ")";
+}
 
 Status DecodeInode(uint64_t ino, const std::string& s, InodeRecord* r) {
-  if (s.size() != kInodeValueSize) return Status::IoError("metadata: inode " + std::to_string(ino) + " record is corrupt: run 'deferfs fsck'");
+  if (std::string fault = InodeValueFault(ino, s.size()); !fault.empty()) {
+    return Status::IoError("metadata: " + fault + ": run 'deferfs fsck'");
+  }
   const char* p = s.data();
   r->ino = ino;
   r->mode = Get<uint32_t>(p); r->uid = Get<uint32_t>(p); r->gid = Get<uint32_t>(p); r->nlink = Get<uint32_t>(p);
@@ -131,6 +141,17 @@ rocksdb::Status OpenOrdered(const std::string& dir, bool create, std::unique_ptr
                                        std::unique_ptr<rocksdb::DB>(raw));
   }
   return s;
+}
+
+// A record a scan cannot decode: passed to `on_corrupt` (true: scan on) if
+// given, else the error that stops the scan.
+bool Corrupt(const CorruptFn& on_corrupt, CorruptRecord r, Status* stop) {
+  if (on_corrupt) {
+    on_corrupt(std::move(r));
+    return true;
+  }
+  *stop = Status::IoError("metadata: " + r.what + ": run 'deferfs fsck'");
+  return false;
 }
 
 // Iterates keys that start with `prefix`, from `start` on.
@@ -193,6 +214,7 @@ void MetaBatch::PutNextIno(uint64_t next) {
   Put(&v, next);
   wb_->Put(Key(kNextIno), v);
 }
+void MetaBatch::DeleteCorrupt(const CorruptRecord& r) { wb_->Delete(r.key); }
 
 MetaStore::MetaStore(Private, std::shared_ptr<DataBarrier> barrier, std::unique_ptr<rocksdb::Env> env,
                      std::unique_ptr<rocksdb::DB> db)
@@ -276,7 +298,7 @@ Status CheckPairing(rocksdb::DB* db, const std::string& dir, const Uuid& uuid) {
 
 }  // namespace
 
-Status MetaStore::Open(const std::string& dir, const Uuid& uuid, std::unique_ptr<MetaStore>* out) {
+Status MetaStore::OpenReadWrite(const std::string& dir, const Uuid& uuid, std::unique_ptr<MetaStore>* out) {
   // Check the pairing read-only first: opening read-write replays and
   // rewrites the log, and a store that is not ours must stay untouched.
   {
@@ -291,7 +313,22 @@ Status MetaStore::Open(const std::string& dir, const Uuid& uuid, std::unique_ptr
     return Status::Error(EBUSY, "metadata directory " + dir + " is in use by another deferfs process (already mounted?): unmount it first");
   }
   if (!s.ok()) return Status::IoError("cannot open metadata directory " + dir + ": " + s.ToString());
+  *out = std::move(store);
+  return Status::Ok();
+}
+
+Status MetaStore::Open(const std::string& dir, const Uuid& uuid, std::unique_ptr<MetaStore>* out) {
+  std::unique_ptr<MetaStore> store;
+  DEFERFS_RETURN_IF_ERROR(OpenReadWrite(dir, uuid, &store));
   DEFERFS_RETURN_IF_ERROR(store->LoadInodeCounter(dir));
+  *out = std::move(store);
+  return Status::Ok();
+}
+
+Status MetaStore::OpenForFsck(const std::string& dir, const Uuid& uuid, std::unique_ptr<MetaStore>* out) {
+  std::unique_ptr<MetaStore> store;
+  DEFERFS_RETURN_IF_ERROR(OpenReadWrite(dir, uuid, &store));
+  if (!store->LoadInodeCounter(dir).ok()) store->next_ino_ = 0;
   *out = std::move(store);
   return Status::Ok();
 }
@@ -335,7 +372,10 @@ Status MetaStore::LookupAt(const rocksdb::ReadOptions& ro, uint64_t dir, std::st
   rocksdb::Status s = db_->Get(ro, Key(kDentry, dir, name), &v);
   if (s.IsNotFound()) return Status::NotFound(std::string(name));
   DEFERFS_RETURN_IF_ERROR(FromRocks(s, "lookup"));
-  if (v.size() != 20) return Status::IoError("metadata: directory entry is corrupt: run 'deferfs fsck'");
+  if (v.size() != kDirEntryValueSize) {
+    return Status::IoError("metadata: dir " + std::to_string(dir) + " entry '" + std::string(name) +
+                           "': the record is corrupt: run 'deferfs fsck'");
+  }
   const char* p = v.data();
   e->name.assign(name);
   e->ino = Get<uint64_t>(p);
@@ -398,28 +438,25 @@ namespace {
 // An extent record: key E ino lblk (17 bytes), value len pblk state (17).
 constexpr size_t kExtentKeyBytes = 17, kExtentValueBytes = 17;
 
-Status DecodeExtent(const rocksdb::Slice& k, const rocksdb::Slice& v, ExtentRecord* e) {
-  if (k.size() != kExtentKeyBytes || v.size() != kExtentValueBytes) {
-    return Status::IoError("metadata: a corrupt extent record of inode " +
-                           std::to_string(k.size() >= 9 ? ReadBe64(k.data() + 1) : 0) + ": run 'deferfs fsck'");
-  }
-  e->lblk = ReadBe64(k.data() + 9);
-  const char* p = v.data();
-  e->len = Get<uint64_t>(p);
-  e->pblk = Get<uint64_t>(p);
-  e->state = Get<uint8_t>(p);
-  return Status::Ok();
-}
-
-// Scans extent records under `prefix`, decoding each; stops at a corrupt one.
+// Scans extent records under `prefix`, decoding each.
 Status ScanExtents(rocksdb::DB* db, const std::string& prefix,
-                   const std::function<void(uint64_t, const ExtentRecord&)>& fn) {
+                   const std::function<void(uint64_t, const ExtentRecord&)>& fn, const CorruptFn& on_corrupt) {
   Status inner;
   Status st = Scan(db, prefix, prefix, [&](const rocksdb::Slice& k, const rocksdb::Slice& v) {
+    const uint64_t ino = k.size() >= 9 ? ReadBe64(k.data() + 1) : 0;
+    if (k.size() != kExtentKeyBytes || v.size() != kExtentValueBytes) {
+      std::string what = "ino " + std::to_string(ino) + ": an extent record is corrupt (" +
+                         std::to_string(k.size()) + "-byte key, " + std::to_string(v.size()) + "-byte value, not " +
+                         std::to_string(kExtentKeyBytes) + " and " + std::to_string(kExtentValueBytes) + ")";
+      return Corrupt(on_corrupt, {CorruptRecord::Kind::kExtent, ino, std::move(what), k.ToString()}, &inner);
+    }
     ExtentRecord e;
-    inner = DecodeExtent(k, v, &e);
-    if (!inner.ok()) return false;
-    fn(ReadBe64(k.data() + 1), e);
+    e.lblk = ReadBe64(k.data() + 9);
+    const char* p = v.data();
+    e.len = Get<uint64_t>(p);
+    e.pblk = Get<uint64_t>(p);
+    e.state = Get<uint8_t>(p);
+    fn(ino, e);
     return true;
   });
   return inner.ok() ? st : inner;
@@ -427,19 +464,25 @@ Status ScanExtents(rocksdb::DB* db, const std::string& prefix,
 }  // namespace
 
 Status MetaStore::ForEachExtent(uint64_t ino, const std::function<void(const ExtentRecord&)>& fn) {
-  return ScanExtents(db_.get(), Key(kExtent, ino), [&](uint64_t, const ExtentRecord& e) { fn(e); });
+  return ScanExtents(db_.get(), Key(kExtent, ino), [&](uint64_t, const ExtentRecord& e) { fn(e); }, nullptr);
 }
 
-Status MetaStore::ForEachExtentAll(const std::function<void(uint64_t, const ExtentRecord&)>& fn) {
-  return ScanExtents(db_.get(), Key(kExtent), fn);
+Status MetaStore::ForEachExtentAll(const std::function<void(uint64_t, const ExtentRecord&)>& fn,
+                                   const CorruptFn& on_corrupt) {
+  return ScanExtents(db_.get(), Key(kExtent), fn, on_corrupt);
 }
 
-Status MetaStore::ForEachInode(const std::function<void(const InodeRecord&)>& fn) {
+Status MetaStore::ForEachInode(const std::function<void(const InodeRecord&)>& fn, const CorruptFn& on_corrupt) {
   std::string prefix = Key(kInode);
   Status inner;
   Status st = Scan(db_.get(), prefix, prefix, [&](const rocksdb::Slice& k, const rocksdb::Slice& v) {
+    if (k.size() != 9) return true;  // not a key this format writes
+    const uint64_t ino = ReadBe64(k.data() + 1);
+    if (std::string fault = InodeValueFault(ino, v.size()); !fault.empty()) {
+      return Corrupt(on_corrupt, {CorruptRecord::Kind::kInode, ino, std::move(fault), k.ToString()}, &inner);
+    }
     InodeRecord r;
-    inner = DecodeInode(ReadBe64(k.data() + 1), v.ToString(), &r);
+    inner = DecodeInode(ino, v.ToString(), &r);
     if (!inner.ok()) return false;
     fn(r);
     return true;
@@ -455,7 +498,8 @@ Status MetaStore::ListOrphans(std::vector<uint64_t>* inos) {
   });
 }
 
-Status MetaStore::ForEachDirEntryAll(const std::function<void(uint64_t, const DirEntry&)>& fn) {
+Status MetaStore::ForEachDirEntryAll(const std::function<void(uint64_t, const DirEntry&)>& fn,
+                                     const CorruptFn& on_corrupt) {
   std::string prefix = Key(kDentry);
   Status inner;
   Status st = Scan(db_.get(), prefix, prefix, [&](const rocksdb::Slice& k, const rocksdb::Slice& v) {
@@ -463,9 +507,10 @@ Status MetaStore::ForEachDirEntryAll(const std::function<void(uint64_t, const Di
     DirEntry e;
     e.name.assign(k.data() + 9, k.size() - 9);
     uint64_t dir = ReadBe64(k.data() + 1);
-    if (v.size() != 20) {
-      inner = Status::IoError("metadata: dir " + std::to_string(dir) + " entry '" + e.name + "' is corrupt");
-      return false;
+    if (v.size() != kDirEntryValueSize) {
+      std::string what = "dir " + std::to_string(dir) + " entry '" + e.name + "': the record is corrupt (" +
+                         std::to_string(v.size()) + " bytes, not " + std::to_string(kDirEntryValueSize) + ")";
+      return Corrupt(on_corrupt, {CorruptRecord::Kind::kDirEntry, dir, std::move(what), k.ToString()}, &inner);
     }
     const char* p = v.data();
     e.ino = Get<uint64_t>(p);

@@ -63,6 +63,17 @@ struct ExtentRecord {
   uint8_t state = 0;  // fs::ExtentState
 };
 
+// fsck: a record that cannot be decoded. `key` is opaque outside the store;
+// `what` says which record it is and why, as one fsck line.
+struct CorruptRecord {
+  enum class Kind { kInode, kDirEntry, kExtent };
+  Kind kind;
+  uint64_t ino;  // the inode the record belongs to (the directory's, for an entry)
+  std::string what;
+  std::string key;
+};
+using CorruptFn = std::function<void(CorruptRecord)>;
+
 // A set of changes applied atomically by MetaStore::Commit. Not thread-safe.
 class MetaBatch {
  public:
@@ -84,6 +95,7 @@ class MetaBatch {
   void PutOrphan(uint64_t ino);
   void DeleteOrphan(uint64_t ino);
   void PutNextIno(uint64_t next);
+  void DeleteCorrupt(const CorruptRecord& r);
 
   bool empty() const;
   // The data this batch makes reachable is already on stable media (FUA
@@ -106,8 +118,11 @@ class MetaStore {
   // mkfs: creates a fresh store in `dir` (which must not exist) holding the
   // pairing record for `uuid` and the root directory owned by uid/gid.
   static Status Create(const std::string& dir, const Uuid& uuid, uint32_t uid, uint32_t gid);
-  // mount/fsck: opens the store in `dir` and checks it belongs to `uuid`.
+  // mount: opens the store in `dir` and checks it belongs to `uuid`.
   static Status Open(const std::string& dir, const Uuid& uuid, std::unique_ptr<MetaStore>* out);
+  // fsck: the same, but a missing or corrupt inode counter is left for fsck
+  // to report and repair: next_ino() is 0.
+  static Status OpenForFsck(const std::string& dir, const Uuid& uuid, std::unique_ptr<MetaStore>* out);
   // ro mounts: the same checks, and nothing in `dir` is ever written;
   // Commit() fails with EROFS.
   static Status OpenReadOnly(const std::string& dir, const Uuid& uuid, std::unique_ptr<MetaStore>* out);
@@ -126,17 +141,21 @@ class MetaStore {
   Status ListXattrs(uint64_t ino, std::vector<std::string>* names);
   Status ForEachExtent(uint64_t ino, const std::function<void(const ExtentRecord&)>& fn);
   // Every extent of every inode (allocator rebuild, fsck).
-  Status ForEachExtentAll(const std::function<void(uint64_t ino, const ExtentRecord&)>& fn);
-  Status ForEachInode(const std::function<void(const InodeRecord&)>& fn);
+  // A corrupt record stops these scans with an IoError, or, given
+  // `on_corrupt` (fsck), is passed to it and skipped.
+  Status ForEachExtentAll(const std::function<void(uint64_t ino, const ExtentRecord&)>& fn,
+                          const CorruptFn& on_corrupt = nullptr);
+  Status ForEachInode(const std::function<void(const InodeRecord&)>& fn, const CorruptFn& on_corrupt = nullptr);
   Status ListOrphans(std::vector<uint64_t>* inos);
-  // fsck: every directory entry of every directory, by dir then name (IoError
-  // on a corrupt record); every readdir cookie record; the owners of symlink
-  // targets and of xattrs, ascending and distinct.
-  Status ForEachDirEntryAll(const std::function<void(uint64_t dir, const DirEntry&)>& fn);
+  // fsck: every directory entry of every directory, by dir then name; every
+  // readdir cookie record; the owners of symlink targets and of xattrs,
+  // ascending and distinct.
+  Status ForEachDirEntryAll(const std::function<void(uint64_t dir, const DirEntry&)>& fn,
+                            const CorruptFn& on_corrupt = nullptr);
   Status ForEachCookieAll(const std::function<void(uint64_t dir, uint64_t cookie, std::string_view name)>& fn);
   Status ListSymlinkOwners(std::vector<uint64_t>* inos);
   Status ListXattrOwners(std::vector<uint64_t>* inos);
-  // The first inode number never handed out.
+  // The first inode number never handed out (0: no valid counter, OpenForFsck).
   uint64_t next_ino() const { return next_ino_; }
 
   // Commits are atomic and visible at once, but reach the WAL file only at
@@ -158,6 +177,7 @@ class MetaStore {
 
  private:
   Status LookupAt(const rocksdb::ReadOptions& ro, uint64_t dir, std::string_view name, DirEntry* e);
+  static Status OpenReadWrite(const std::string& dir, const Uuid& uuid, std::unique_ptr<MetaStore>* out);
   Status LoadInodeCounter(const std::string& dir);
 
   std::shared_ptr<DataBarrier> barrier_;

@@ -108,6 +108,7 @@ class Checker {
     for (const auto& [ino, n] : nodes_) r_->directories += n.is_dir();
     Phase("checking inodes");
     CheckSuperblock();
+    CheckCorrupt();
     CheckInodes();
     CheckLeakedKeys();
     Phase("checking extents and free space");
@@ -144,19 +145,21 @@ class Checker {
   }
 
   Status Load() {
-    DEFERFS_RETURN_IF_ERROR(meta_->ForEachInode([&](const InodeRecord& rec) {
-      Node& n = nodes_[rec.ino];
-      n.rec = n.fix = rec;
-    }));
-    DEFERFS_RETURN_IF_ERROR(meta_->ForEachDirEntryAll([&](uint64_t dir, const DirEntry& e) {
-      entries_.push_back(Entry{dir, e, e.cookie});
-    }));
+    auto corrupt = [&](CorruptRecord r) { corrupt_.push_back(std::move(r)); };
+    DEFERFS_RETURN_IF_ERROR(meta_->ForEachInode(
+        [&](const InodeRecord& rec) {
+          Node& n = nodes_[rec.ino];
+          n.rec = n.fix = rec;
+        },
+        corrupt));
+    DEFERFS_RETURN_IF_ERROR(meta_->ForEachDirEntryAll(
+        [&](uint64_t dir, const DirEntry& e) { entries_.push_back(Entry{dir, e, e.cookie}); }, corrupt));
     DEFERFS_RETURN_IF_ERROR(meta_->ForEachCookieAll([&](uint64_t dir, uint64_t cookie, std::string_view name) {
       cookies_[{dir, cookie}] = std::string(name);
     }));
-    DEFERFS_RETURN_IF_ERROR(meta_->ForEachExtentAll([&](uint64_t ino, const ExtentRecord& e) {
-      extents_.push_back({ino, e, nodes_.count(ino) == 0});
-    }));
+    DEFERFS_RETURN_IF_ERROR(meta_->ForEachExtentAll(
+        [&](uint64_t ino, const ExtentRecord& e) { extents_.push_back({ino, e, nodes_.count(ino) == 0}); },
+        corrupt));
     std::vector<uint64_t> v;
     DEFERFS_RETURN_IF_ERROR(meta_->ListOrphans(&v));
     orphans_.insert(v.begin(), v.end());
@@ -184,9 +187,28 @@ class Checker {
     }
   }
 
+  // Records too damaged to decode. Repair deletes them, as e2fsck clears an
+  // inode it cannot read: the checks below already see the store without
+  // them (an entry naming a deleted inode is dangling, the inode of a deleted
+  // entry unreachable, the blocks of a deleted extent free). Only the root's
+  // inode stays: without a root there is no filesystem left to repair.
+  void CheckCorrupt() {
+    for (const CorruptRecord& r : corrupt_) {
+      if (r.kind == CorruptRecord::Kind::kInode && r.ino == kRootIno) {
+        root_corrupt_ = true;
+        Error(r.what, false);
+        continue;
+      }
+      Error(r.what, true);
+      Fix(r.what + ": deleted");
+    }
+  }
+
   void CheckInodes() {
     auto root = nodes_.find(kRootIno);
-    if (root == nodes_.end()) {
+    if (root_corrupt_) {
+      // Reported by CheckCorrupt.
+    } else if (root == nodes_.end()) {
       Error("ino 1: the root directory does not exist", false);
     } else if (!root->second.is_dir()) {
       Error("ino 1: the root is a " + TypeName(root->second.rec.mode) + ", not a directory", false);
@@ -199,7 +221,12 @@ class Checker {
       }
     }
     uint64_t max_ino = nodes_.empty() ? kRootIno : nodes_.rbegin()->first;
-    if (next_ino_ <= max_ino) {
+    if (next_ino_ == 0) {
+      Error("inode counter: missing or corrupt (the store cannot be mounted without it)", true);
+      next_ino_ = max_ino + 1;
+      put_next_ino_ = true;
+      Fix("inode counter: set to " + Num(next_ino_));
+    } else if (next_ino_ <= max_ino) {
       Error("inode counter: next inode number is " + Num(next_ino_) + ", but ino " + Num(max_ino) +
                 " exists (a create would reuse it)",
             true);
@@ -671,6 +698,9 @@ class Checker {
     for (uint64_t ino : deletes_) b.DeleteInode(ino);
     for (uint64_t ino : leaked_inos_) b.DeleteInode(ino);
     if (put_next_ino_) b.PutNextIno(next_ino_);
+    for (const CorruptRecord& r : corrupt_) {
+      if (!(r.kind == CorruptRecord::Kind::kInode && r.ino == kRootIno)) b.DeleteCorrupt(r);
+    }
     if (b.empty()) return Status::Ok();
     return meta_->Commit(&b, /*sync=*/true);
   }
@@ -686,7 +716,9 @@ class Checker {
   std::map<std::pair<uint64_t, uint64_t>, std::string> cookies_;  // (dir, cookie) -> name
   std::vector<LocatedExtent> extents_;  // in store order: by ino, then lblk
   std::set<uint64_t> orphans_, symlinks_, xattrs_;
+  std::vector<CorruptRecord> corrupt_;
   bool root_ok_ = false;
+  bool root_corrupt_ = false;
   uint64_t next_ino_ = 0;
 
   // The repair plan.

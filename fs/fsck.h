@@ -16,8 +16,9 @@ namespace deferfs {
 
 struct FsckOptions {
   // Fix leaked inodes and keys, orphans, link counts, dangling or mistyped
-  // entries, readdir cookies, parents and the inode counter; reconnect
-  // unreachable inodes under /lost+found. All in one synced MetaBatch.
+  // entries, readdir cookies, parents and the inode counter; delete records
+  // too corrupt to decode (but the root's); reconnect unreachable inodes
+  // under /lost+found. All in one synced MetaBatch.
   bool repair = false;
   // Called as each phase starts (a progress line); may be empty.
   std::function<void(const std::string& phase)> progress;

@@ -55,7 +55,7 @@ int FsckCommand(const FsckArgs& args) {
   }
   if (meta_dir.empty()) meta_dir = DefaultMetaDir(backing, dev->is_block_device(), UuidToString(sb.uuid));
   std::unique_ptr<MetaStore> meta;
-  s = MetaStore::Open(meta_dir, sb.uuid, &meta);
+  s = MetaStore::OpenForFsck(meta_dir, sb.uuid, &meta);
   if (!s.ok()) {
     // The store's advice names mount's option; fsck spells it --meta.
     std::string msg = s.message();
@@ -72,8 +72,8 @@ int FsckCommand(const FsckArgs& args) {
   FsckReport report;
   s = Fsck(sb, dev->size(), meta.get(), opt, &report);
   if (!s.ok()) {
-    // A record too corrupt to decode stops the check; the store's advice
-    // would send the user back here.
+    // Should a record stop the check (fsck reports the kinds it decodes
+    // instead), the store's advice would send the user back here.
     std::string msg = s.message();
     if (size_t at = msg.find(": run 'deferfs fsck'"); at != std::string::npos) {
       msg = msg.substr(0, at) + ": fsck cannot decode it; restore the metadata from a backup or reformat";

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include <gtest/gtest.h>
+#include <rocksdb/db.h>
 
 #include "backend/metadata.h"
 #include "backend/superblock.h"
@@ -195,6 +196,45 @@ TEST_F(FsckMountTest, OverlappingExtentsFailEvenWithRepair) {
     EXPECT_TRUE(Mentions(r.out, "overlaps ino " + std::to_string(a_ino) + " extent lblk 0"));
     EXPECT_TRUE(Mentions(r.err, "found 1 error that --repair cannot fix")) << r.Describe();
   }
+}
+
+// A mount refuses a store without its inode counter and says to run fsck;
+// fsck must then be able to find it and repair it, not refuse the same way.
+TEST_F(FsckMountTest, MissingInodeCounterIsRepaired) {
+  MountedFs fs;
+  ASSERT_TRUE(fs.ok());
+  ASSERT_TRUE(WriteFile(fs.path("a"), "kept"));
+  ASSERT_TRUE(fs.Unmount());
+  {
+    rocksdb::DB* raw = nullptr;
+    ASSERT_TRUE(rocksdb::DB::Open(rocksdb::Options(), fs.meta(), &raw).ok());
+    std::unique_ptr<rocksdb::DB> db(raw);
+    rocksdb::WriteOptions wo;
+    wo.sync = true;
+    ASSERT_TRUE(db->Delete(wo, "N").ok());  // the counter's key, as the store's format spells it
+  }
+
+  RunResult refused = RunDeferfs({"mount", fs.backing(), fs.root()});
+  if (refused.succeeded()) RunCommand({"fusermount3", "-u", fs.root()});
+  EXPECT_EQ(refused.exit_code(), 1) << refused.Describe();
+  EXPECT_TRUE(Mentions(refused.err, "run 'deferfs fsck'"));
+
+  RunResult bad = Fsck(fs);
+  EXPECT_EQ(bad.exit_code(), 1) << bad.Describe();
+  EXPECT_TRUE(Mentions(bad.out, "error: inode counter: missing or corrupt"));
+  EXPECT_TRUE(Mentions(bad.err, "--repair")) << bad.Describe();
+  RunResult fixed = Fsck(fs, /*repair=*/true);
+  EXPECT_TRUE(fixed.succeeded()) << fixed.Describe();
+  EXPECT_TRUE(Mentions(fixed.out, "repaired: inode counter: set to"));
+
+  ASSERT_TRUE(fs.Mount());
+  EXPECT_EQ(ReadFile(fs.path("a")), "kept");
+  ASSERT_TRUE(WriteFile(fs.path("b"), "new"));
+  struct stat a {}, b {};
+  ASSERT_EQ(stat(fs.path("a").c_str(), &a), 0);
+  ASSERT_EQ(stat(fs.path("b").c_str(), &b), 0);
+  EXPECT_NE(a.st_ino, b.st_ino) << "a create reused an inode number";
+  ASSERT_TRUE(fs.Unmount());
 }
 
 TEST_F(FsckMountTest, UsageErrorsAreOneLine) {

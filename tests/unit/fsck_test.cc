@@ -5,6 +5,7 @@
 #include "fs/fsck.h"
 
 #include <gtest/gtest.h>
+#include <rocksdb/db.h>
 #include <sys/stat.h>
 
 #include <algorithm>
@@ -45,11 +46,38 @@ class FsckTest : public ::testing::Test {
     ASSERT_TRUE(meta_->GetInode(kRootIno, &recs_[kRootIno]).ok());
   }
 
-  // A fresh open, as the next fsck or mount sees the store.
-  void Reopen() {
+  // A fresh open, as the next mount (or fsck) sees the store.
+  void Reopen(bool for_fsck = false) {
     meta_.reset();
-    Status s = MetaStore::Open(dir_, kUuid, &meta_);
+    Status s = for_fsck ? MetaStore::OpenForFsck(dir_, kUuid, &meta_) : MetaStore::Open(dir_, kUuid, &meta_);
     ASSERT_TRUE(s.ok()) << s.message();
+  }
+
+  // Damage no MetaBatch can do: writes (or, with `value` null, deletes) one
+  // raw key, spelled as the store's format spells it (a prefix byte, then
+  // big-endian numbers), through RocksDB itself. Leaves the store closed.
+  static std::string RawKey(char prefix, uint64_t a, const std::string& rest = "") {
+    std::string k(1, prefix);
+    for (int i = 7; i >= 0; i--) k.push_back(static_cast<char>(a >> (i * 8)));
+    return k + rest;
+  }
+  static std::string Be64(uint64_t v) { return RawKey('\0', v).substr(1); }
+  void Raw(const std::string& key, const char* value) {
+    meta_.reset();
+    rocksdb::DB* raw = nullptr;
+    ASSERT_TRUE(rocksdb::DB::Open(rocksdb::Options(), dir_, &raw).ok());
+    std::unique_ptr<rocksdb::DB> db(raw);
+    rocksdb::WriteOptions wo;
+    wo.sync = true;
+    ASSERT_TRUE((value ? db->Put(wo, key, value) : db->Delete(wo, key)).ok());
+  }
+  bool RawExists(const std::string& key) {
+    meta_.reset();
+    rocksdb::DB* raw = nullptr;
+    EXPECT_TRUE(rocksdb::DB::OpenForReadOnly(rocksdb::Options(), dir_, &raw).ok());
+    std::unique_ptr<rocksdb::DB> db(raw);
+    std::string v;
+    return db && db->Get(rocksdb::ReadOptions(), key, &v).ok();
   }
 
   void Commit(MetaBatch* b) { ASSERT_TRUE(meta_->Commit(b, true).ok()); }
@@ -106,7 +134,7 @@ class FsckTest : public ::testing::Test {
   }
 
   FsckReport Check(bool repair = false) {
-    Reopen();
+    Reopen(/*for_fsck=*/true);
     FsckOptions opt;
     opt.repair = repair;
     FsckReport r;
@@ -508,6 +536,75 @@ TEST_F(FsckTest, InodeCounterBelowAnInodeIsRaised) {
                                     std::to_string(f) + " exists"));
   RepairAndExpectClean();
   EXPECT_EQ(meta_->next_ino(), f + 1);
+}
+
+TEST_F(FsckTest, MissingInodeCounterIsRecreated) {
+  uint64_t f = File(kRootIno, "f");
+  Raw("N", nullptr);
+  std::unique_ptr<MetaStore> m;
+  Status s = MetaStore::Open(dir_, kUuid, &m);
+  EXPECT_FALSE(s.ok()) << "a store without its inode counter mounted";
+  EXPECT_NE(s.message().find("deferfs fsck"), std::string::npos) << s.message();
+  FsckReport r = Check();
+  EXPECT_TRUE(HasLine(r.errors, "inode counter: missing or corrupt"));
+  EXPECT_EQ(r.repairable, 1u) << Lines(r.errors);
+  RepairAndExpectClean();
+  Reopen();  // as a mount opens it
+  EXPECT_EQ(meta_->next_ino(), f + 1);
+}
+
+// Records too damaged to decode are reported one line each and deleted; the
+// checks that follow see the store without them and repair the rest.
+TEST_F(FsckTest, UndecodableRecordsAreDeleted) {
+  uint64_t d = Dir(kRootIno, "d");
+  uint64_t f = File(d, "f");        // its entry is damaged: f ends up in /lost+found
+  uint64_t g = File(kRootIno, "g");  // its inode is damaged: its entry and extent go
+  uint64_t h = File(kRootIno, "h");  // one extent of two is damaged
+  Extent(f, 0, 4, 100);
+  Extent(g, 0, 2, 200);
+  Extent(h, 0, 1, 300);
+  Extent(h, 8, 1, 301);
+  Raw(RawKey('D', d, "f"), "short");
+  Raw(RawKey('I', g), "xx");
+  Raw(RawKey('E', h, Be64(8)), "bad extent");
+  Reopen();  // as a mount: it fails on such a record when it reads it
+  InodeRecord rec;
+  EXPECT_FALSE(meta_->GetInode(g, &rec).ok());
+
+  FsckReport r = Check();
+  EXPECT_TRUE(HasLine(r.errors, "dir " + std::to_string(d) + " entry 'f': the record is corrupt (5 bytes, not 20)"));
+  EXPECT_TRUE(HasLine(r.errors, "ino " + std::to_string(g) + ": the inode record is corrupt (2 bytes, not 80)"));
+  EXPECT_TRUE(HasLine(r.errors, "ino " + std::to_string(h) + ": an extent record is corrupt"));
+  EXPECT_TRUE(HasLine(r.errors, "inode " + std::to_string(g) + " does not exist"));
+
+  RepairAndExpectClean();
+  EXPECT_FALSE(RawExists(RawKey('I', g)));
+  EXPECT_FALSE(RawExists(RawKey('E', h, Be64(8))));
+  Reopen();
+  DirEntry e;
+  EXPECT_FALSE(meta_->Lookup(d, "f", &e).ok());
+  EXPECT_FALSE(meta_->Lookup(kRootIno, "g", &e).ok());
+  DirEntry lf;
+  ASSERT_TRUE(meta_->Lookup(kRootIno, "lost+found", &lf).ok());
+  std::vector<uint64_t> reconnected;
+  ASSERT_TRUE(meta_->ReadDir(lf.ino, 0, [&](const DirEntry& x) {
+    reconnected.push_back(x.ino);
+    return true;
+  }).ok());
+  EXPECT_EQ(reconnected, std::vector<uint64_t>{f}) << "the inode of the damaged entry was not reconnected";
+  std::vector<uint64_t> lblks;
+  ASSERT_TRUE(meta_->ForEachExtent(h, [&](const ExtentRecord& x) { lblks.push_back(x.lblk); }).ok());
+  EXPECT_EQ(lblks, std::vector<uint64_t>{0});
+}
+
+TEST_F(FsckTest, UndecodableRootInodeIsReportedButKept) {
+  File(kRootIno, "f");
+  Raw(RawKey('I', kRootIno), "damaged");
+  FsckReport r = Check(/*repair=*/true);
+  EXPECT_TRUE(HasLine(r.errors, "ino 1: the inode record is corrupt (7 bytes, not 80)"));
+  EXPECT_GE(r.remaining, 1u);
+  EXPECT_FALSE(HasLine(r.errors, "the root directory does not exist")) << "one line for one problem";
+  EXPECT_TRUE(RawExists(RawKey('I', kRootIno))) << "repair deleted the root";
 }
 
 TEST_F(FsckTest, SymlinkProblems) {
