@@ -32,6 +32,7 @@
 #include <sys/statvfs.h>
 
 #include <atomic>
+#include <cstdint>
 #include <functional>
 #include <memory>
 #include <span>
@@ -186,8 +187,10 @@ class Filesystem {
   void RegisterTaskWork(TaskWork* tw);
   void UnregisterTaskWorks();
   // `deferfs stats`: counters since mount (or the last reset) and latency
-  // summaries, as one JSON object (fs/stats.cc). reset: start counting anew.
-  std::string StatsJson(bool reset);
+  // summaries with their histograms, as one JSON object (fs/stats.cc).
+  // reset: start counting anew. Histograms that would take the report (and
+  // its NUL) past max_bytes are left out.
+  std::string StatsJson(bool reset, size_t max_bytes = SIZE_MAX);
 
   Filesystem(std::unique_ptr<Device> dev, std::unique_ptr<MetaStore> meta, const Superblock& sb,
              const FsOptions& opt);

@@ -313,7 +313,7 @@ void Ioctl(fuse_req_t req, fuse_ino_t, unsigned int cmd, void*, fuse_file_info*,
   if (cmd != kIocStats && cmd != kIocStatsReset) return ReplyErr(req, Status::Error(ENOTTY, "unknown ioctl"));
   bool reset = cmd == kIocStatsReset;
   if (reset && fuse_req_ctx(req)->uid != 0) return ReplyErr(req, Status::Error(EPERM, "only root resets stats"));
-  std::string json = Fs(req)->StatsJson(reset);
+  std::string json = Fs(req)->StatsJson(reset, out_size);  // fits with its NUL, histograms permitting
   if (json.size() + 1 > out_size) return ReplyErr(req, Status::Error(ERANGE, "stats too large"));
   fuse_reply_ioctl(req, 0, json.c_str(), json.size() + 1);
 }

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <bit>
+#include <map>
 
 namespace deferfs {
 
@@ -37,28 +38,60 @@ void LatencyHistogram::Reset() {
   max_ns_.store(0, std::memory_order_relaxed);
 }
 
-LatencyHistogram::Summary LatencyHistogram::Summarize() const {
+LatencyHistogram::Buckets LatencyHistogram::NonEmptyBuckets() const {
+  Buckets out;
+  for (int i = 0; i < kBuckets; i++) {
+    if (uint64_t n = buckets_[i].load(std::memory_order_relaxed); n != 0) out.emplace_back(BucketMid(i), n);
+  }
+  return out;
+}
+
+LatencyHistogram::Summary LatencyHistogram::SummarizeBuckets(const Buckets& buckets) {
   Summary s;
-  uint64_t total = 0;
-  for (const auto& b : buckets_) total += b.load(std::memory_order_relaxed);
-  if (total == 0) return s;
-  s.count = total;
-  uint64_t n = std::max<uint64_t>(count_.load(std::memory_order_relaxed), 1);
-  s.mean_us = static_cast<double>(sum_ns_.load(std::memory_order_relaxed)) / static_cast<double>(n) / 1000.0;
-  s.max_us = static_cast<double>(max_ns_.load(std::memory_order_relaxed)) / 1000.0;
+  double sum_ns = 0;
+  for (const auto& [ns, n] : buckets) {
+    s.count += n;
+    sum_ns += static_cast<double>(ns) * static_cast<double>(n);
+  }
+  if (s.count == 0) return s;
+  s.mean_us = sum_ns / static_cast<double>(s.count) / 1000.0;
+  s.max_us = static_cast<double>(buckets.back().first) / 1000.0;
   uint64_t seen = 0;
   bool have50 = false;
-  for (int i = 0; i < kBuckets; i++) {
-    seen += buckets_[i].load(std::memory_order_relaxed);
-    if (!have50 && seen * 2 >= total) {
-      s.p50_us = static_cast<double>(BucketMid(i)) / 1000.0;
+  for (const auto& [ns, n] : buckets) {
+    seen += n;
+    if (!have50 && seen * 2 >= s.count) {
+      s.p50_us = static_cast<double>(ns) / 1000.0;
       have50 = true;
     }
-    if (seen * 100 >= total * 99) {
-      s.p99_us = static_cast<double>(BucketMid(i)) / 1000.0;
+    if (seen * 100 >= s.count * 99) {
+      s.p99_us = static_cast<double>(ns) / 1000.0;
       break;
     }
   }
+  return s;
+}
+
+LatencyHistogram::Buckets LatencyHistogram::Since(const Buckets& earlier, const Buckets& later) {
+  std::map<uint64_t, uint64_t> now(later.begin(), later.end());
+  for (const auto& [ns, n] : earlier) {
+    if (now[ns] < n) return later;
+    now[ns] -= n;
+  }
+  Buckets out;
+  for (const auto& [ns, n] : now) {
+    if (n != 0) out.emplace_back(ns, n);
+  }
+  return out;
+}
+
+LatencyHistogram::Summary LatencyHistogram::Summarize() const {
+  Summary s = SummarizeBuckets(NonEmptyBuckets());
+  if (s.count == 0) return s;
+  // Exact where the histogram only approximates.
+  uint64_t n = std::max<uint64_t>(count_.load(std::memory_order_relaxed), 1);
+  s.mean_us = static_cast<double>(sum_ns_.load(std::memory_order_relaxed)) / static_cast<double>(n) / 1000.0;
+  s.max_us = static_cast<double>(max_ns_.load(std::memory_order_relaxed)) / 1000.0;
   return s;
 }
 

@@ -7,6 +7,8 @@
 #include <atomic>
 #include <cstdint>
 #include <ctime>
+#include <utility>
+#include <vector>
 
 namespace deferfs {
 
@@ -29,6 +31,17 @@ class LatencyHistogram {
     double mean_us = 0, p50_us = 0, p99_us = 0, max_us = 0;
   };
   Summary Summarize() const;
+
+  // The non-empty buckets in ascending order: (the bucket's middle in ns,
+  // count). The report exports them, so that a reader can take the
+  // percentiles of an interval from the difference of two reports.
+  using Buckets = std::vector<std::pair<uint64_t, uint64_t>>;
+  Buckets NonEmptyBuckets() const;
+  // The summary of such buckets; mean and max to within a bucket (12.5 %).
+  static Summary SummarizeBuckets(const Buckets& buckets);
+  // What was recorded between two NonEmptyBuckets() of one histogram, or all
+  // of `later` if a count went down in between (a Reset()).
+  static Buckets Since(const Buckets& earlier, const Buckets& later);
 
  private:
   static int BucketOf(uint64_t ns);

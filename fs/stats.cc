@@ -8,12 +8,28 @@
 namespace deferfs {
 namespace {
 
-void AppendLatency(std::string* out, const char* name, const LatencyHistogram::Summary& s) {
+// A path's summary, then its non-empty buckets as [ns, count] pairs: from
+// two reports `stats --watch` takes the percentiles of the interval between.
+void AppendLatency(std::string* out, const char* name, const LatencyHistogram& h, bool with_histogram) {
+  const LatencyHistogram::Summary s = h.Summarize();
   char buf[256];
   std::snprintf(buf, sizeof(buf),
-                "\"%s\":{\"count\":%llu,\"mean_us\":%.1f,\"p50_us\":%.1f,\"p99_us\":%.1f,\"max_us\":%.1f}", name,
+                "\"%s\":{\"count\":%llu,\"mean_us\":%.1f,\"p50_us\":%.1f,\"p99_us\":%.1f,\"max_us\":%.1f", name,
                 static_cast<unsigned long long>(s.count), s.mean_us, s.p50_us, s.p99_us, s.max_us);
   out->append(buf);
+  if (!with_histogram) {
+    out->append("}");
+    return;
+  }
+  out->append(",\"histogram\":[");
+  const char* sep = "";
+  for (const auto& [ns, n] : h.NonEmptyBuckets()) {
+    std::snprintf(buf, sizeof(buf), "%s[%llu,%llu]", sep, static_cast<unsigned long long>(ns),
+                  static_cast<unsigned long long>(n));
+    out->append(buf);
+    sep = ",";
+  }
+  out->append("]}");
 }
 
 }  // namespace
@@ -28,7 +44,7 @@ void Filesystem::UnregisterTaskWorks() {
   task_works_.clear();
 }
 
-std::string Filesystem::StatsJson(bool reset) {
+std::string Filesystem::StatsJson(bool reset, size_t max_bytes) {
   DioStats& d = engine_->stats();
   // Counters in report order: group, name, value.
   struct Counter {
@@ -116,15 +132,22 @@ std::string Filesystem::StatsJson(bool reset) {
   out += ",\"live\":{\"fuse_requests\":" + gauge(gauges_.fuse_requests) +
          ",\"request_buffers\":" + gauge(gauges_.request_buffers) + ",\"open_files\":" + gauge(gauges_.open_files) +
          ",\"inodes_cached\":" + std::to_string(inodes) + "}";
-  out += ",\"latency\":{";
-  AppendLatency(&out, "read_device", d.read_device.Summarize());
-  out += ",";
-  AppendLatency(&out, "read_reply", d.read_reply.Summarize());
-  out += ",";
-  AppendLatency(&out, "write_device", d.write_device.Summarize());
-  out += ",";
-  AppendLatency(&out, "write_reply", d.write_reply.Summarize());
-  out += "}}";
+  const std::pair<const char*, const LatencyHistogram*> paths[] = {{"read_device", &d.read_device},
+                                                                    {"read_reply", &d.read_reply},
+                                                                    {"write_device", &d.write_device},
+                                                                    {"write_reply", &d.write_reply}};
+  auto latency = [&](bool with_histograms) {
+    std::string l = ",\"latency\":{";
+    for (const auto& [name, h] : paths) {
+      if (l.back() != '{') l += ",";
+      AppendLatency(&l, name, *h, with_histograms);
+    }
+    return l + "}}";
+  };
+  // Histograms too wide for the caller's buffer are left out, not the report.
+  std::string lat = latency(true);
+  if (out.size() + lat.size() >= max_bytes) lat = latency(false);
+  out += lat;
   if (reset) {
     for (LatencyHistogram* h : {&d.read_device, &d.read_reply, &d.write_device, &d.write_reply}) h->Reset();
   }

@@ -16,14 +16,16 @@
 #include <vector>
 
 #include "backend/device.h"
+#include "fs/latency.h"
 #include "fs/stats_ioctl.h"
 #include "mount/commands.h"
 
 namespace deferfs {
 namespace {
 
-// Flattens the report's JSON (objects of numbers and strings only, as
-// fs/stats.cc writes it) into "group.name" / value rows, in order.
+// Flattens the report's JSON (objects of numbers, strings and arrays of
+// numbers, as fs/stats.cc writes it) into "group.name" / value rows, in
+// order; an array's value is its JSON text.
 class Flattener {
  public:
   explicit Flattener(const std::string& s) : s_(s) {}
@@ -44,7 +46,8 @@ class Flattener {
         if (!Object(path)) return false;
       } else {
         std::string v;
-        if (Peek() == '"' ? !String(&v) : !Scalar(&v)) return false;
+        bool ok = Peek() == '"' ? String(&v) : Peek() == '[' ? Array(&v) : Scalar(&v);
+        if (!ok) return false;
         rows_->emplace_back(path, v);
       }
     } while (Eat(','));
@@ -54,6 +57,16 @@ class Flattener {
     if (!Eat('"')) return false;
     while (i_ < s_.size() && s_[i_] != '"') out->push_back(s_[i_++]);
     return Eat('"');
+  }
+  bool Array(std::string* out) {
+    int depth = 0;
+    do {
+      char c = Peek();
+      if (c == '\0' || c == '"' || c == '{') return false;
+      depth += (c == '[') - (c == ']');
+      out->push_back(s_[i_++]);
+    } while (depth > 0);
+    return true;
   }
   bool Scalar(std::string* out) {
     while (i_ < s_.size() && (std::isalnum(static_cast<unsigned char>(s_[i_])) || s_[i_] == '.' || s_[i_] == '-')) {
@@ -115,12 +128,36 @@ bool IsConfig(const std::string& key) {
 
 double Num(const std::string& v) { return std::strtod(v.c_str(), nullptr); }
 
+// A latency path's "histogram": [[ns,count],...] into buckets.
+bool ParseBuckets(const std::string& text, LatencyHistogram::Buckets* out) {
+  out->clear();
+  const char* p = text.c_str();
+  while (*p != '\0') {
+    if (*p == '[' && std::isdigit(static_cast<unsigned char>(p[1]))) {
+      char* end = nullptr;
+      uint64_t ns = std::strtoull(p + 1, &end, 10);
+      if (*end != ',') return false;
+      uint64_t n = std::strtoull(end + 1, &end, 10);
+      if (*end != ']') return false;
+      out->emplace_back(ns, n);
+      p = end;
+    }
+    p++;
+  }
+  return true;
+}
+
 // One refresh of --watch: counters with their rate over the last `secs`,
-// gauges, and latency per path. With `reset` every report covers only the
-// last interval, so the values themselves are the deltas.
+// gauges, and latency per path over the last interval. With `reset` every
+// report covers only the last interval, so the values themselves are the
+// deltas; without, the percentiles come from the histograms' difference.
 std::string WatchBlock(const std::string& mnt, const Rows& prev, const Rows& cur, double secs, bool reset) {
   std::map<std::string, double> before;
-  for (const auto& [k, v] : prev) before[k] = Num(v);
+  std::map<std::string, std::string> before_text;
+  for (const auto& [k, v] : prev) {
+    before[k] = Num(v);
+    before_text[k] = v;
+  }
   auto rate = [&](const std::string& k, double v) { return (reset ? v : v - before[k]) / secs; };
 
   std::string out = "deferfs stats " + mnt + " every 1 s:";
@@ -160,17 +197,35 @@ std::string WatchBlock(const std::string& mnt, const Rows& prev, const Rows& cur
     if (lat.find(path) == lat.end()) paths.push_back(path);
     lat[path][k.substr(dot + 1)] = v;
   }
-  std::snprintf(line, sizeof(line), "%-20s %12s %10s %10s %10s   (us, %s)\n", "latency", "per second", "p50", "p99",
-                "max", reset ? "last interval" : "since mount or reset");
-  out += line;
+  std::string rows;
+  bool lifetime = false;  // a path without histograms: its percentiles cover the mount's life
   for (const std::string& p : paths) {
     auto& f = lat[p];
+    std::string p50 = f["p50_us"], p99 = f["p99_us"], max = f["max_us"];
+    LatencyHistogram::Buckets then, now;
+    auto then_text = before_text.find("latency." + p + ".histogram");
+    if (reset) {
+      // The report covers the interval already.
+    } else if (then_text != before_text.end() && ParseBuckets(then_text->second, &then) &&
+               f.count("histogram") != 0 && ParseBuckets(f["histogram"], &now)) {
+      LatencyHistogram::Summary s = LatencyHistogram::SummarizeBuckets(LatencyHistogram::Since(then, now));
+      auto us = [&](double v) {
+        char b[32];
+        std::snprintf(b, sizeof(b), "%.1f", v);
+        return s.count == 0 ? std::string("-") : std::string(b);
+      };
+      p50 = us(s.p50_us), p99 = us(s.p99_us), max = us(s.max_us);
+    } else {
+      lifetime = true;
+    }
     std::snprintf(line, sizeof(line), "%-20s %12.0f %10s %10s %10s\n", p.c_str(),
-                  rate("latency." + p + ".count", Num(f["count"])), f["p50_us"].c_str(), f["p99_us"].c_str(),
-                  f["max_us"].c_str());
-    out += line;
+                  rate("latency." + p + ".count", Num(f["count"])), p50.c_str(), p99.c_str(), max.c_str());
+    rows += line;
   }
-  return out;
+  std::snprintf(line, sizeof(line), "%-20s %12s %10s %10s %10s   (us, %s)\n", "latency", "per second", "p50", "p99",
+                "max", lifetime ? "since mount or reset" : "last interval");
+  out += line;
+  return out + rows;
 }
 
 // --watch: a block per second until `count` blocks or SIGINT/SIGTERM. On a
@@ -225,8 +280,10 @@ int StatsCommand(const StatsArgs& args) {
     std::printf("%s\n", buf.c_str());
     return 0;
   }
-  std::vector<std::pair<std::string, std::string>> rows;
+  Rows rows;
   if (!Flattener(buf).Run(&rows)) return Fail("cannot parse the stats of " + mnt);
+  // Histograms are for --json and --watch; a table row cannot hold one.
+  std::erase_if(rows, [](const auto& row) { return row.first.ends_with(".histogram"); });
   size_t width = 0;
   for (const auto& [k, v] : rows) width = std::max(width, k.size());
   for (const auto& [k, v] : rows) std::printf("%-*s  %s\n", static_cast<int>(width), k.c_str(), v.c_str());

@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cctype>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -535,6 +536,48 @@ TEST_F(CliTest, StatsWatchPrintsRatesOncePerRefreshWhenPiped) {
   for (const char* w : {"per second", "p50", "p99", "write_reply"}) {
     EXPECT_NE(r.out.find(w), std::string::npos) << r.out;
   }
+  // The last block's write_reply row: "write_reply  RATE  P50  P99  MAX".
+  row = r.out.rfind("\nwrite_reply ");
+  ASSERT_NE(row, std::string::npos) << r.out;
+  std::istringstream lat(r.out.substr(row + 1));
+  double p50 = -1;
+  lat >> name >> rate >> p50;
+  EXPECT_GT(p50, 0) << "no write latency in an interval full of writes:\n" << r.out;
+}
+
+// --watch's percentiles cover the last interval, not the mount's life: once
+// the writes have stopped, an idle interval has none, though `stats` (the
+// lifetime view) still shows them.
+TEST_F(CliTest, StatsWatchLatencyCoversTheLastIntervalOnly) {
+  MountedFs fs;
+  ASSERT_TRUE(fs.ok());
+  {
+    UniqueFd fd(open(fs.path("w").c_str(), O_CREAT | O_RDWR | O_DIRECT, 0644));
+    ASSERT_TRUE(fd.ok()) << strerror(errno);
+    void* p = nullptr;
+    ASSERT_EQ(posix_memalign(&p, 4096, 4096), 0);
+    memset(p, 'x', 4096);
+    for (off_t off = 0; off < 64 * 4096; off += 4096) ASSERT_EQ(pwrite(fd.get(), p, 4096, off), 4096);
+    free(p);
+  }
+  RunResult plain = RunDeferfs({"stats", fs.root()});
+  ASSERT_TRUE(plain.succeeded()) << plain.Describe();
+  size_t row = plain.out.find("latency.write_reply.p50_us ");
+  ASSERT_NE(row, std::string::npos) << plain.out;
+  EXPECT_GT(std::strtod(plain.out.c_str() + row + 27, nullptr), 0) << plain.out;
+  EXPECT_EQ(plain.out.find("histogram"), std::string::npos) << "a histogram in the table:\n" << plain.out;
+
+  RunResult idle = RunDeferfs({"stats", fs.root(), "--watch", "--count", "1"});
+  ASSERT_TRUE(idle.succeeded()) << idle.Describe();
+  EXPECT_NE(idle.out.find("last interval"), std::string::npos) << idle.out;
+  row = idle.out.rfind("\nwrite_reply ");
+  ASSERT_NE(row, std::string::npos) << idle.out;
+  std::istringstream is(idle.out.substr(row + 1));
+  std::string name, rate, p50, p99;
+  is >> name >> rate >> p50 >> p99;
+  EXPECT_EQ(rate, "0") << idle.out;
+  EXPECT_EQ(p50, "-") << "lifetime percentiles in an idle interval:\n" << idle.out;
+  EXPECT_EQ(p99, "-") << idle.out;
 }
 
 TEST_F(CliTest, StatsWatchStopsCleanlyOnSignal) {

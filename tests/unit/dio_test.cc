@@ -887,6 +887,33 @@ TEST_F(DioTest, AllocationIsCommittedOnlyAtCompletion) {
   fs_->Release(f);
 }
 
+// The report carries each latency path's histogram for `stats --watch`;
+// when the caller's buffer cannot hold them, they are left out, not the report.
+TEST_F(DioTest, StatsReportDropsHistogramsThatDoNotFit) {
+  ASSERT_NO_FATAL_FAILURE(Format(CompletionMode::kDefer));
+  Inode* f = Create("f");
+  ASSERT_NE(f, nullptr);
+  std::mt19937_64 rng(11);
+  auto data = RandomBytes(rng, 64 * kB);
+  Io x = io();
+  for (int i = 0; i < 8; i++) ASSERT_EQ(x.Write(f, i * data.size(), data), static_cast<ssize_t>(data.size()));
+  fs_->Release(f);
+
+  const std::string full = fs_->StatsJson(false);
+  const size_t at = full.find("\"write_device\":{\"count\":8,");
+  ASSERT_NE(at, std::string::npos) << full;
+  EXPECT_NE(full.find("\"histogram\":[[", at), std::string::npos) << full;
+  EXPECT_NE(full.find("\"histogram\":[]"), std::string::npos) << "reads: an empty histogram\n" << full;
+
+  const std::string cut = fs_->StatsJson(false, full.size());  // one byte short of full and its NUL
+  EXPECT_LT(cut.size(), full.size());
+  EXPECT_EQ(cut.find("histogram"), std::string::npos) << cut;
+  EXPECT_NE(cut.find("\"write_device\":{\"count\":8,"), std::string::npos) << cut;
+  EXPECT_TRUE(cut.ends_with("}}}")) << cut;
+  EXPECT_EQ(full.substr(0, full.find("\"latency\"")), cut.substr(0, cut.find("\"latency\"")))
+      << "only the histograms may differ";
+}
+
 // ---------------------------------------------------------------------------
 // ENOSPC: a full device fails writes cleanly and recovers when space is freed.
 
