@@ -13,6 +13,7 @@
 #include "backend/metadata.h"
 #include "backend/superblock.h"
 #include "fs/fsck.h"
+#include "mount/backing_lock.h"
 #include "mount/commands.h"
 
 namespace deferfs {
@@ -36,7 +37,7 @@ int FsckCommand(const FsckArgs& args) {
 
   std::unique_ptr<Device> dev;
   Status s = Device::Open(backing, &dev);
-  if (s.ok()) s = dev->LockExclusive();
+  if (s.ok()) s = LockBacking(dev.get(), backing);
   if (!s.ok()) return Fail(s.message());
   if (dev->size() < kSuperblockBytes) {
     return Fail(backing + " is too small to hold a deferfs: it is not a deferfs filesystem");

@@ -17,6 +17,7 @@
 #include "backend/metadata.h"
 #include "backend/superblock.h"
 #include "fs/filesystem.h"
+#include "mount/backing_lock.h"
 #include "mount/commands.h"
 #include "mount/progress.h"
 
@@ -105,7 +106,7 @@ int MkfsCommand(const MkfsArgs& args) {
 
   std::unique_ptr<Device> dev;
   Status s = Device::Open(backing, &dev);
-  if (s.ok()) s = dev->LockExclusive();
+  if (s.ok()) s = LockBacking(dev.get(), backing);
   if (!s.ok()) {
     undo_create();
     return Fail(s.message());

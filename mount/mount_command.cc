@@ -22,6 +22,7 @@
 #include "backend/superblock.h"
 #include "fs/filesystem.h"
 #include "fs/fuse_ops.h"
+#include "mount/backing_lock.h"
 #include "mount/commands.h"
 #include "mount/fuse_uring.h"
 #include "mount/mountinfo.h"
@@ -122,7 +123,7 @@ int MountCommand(const MountArgs& args) {
 
   std::unique_ptr<Device> dev;
   Status s = Device::Open(backing, &dev);
-  if (s.ok()) s = dev->LockExclusive();
+  if (s.ok()) s = LockBacking(dev.get(), backing);
   if (!s.ok()) return report.Error(s.message());
   if (dev->size() < kSuperblockBytes) {
     return report.Error(backing + " is too small to hold a deferfs: format it with 'deferfs mkfs " + backing + " --size SIZE'");

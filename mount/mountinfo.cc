@@ -1,5 +1,7 @@
 #include "mount/mountinfo.h"
 
+#include <sys/stat.h>
+
 #include <fstream>
 #include <sstream>
 #include <vector>
@@ -9,7 +11,7 @@ namespace deferfs {
 namespace {
 
 struct Entry {
-  std::string device, path, fstype;
+  std::string device, path, fstype, source;
 };
 
 bool IsOctal(char c) { return c >= '0' && c <= '7'; }
@@ -38,8 +40,10 @@ std::vector<Entry> Entries() {
     if (!(f >> id >> parent >> device >> root >> path >> options)) continue;
     while (f >> field && field != "-") {
     }
-    Entry e{device, Unescape(path), ""};
-    if (f >> e.fstype) out.push_back(std::move(e));
+    Entry e{device, Unescape(path), "", ""};
+    if (!(f >> e.fstype)) continue;
+    if (f >> e.source) e.source = Unescape(e.source);
+    out.push_back(std::move(e));
   }
   return out;
 }
@@ -59,6 +63,20 @@ std::string FuseDeviceAt(const std::string& mountpoint) {
 std::string MountPathOf(const std::string& device) {
   for (const Entry& e : Entries()) {
     if (e.device == device) return e.path;
+  }
+  return "";
+}
+
+std::string DeferfsMountOf(const std::string& backing) {
+  struct stat want {};
+  if (stat(backing.c_str(), &want) != 0) return "";
+  for (const Entry& e : Entries()) {
+    struct stat got {};
+    // The mount command names its source by the backing's real path.
+    if (e.fstype == "fuse.deferfs" && stat(e.source.c_str(), &got) == 0 && got.st_dev == want.st_dev &&
+        got.st_ino == want.st_ino) {
+      return e.path;
+    }
   }
   return "";
 }

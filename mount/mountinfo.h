@@ -1,5 +1,6 @@
-// /proc/self/mountinfo, read for the one thing the mount command needs from
-// it: which FUSE connection is mounted where. Stateless; any thread.
+// /proc/self/mountinfo, read for what the commands need from it: which FUSE
+// connection, and which backing's deferfs, is mounted where. Stateless; any
+// thread.
 #pragma once
 
 #include <string>
@@ -14,5 +15,9 @@ std::string FuseDeviceAt(const std::string& mountpoint);
 
 // Where the mount of `device` is attached, or "" if it no longer is.
 std::string MountPathOf(const std::string& device);
+
+// Where a deferfs whose source is the file or device node at `backing` is
+// mounted (as seen from this mount namespace), or "" if nowhere.
+std::string DeferfsMountOf(const std::string& backing);
 
 }  // namespace deferfs

@@ -7,6 +7,7 @@
 #include <spawn.h>
 #include <sys/wait.h>
 #include <sys/file.h>
+#include <sys/mount.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -18,6 +19,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <memory>
 #include <random>
 #include <sstream>
 #include <string>
@@ -341,6 +343,41 @@ TEST_F(CliTest, MountpointIsAFile) {
   EXPECT_FALSE(IsMounted(file));
 }
 
+// umount returns before the daemon has closed its metadata and let go of
+// the backing. The commands that come next must wait for it, not refuse:
+// a mount straight after an unmount, round after round, then fsck and mkfs.
+TEST_F(CliTest, CommandsRightAfterAnUnmountWaitForTheDaemon) {
+  const std::string img = tmp_ / "fs.img";
+  ASSERT_NO_FATAL_FAILURE(Mkfs(img));
+  MountGuard guard(mnt_, img);
+  guard.expect_mounted(true);
+  void* buf = nullptr;
+  ASSERT_EQ(posix_memalign(&buf, 4096, 1 << 20), 0);
+  std::unique_ptr<void, decltype(&free)> own(buf, &free);
+  memset(buf, 'u', 1 << 20);
+  constexpr int kRounds = 8;
+  for (int i = 0; i < kRounds; i++) {
+    SCOPED_TRACE("round " + std::to_string(i));
+    RunResult m = MountBg(img, {"-o", "completion=workqueue,cthreads=2"});
+    ASSERT_TRUE(m.succeeded()) << m.Describe();
+    // Writes in flight until just before the unmount: the daemon has work left.
+    UniqueFd fd(open((mnt_ + "/f" + std::to_string(i)).c_str(), O_CREAT | O_WRONLY | O_DIRECT, 0644));
+    ASSERT_TRUE(fd.ok()) << strerror(errno);
+    ASSERT_EQ(pwrite(fd.get(), buf, 1 << 20, 0), 1 << 20) << strerror(errno);
+    fd = UniqueFd();
+    ASSERT_EQ(umount(mnt_.c_str()), 0) << strerror(errno);  // as umount(8) does
+  }
+  RunResult f = RunDeferfs({"fsck", img});
+  EXPECT_TRUE(f.succeeded()) << f.Describe();
+  RunResult m = MountBg(img);
+  ASSERT_TRUE(m.succeeded()) << m.Describe();
+  for (int i = 0; i < kRounds; i++) EXPECT_EQ(SizeOf(mnt_ + "/f" + std::to_string(i)), 1 << 20) << i;
+  ASSERT_EQ(umount(mnt_.c_str()), 0) << strerror(errno);
+  guard.expect_mounted(false);
+  RunResult k = RunDeferfs({"mkfs", img, "--force"});
+  EXPECT_TRUE(k.succeeded()) << k.Describe();
+}
+
 TEST_F(CliTest, SecondMountOfSameBackingFails) {
   MountedFs fs;
   ASSERT_TRUE(fs.ok());
@@ -350,7 +387,7 @@ TEST_F(CliTest, SecondMountOfSameBackingFails) {
     ASSERT_EQ(ftruncate(fd.get(), 1), 0);
   }
   MountGuard guard(mnt_, "");  // fs' own daemon rightly holds the backing
-  EXPECT_TRUE(IsCliError(RunDeferfs({"mount", fs.backing(), mnt_}, 30s)));
+  EXPECT_TRUE(IsCliError(RunDeferfs({"mount", fs.backing(), mnt_}, 30s), "mounted at " + fs.root()));
   EXPECT_FALSE(IsMounted(mnt_));
   EXPECT_TRUE(IsCliError(RunDeferfs({"mount", fs.backing(), mnt_, "-f"}, 30s)));
   EXPECT_FALSE(IsMounted(mnt_));

@@ -100,7 +100,7 @@ TEST_F(FsckMountTest, CleanAfterUseRefusesWhileMountedFindsAndRepairsCorruption)
 
   RunResult busy = Fsck(fs);
   EXPECT_EQ(busy.exit_code(), 1) << busy.Describe();
-  EXPECT_TRUE(Mentions(busy.err, "in use")) << busy.Describe();
+  EXPECT_TRUE(Mentions(busy.err, "is mounted at " + fs.root())) << busy.Describe();
 
   ASSERT_TRUE(fs.Unmount());
   RunResult clean = Fsck(fs);
