@@ -493,7 +493,7 @@ Status MetaStore::ForEachInode(const std::function<void(const InodeRecord&)>& fn
 Status MetaStore::ListOrphans(std::vector<uint64_t>* inos) {
   std::string prefix = Key(kOrphan);
   return Scan(db_.get(), prefix, prefix, [&](const rocksdb::Slice& k, const rocksdb::Slice&) {
-    inos->push_back(ReadBe64(k.data() + 1));
+    if (k.size() == 9) inos->push_back(ReadBe64(k.data() + 1));  // else not a key this format writes
     return true;
   });
 }

@@ -612,6 +612,21 @@ TEST_F(MetaStoreTest, OrphansRoundTrip) {
   CheckLiveAndReopened([&] { EXPECT_EQ(Orphans(*store_), (std::vector<uint64_t>{7, 0x100, 1ULL << 40, kU64Max})); });
 }
 
+// A key too short to hold an inode number is not one this format writes:
+// skipped, never read past its end.
+TEST_F(MetaStoreTest, ShortOrphanKeysAreSkipped) {
+  ASSERT_OK(Apply([&](MetaBatch& b) { b.PutOrphan(7); }));
+  store_.reset();
+  {
+    rocksdb::DB* raw = nullptr;
+    ASSERT_TRUE(rocksdb::DB::Open(rocksdb::Options(), dir_, &raw).ok());
+    std::unique_ptr<rocksdb::DB> db(raw);
+    ASSERT_TRUE(db->Put(rocksdb::WriteOptions(), std::string("O\x01\x02", 3), "").ok());
+  }
+  ASSERT_NO_FATAL_FAILURE(Reopen());
+  EXPECT_EQ(Orphans(*store_), std::vector<uint64_t>{7});
+}
+
 TEST_F(MetaStoreTest, NextInoPersistsAcrossReopen) {
   EXPECT_EQ(store_->next_ino(), kRootIno + 1);
   for (uint64_t next : std::vector<uint64_t>{0x123456789abc, kRootIno + 5}) {  // also goes down: last write wins
