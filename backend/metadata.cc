@@ -328,7 +328,10 @@ Status MetaStore::Open(const std::string& dir, const Uuid& uuid, std::unique_ptr
 Status MetaStore::OpenForFsck(const std::string& dir, const Uuid& uuid, std::unique_ptr<MetaStore>* out) {
   std::unique_ptr<MetaStore> store;
   DEFERFS_RETURN_IF_ERROR(OpenReadWrite(dir, uuid, &store));
-  if (!store->LoadInodeCounter(dir).ok()) store->next_ino_ = 0;
+  if (Status s = store->LoadInodeCounter(dir); !s.ok()) {
+    if (s.err() != ENOENT) return s;  // a store that cannot be read is not repaired
+    store->next_ino_ = 0;
+  }
   *out = std::move(store);
   return Status::Ok();
 }
@@ -351,7 +354,10 @@ Status MetaStore::OpenReadOnly(const std::string& dir, const Uuid& uuid, std::un
 Status MetaStore::LoadInodeCounter(const std::string& dir) {
   std::string next;
   rocksdb::Status s = db_->Get(rocksdb::ReadOptions(), Key(kNextIno), &next);
-  if (!s.ok() || next.size() != 8) return Status::IoError("metadata directory " + dir + " has no inode counter: run 'deferfs fsck'");
+  if (s.IsNotFound() || (s.ok() && next.size() != 8)) {
+    return Status::NotFound("metadata directory " + dir + " has no valid inode counter: run 'deferfs fsck'");
+  }
+  DEFERFS_RETURN_IF_ERROR(FromRocks(s, "reading the inode counter"));
   const char* p = next.data();
   next_ino_ = Get<uint64_t>(p);
   return Status::Ok();

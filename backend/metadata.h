@@ -67,8 +67,8 @@ struct ExtentRecord {
 // `what` says which record it is and why, as one fsck line.
 struct CorruptRecord {
   enum class Kind { kInode, kDirEntry, kExtent };
-  Kind kind;
-  uint64_t ino;  // the inode the record belongs to (the directory's, for an entry)
+  Kind kind = Kind::kInode;
+  uint64_t ino = 0;  // the inode the record belongs to (the directory's, for an entry)
   std::string what;
   std::string key;
 };

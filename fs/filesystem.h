@@ -175,6 +175,7 @@ class Filesystem {
   bool shut_down() const { return shutdown_.load(std::memory_order_acquire); }
 
   const Superblock& superblock() const { return sb_; }
+  const Device& device() const { return *dev_; }
   IoBufferPool& buffers() { return *buffers_; }
   DioEngine& engine() { return *engine_; }
   Allocator& allocator() { return *alloc_; }

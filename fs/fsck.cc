@@ -120,6 +120,16 @@ class Checker {
     CheckOrphansAndReachability();
     CheckLinkCounts();
     DEFERFS_RETURN_IF_ERROR(CheckSymlinks());
+    if (!root_ok_) {
+      // Every repair assumes the root: without it each entry of / reads as
+      // dangling and each inode under it as lost, and repairing that would
+      // unlink the whole tree.
+      r_->repairable = 0;
+      r_->remaining = r_->errors.size();
+      r_->repairs.clear();
+      r_->notes.push_back("nothing is repaired without a root directory");
+      return Status::Ok();
+    }
     if (!opt_.repair) return Status::Ok();
     Phase("repairing");
     return Repair();
@@ -190,8 +200,8 @@ class Checker {
   // Records too damaged to decode. Repair deletes them, as e2fsck clears an
   // inode it cannot read: the checks below already see the store without
   // them (an entry naming a deleted inode is dangling, the inode of a deleted
-  // entry unreachable, the blocks of a deleted extent free). Only the root's
-  // inode stays: without a root there is no filesystem left to repair.
+  // entry unreachable, the blocks of a deleted extent free). The root's inode
+  // is not one of them: without a root nothing is repaired (Run).
   void CheckCorrupt() {
     for (const CorruptRecord& r : corrupt_) {
       if (r.kind == CorruptRecord::Kind::kInode && r.ino == kRootIno) {
@@ -200,7 +210,8 @@ class Checker {
         continue;
       }
       Error(r.what, true);
-      Fix(r.what + ": deleted");
+      Fix(r.what + (r.kind == CorruptRecord::Kind::kExtent ? ": deleted (that part of the file now reads as zeros)"
+                                                          : ": deleted"));
     }
   }
 
@@ -223,17 +234,29 @@ class Checker {
     uint64_t max_ino = nodes_.empty() ? kRootIno : nodes_.rbegin()->first;
     if (next_ino_ == 0) {
       Error("inode counter: missing or corrupt (the store cannot be mounted without it)", true);
-      next_ino_ = max_ino + 1;
-      put_next_ino_ = true;
-      Fix("inode counter: set to " + Num(next_ino_));
+      SetInodeCounter();
     } else if (next_ino_ <= max_ino) {
       Error("inode counter: next inode number is " + Num(next_ino_) + ", but ino " + Num(max_ino) +
                 " exists (a create would reuse it)",
             true);
-      next_ino_ = max_ino + 1;
-      put_next_ino_ = true;
-      Fix("inode counter: set to " + Num(next_ino_));
+      SetInodeCounter();
     }
+  }
+
+  // Past every inode number anything in the store is keyed by, records of
+  // inodes that are gone included: a new inode starts with no history.
+  void SetInodeCounter() {
+    uint64_t max = nodes_.empty() ? kRootIno : nodes_.rbegin()->first;
+    for (const CorruptRecord& r : corrupt_) {
+      if (r.kind != CorruptRecord::Kind::kDirEntry) max = std::max(max, r.ino);
+    }
+    for (const LocatedExtent& e : extents_) max = std::max(max, e.ino);
+    for (const std::set<uint64_t>* owners : {&orphans_, &symlinks_, &xattrs_}) {
+      if (!owners->empty()) max = std::max(max, *owners->rbegin());
+    }
+    next_ino_ = max + 1;
+    put_next_ino_ = true;
+    Fix("inode counter: set to " + Num(next_ino_));
   }
 
   // Records keyed by an inode that has no inode record: extents (leaked
@@ -675,6 +698,13 @@ class Checker {
 
   Status Repair() {
     MetaBatch b;
+    // Deletes first: in a batch the last operation on a key wins, and a Put
+    // below may reuse a key a delete frees (a new /lost+found in place of a
+    // corrupt entry of that name, or in an inode number whose records leaked).
+    for (const CorruptRecord& r : corrupt_) b.DeleteCorrupt(r);  // never the root's: see Run()
+    for (uint64_t ino : deletes_) b.DeleteInode(ino);
+    for (uint64_t ino : leaked_inos_) b.DeleteInode(ino);
+    for (uint64_t ino : unorphan_) b.DeleteOrphan(ino);
     // A directory with any change gets its whole index rewritten: every
     // stored entry and cookie record out, the repaired entries back in.
     for (uint64_t dir : dirty_dirs_) {
@@ -694,13 +724,7 @@ class Checker {
     for (const auto& [ino, n] : nodes_) {
       if (n.dirty && !n.deleted) b.PutInode(n.fix);
     }
-    for (uint64_t ino : unorphan_) b.DeleteOrphan(ino);
-    for (uint64_t ino : deletes_) b.DeleteInode(ino);
-    for (uint64_t ino : leaked_inos_) b.DeleteInode(ino);
     if (put_next_ino_) b.PutNextIno(next_ino_);
-    for (const CorruptRecord& r : corrupt_) {
-      if (!(r.kind == CorruptRecord::Kind::kInode && r.ino == kRootIno)) b.DeleteCorrupt(r);
-    }
     if (b.empty()) return Status::Ok();
     return meta_->Commit(&b, /*sync=*/true);
   }

@@ -1,6 +1,7 @@
 // LatencyHistogram: a lock-free log-linear histogram of nanosecond latencies
 // (8 sub-buckets per power of two: percentiles within 12.5 %).
-// Record() from any thread; Snapshot()/Reset() are racy-but-safe reads.
+// Everything from any thread: a Summarize(), NonEmptyBuckets() or Reset()
+// that races a Record() may miss it or see it in part, but never tears.
 #pragma once
 
 #include <array>

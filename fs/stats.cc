@@ -2,34 +2,35 @@
 // made and avoided, poller batching, buffers, live objects (gauges that read
 // 0 when idle, see fs/live_gauges.h) and latency summaries.
 #include <cstdio>
+#include <cstring>
+#include <iterator>
 
 #include "fs/filesystem.h"
 
 namespace deferfs {
 namespace {
 
-// A path's summary, then its non-empty buckets as [ns, count] pairs: from
-// two reports `stats --watch` takes the percentiles of the interval between.
-void AppendLatency(std::string* out, const char* name, const LatencyHistogram& h, bool with_histogram) {
+// A path's summary, without its closing brace.
+std::string LatencySummary(const char* name, const LatencyHistogram& h) {
   const LatencyHistogram::Summary s = h.Summarize();
   char buf[256];
   std::snprintf(buf, sizeof(buf),
                 "\"%s\":{\"count\":%llu,\"mean_us\":%.1f,\"p50_us\":%.1f,\"p99_us\":%.1f,\"max_us\":%.1f", name,
                 static_cast<unsigned long long>(s.count), s.mean_us, s.p50_us, s.p99_us, s.max_us);
-  out->append(buf);
-  if (!with_histogram) {
-    out->append("}");
-    return;
-  }
-  out->append(",\"histogram\":[");
-  const char* sep = "";
+  return buf;
+}
+
+// A path's non-empty buckets as [ns, count] pairs: from two reports
+// `stats --watch` takes the percentiles of the interval between them.
+std::string LatencyHistogramJson(const LatencyHistogram& h) {
+  std::string out = ",\"histogram\":[";
+  char buf[64];
   for (const auto& [ns, n] : h.NonEmptyBuckets()) {
-    std::snprintf(buf, sizeof(buf), "%s[%llu,%llu]", sep, static_cast<unsigned long long>(ns),
-                  static_cast<unsigned long long>(n));
-    out->append(buf);
-    sep = ",";
+    std::snprintf(buf, sizeof(buf), "%s[%llu,%llu]", out.back() == '[' ? "" : ",",
+                  static_cast<unsigned long long>(ns), static_cast<unsigned long long>(n));
+    out += buf;
   }
-  out->append("]}");
+  return out + "]";
 }
 
 }  // namespace
@@ -136,18 +137,28 @@ std::string Filesystem::StatsJson(bool reset, size_t max_bytes) {
                                                                     {"read_reply", &d.read_reply},
                                                                     {"write_device", &d.write_device},
                                                                     {"write_reply", &d.write_reply}};
-  auto latency = [&](bool with_histograms) {
-    std::string l = ",\"latency\":{";
-    for (const auto& [name, h] : paths) {
-      if (l.back() != '{') l += ",";
-      AppendLatency(&l, name, *h, with_histograms);
+  std::string summaries[std::size(paths)], histograms[std::size(paths)];
+  // The report's size without histograms: `,"latency":{`, the summaries
+  // each closed and comma-separated, `}}`.
+  size_t total = out.size() + std::strlen(",\"latency\":{") + std::size(paths) - 1 + std::strlen("}}");
+  for (size_t i = 0; i < std::size(paths); i++) {
+    summaries[i] = LatencySummary(paths[i].first, *paths[i].second);
+    histograms[i] = LatencyHistogramJson(*paths[i].second);
+    total += summaries[i].size() + 1;
+  }
+  // A histogram too wide for the caller's buffer (and the NUL) is left out,
+  // not the report; the others still fit.
+  out += ",\"latency\":{";
+  for (size_t i = 0; i < std::size(paths); i++) {
+    if (i > 0) out += ",";
+    out += summaries[i];
+    if (total + histograms[i].size() < max_bytes) {
+      out += histograms[i];
+      total += histograms[i].size();
     }
-    return l + "}}";
-  };
-  // Histograms too wide for the caller's buffer are left out, not the report.
-  std::string lat = latency(true);
-  if (out.size() + lat.size() >= max_bytes) lat = latency(false);
-  out += lat;
+    out += "}";
+  }
+  out += "}}";
   if (reset) {
     for (LatencyHistogram* h : {&d.read_device, &d.read_reply, &d.write_device, &d.write_reply}) h->Reset();
   }

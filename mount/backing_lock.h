@@ -14,12 +14,19 @@ namespace deferfs {
 // How long LockBacking waits for a holder that is not a mounted deferfs.
 inline constexpr std::chrono::seconds kBackingLockPatience{10};
 
-// Locks `dev`, opened from `backing`. Held by a mounted deferfs: refused at
-// once, naming the mountpoint. Held otherwise, the holder is a daemon still
-// finishing after its unmount (umount returns before the daemon has closed
-// its metadata), an fsck or an mkfs: waits up to `patience` for it, so that
+// Locks `dev`, opened from `backing`; blocks up to `patience`. Held by a
+// mounted deferfs (see MarkServed): refused at once, naming the mountpoint
+// when this mount namespace shows it. Held otherwise, the holder is a daemon
+// still finishing after its unmount (umount returns before the daemon has
+// closed its metadata), an fsck or an mkfs: waited for, so that
 // `umount && mount` works.
 Status LockBacking(Device* dev, const std::string& backing,
                    std::chrono::milliseconds patience = kBackingLockPatience);
+
+// The daemon, from its mount until its unmount: marks the locked `dev` as
+// served, by an OFD lock on its first byte (apart from the flock), seen in
+// every mount namespace. Best effort: unmarked, others wait, then refuse.
+Status MarkServed(const Device& dev);
+void UnmarkServed(const Device& dev);
 
 }  // namespace deferfs

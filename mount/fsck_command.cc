@@ -73,8 +73,8 @@ int FsckCommand(const FsckArgs& args) {
   FsckReport report;
   s = Fsck(sb, dev->size(), meta.get(), opt, &report);
   if (!s.ok()) {
-    // Should a record stop the check (fsck reports the kinds it decodes
-    // instead), the store's advice would send the user back here.
+    // Fsck reports undecodable records instead of stopping at them; should
+    // one still stop it, the store's advice would send the user back here.
     std::string msg = s.message();
     if (size_t at = msg.find(": run 'deferfs fsck'"); at != std::string::npos) {
       msg = msg.substr(0, at) + ": fsck cannot decode it; restore the metadata from a backup or reformat";

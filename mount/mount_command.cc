@@ -123,7 +123,10 @@ int MountCommand(const MountArgs& args) {
 
   std::unique_ptr<Device> dev;
   Status s = Device::Open(backing, &dev);
+  // Nothing is mounted yet: a wait for the backing stays interruptible.
+  pthread_sigmask(SIG_UNBLOCK, &sigs, nullptr);
   if (s.ok()) s = LockBacking(dev.get(), backing);
+  pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
   if (!s.ok()) return report.Error(s.message());
   if (dev->size() < kSuperblockBytes) {
     return report.Error(backing + " is too small to hold a deferfs: format it with 'deferfs mkfs " + backing + " --size SIZE'");
@@ -183,6 +186,7 @@ int MountCommand(const MountArgs& args) {
     return report.Error("cannot mount on " + mountpoint + ": is FUSE available (modprobe fuse) and the mountpoint usable?");
   }
   const std::string device = FuseDeviceAt(real_mountpoint);  // this connection's, "0:N"
+  if (Status m = MarkServed(fs->device()); !m.ok()) LogWarn("%s", m.message().c_str());
   std::unique_ptr<WorkerPool> pool;
   s = WorkerPool::Start(se, fs.get(), opts.workers, uring_depth, &pool);
   if (!s.ok()) {
@@ -235,6 +239,9 @@ int MountCommand(const MountArgs& args) {
       rc = 1;
     }
   }
+  // Not mounted any more: a command that wants the backing now waits for
+  // the rest (the last commit, closing the store) instead of refusing.
+  UnmarkServed(fs->device());
   // A poller may still be inside the Wake() of a worker's TaskWork for the
   // last completion it ran: the workers' TaskWorks outlive the pollers.
   fs.reset();

@@ -1,7 +1,7 @@
 #include "mount/mountinfo.h"
 
-#include <sys/stat.h>
-
+#include <climits>
+#include <cstdlib>
 #include <fstream>
 #include <sstream>
 #include <vector>
@@ -68,15 +68,14 @@ std::string MountPathOf(const std::string& device) {
 }
 
 std::string DeferfsMountOf(const std::string& backing) {
-  struct stat want {};
-  if (stat(backing.c_str(), &want) != 0) return "";
+  // The mount command names its source by the backing's real path; nothing
+  // is stat()ed (a source on a hung filesystem would hang us).
+  char* real = realpath(backing.c_str(), nullptr);
+  if (real == nullptr) return "";
+  const std::string source = real;
+  free(real);
   for (const Entry& e : Entries()) {
-    struct stat got {};
-    // The mount command names its source by the backing's real path.
-    if (e.fstype == "fuse.deferfs" && stat(e.source.c_str(), &got) == 0 && got.st_dev == want.st_dev &&
-        got.st_ino == want.st_ino) {
-      return e.path;
-    }
+    if (e.fstype == "fuse.deferfs" && e.source == source) return e.path;
   }
   return "";
 }

@@ -16,8 +16,8 @@ std::string FuseDeviceAt(const std::string& mountpoint);
 // Where the mount of `device` is attached, or "" if it no longer is.
 std::string MountPathOf(const std::string& device);
 
-// Where a deferfs whose source is the file or device node at `backing` is
-// mounted (as seen from this mount namespace), or "" if nowhere.
+// Where a deferfs serving `backing` is mounted, as this mount namespace
+// sees it, or "" if nowhere (or under a source given with -o fsname=).
 std::string DeferfsMountOf(const std::string& backing);
 
 }  // namespace deferfs

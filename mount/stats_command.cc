@@ -206,6 +206,7 @@ std::string WatchBlock(const std::string& mnt, const Rows& prev, const Rows& cur
     auto then_text = before_text.find("latency." + p + ".histogram");
     if (reset) {
       // The report covers the interval already.
+      if (Num(f["count"]) == 0) p50 = p99 = max = "-";
     } else if (then_text != before_text.end() && ParseBuckets(then_text->second, &then) &&
                f.count("histogram") != 0 && ParseBuckets(f["histogram"], &now)) {
       LatencyHistogram::Summary s = LatencyHistogram::SummarizeBuckets(LatencyHistogram::Since(then, now));

@@ -378,6 +378,39 @@ TEST_F(CliTest, CommandsRightAfterAnUnmountWaitForTheDaemon) {
   EXPECT_TRUE(k.succeeded()) << k.Describe();
 }
 
+// A backing held by something that is not a mount (here the test itself,
+// as an fsck or a daemon past its unmount would) is waited for: the command
+// goes ahead once the holder lets go, well within the patience of 10 s.
+TEST_F(CliTest, CommandsWaitForAHolderThatIsNotMounted) {
+  const std::string img = tmp_ / "fs.img";
+  ASSERT_NO_FATAL_FAILURE(Mkfs(img));
+  UniqueFd held(open(img.c_str(), O_RDONLY | O_CLOEXEC));
+  ASSERT_TRUE(held.ok()) << strerror(errno);
+  ASSERT_EQ(flock(held.get(), LOCK_EX | LOCK_NB), 0) << strerror(errno);
+  std::thread release([&] {
+    std::this_thread::sleep_for(1s);
+    held = UniqueFd();  // closing drops the flock
+  });
+  RunResult r = RunDeferfs({"fsck", img});
+  release.join();
+  EXPECT_TRUE(r.succeeded()) << "refused instead of waiting: " << r.Describe();
+}
+
+// A mounted backing is refused at once, also when the mount table does not
+// show which one it is (a mount with its own fsname=): the daemon's mark on
+// the backing says so, not the mount table.
+TEST_F(CliTest, MountedBackingIsRefusedWhateverItsSourceName) {
+  MountConfig cfg;
+  cfg.options = {"fsname=elsewhere"};
+  MountedFs fs(cfg);
+  ASSERT_TRUE(fs.ok());
+  MountGuard guard(mnt_, "");
+  EXPECT_TRUE(IsCliError(RunDeferfs({"mount", fs.backing(), mnt_}, 30s), "is mounted"));
+  EXPECT_FALSE(IsMounted(mnt_));
+  EXPECT_TRUE(IsCliError(RunDeferfs({"fsck", fs.backing()}, 30s), "is mounted"));
+  EXPECT_TRUE(fs.Unmount());
+}
+
 TEST_F(CliTest, SecondMountOfSameBackingFails) {
   MountedFs fs;
   ASSERT_TRUE(fs.ok());

@@ -153,6 +153,16 @@ class FsckTest : public ::testing::Test {
     EXPECT_TRUE(again.clean());
   }
 
+  // The names in `dir`, in readdir order.
+  std::vector<std::string> Names(uint64_t dir) {
+    std::vector<std::string> names;
+    EXPECT_TRUE(meta_->ReadDir(dir, 0, [&](const DirEntry& e) {
+      names.push_back(e.name);
+      return true;
+    }).ok());
+    return names;
+  }
+
   InodeRecord Get(uint64_t ino) {
     InodeRecord r;
     EXPECT_TRUE(meta_->GetInode(ino, &r).ok()) << "ino " << ino;
@@ -345,12 +355,7 @@ TEST_F(FsckTest, DanglingEntryIsRemoved) {
   DirEntry e;
   EXPECT_EQ(meta_->Lookup(kRootIno, "x", &e).err(), ENOENT);
   EXPECT_TRUE(meta_->Lookup(kRootIno, "keep", &e).ok());
-  std::vector<std::string> names;
-  ASSERT_TRUE(meta_->ReadDir(kRootIno, 0, [&](const DirEntry& de) {
-    names.push_back(de.name);
-    return true;
-  }).ok());
-  EXPECT_EQ(names, std::vector<std::string>{"keep"});
+  EXPECT_EQ(Names(kRootIno), std::vector<std::string>{"keep"});
 }
 
 TEST_F(FsckTest, EntriesInAMissingDirectoryAreRemoved) {
@@ -597,14 +602,65 @@ TEST_F(FsckTest, UndecodableRecordsAreDeleted) {
   EXPECT_EQ(lblks, std::vector<uint64_t>{0});
 }
 
-TEST_F(FsckTest, UndecodableRootInodeIsReportedButKept) {
-  File(kRootIno, "f");
+// Without a root every entry of / reads as dangling and every inode under
+// it as lost: repair must change nothing at all, not unlink the tree.
+TEST_F(FsckTest, UndecodableRootInodeIsReportedAndNothingRepaired) {
+  uint64_t f = File(kRootIno, "f");
   Raw(RawKey('I', kRootIno), "damaged");
   FsckReport r = Check(/*repair=*/true);
   EXPECT_TRUE(HasLine(r.errors, "ino 1: the inode record is corrupt (7 bytes, not 80)"));
-  EXPECT_GE(r.remaining, 1u);
   EXPECT_FALSE(HasLine(r.errors, "the root directory does not exist")) << "one line for one problem";
+  EXPECT_TRUE(HasLine(r.notes, "nothing is repaired without a root directory"));
+  EXPECT_TRUE(r.repairs.empty()) << Lines(r.repairs);
+  EXPECT_EQ(r.repairable, 0u);
+  EXPECT_EQ(r.remaining, r.errors.size());
   EXPECT_TRUE(RawExists(RawKey('I', kRootIno))) << "repair deleted the root";
+  EXPECT_TRUE(RawExists(RawKey('D', kRootIno, "f"))) << "repair unlinked /f";
+  Reopen();
+  EXPECT_EQ(Get(f).nlink, 1u);
+}
+
+// Repair deletes a corrupt entry named lost+found and creates a new
+// /lost+found under that very name, in one batch: the new one must win.
+TEST_F(FsckTest, CorruptLostAndFoundEntryIsReplaced) {
+  uint64_t lf = Dir(kRootIno, "lost+found");
+  uint64_t kept = File(lf, "kept");
+  Raw(RawKey('D', kRootIno, "lost+found"), "bad");
+  FsckReport r = Check();
+  EXPECT_TRUE(HasLine(r.errors, "dir 1 entry 'lost+found': the record is corrupt"));
+  RepairAndExpectClean();
+  Reopen();
+  DirEntry now;
+  ASSERT_TRUE(meta_->Lookup(kRootIno, "lost+found", &now).ok());
+  EXPECT_NE(now.ino, lf) << "the old directory is unreachable: it goes into a new lost+found";
+  EXPECT_EQ(Names(kRootIno), std::vector<std::string>{"lost+found"});
+  DirEntry old;
+  ASSERT_TRUE(meta_->Lookup(now.ino, "#" + std::to_string(lf), &old).ok());
+  EXPECT_TRUE(meta_->Lookup(lf, "kept", &old).ok());
+  EXPECT_EQ(old.ino, kept);
+}
+
+// A new counter starts past every inode number the store has records of,
+// those of a corrupt inode included, so /lost+found (made in the same
+// repair) does not take the number of an inode being deleted.
+TEST_F(FsckTest, RecreatedInodeCounterPassesCorruptAndLeakedInodes) {
+  uint64_t d = Dir(kRootIno, "d");
+  uint64_t child = File(d, "child");  // unreachable once d goes: needs /lost+found
+  uint64_t last = File(kRootIno, "last");
+  Extent(last, 0, 4, 500);
+  Raw(RawKey('I', d), "x");
+  Raw(RawKey('I', last), "x");
+  Raw("N", nullptr);
+  FsckReport r = Check();
+  EXPECT_TRUE(HasLine(r.errors, "inode counter: missing or corrupt"));
+  RepairAndExpectClean();
+  Reopen();
+  EXPECT_GT(meta_->next_ino(), last + 1) << "lost+found took a number past the deleted ones";
+  DirEntry lf;
+  ASSERT_TRUE(meta_->Lookup(kRootIno, "lost+found", &lf).ok());
+  EXPECT_GT(lf.ino, last);
+  DirEntry e;
+  ASSERT_TRUE(meta_->Lookup(lf.ino, "#" + std::to_string(child), &e).ok());
 }
 
 TEST_F(FsckTest, SymlinkProblems) {
