@@ -155,7 +155,19 @@ class Stats {
     while (*i < s.size() && s[*i] != '"') out->push_back(s[(*i)++]);
     return Eat(s, i, '"');
   }
-  // The report is objects of numbers and strings only (fs/stats.cc).
+  // An array of numbers and arrays (a latency histogram), kept as its text.
+  static bool Array(const std::string& s, size_t* i, std::string* out) {
+    const size_t start = *i;
+    int depth = 0;
+    do {
+      if (*i >= s.size() || s[*i] == '"' || s[*i] == '{') return false;
+      depth += (s[*i] == '[') - (s[*i] == ']');
+      ++*i;
+    } while (depth > 0);
+    *out = s.substr(start, *i - start);
+    return true;
+  }
+  // The report is objects of numbers, strings and arrays (fs/stats.cc).
   bool Object(const std::string& s, size_t* i, const std::string& prefix) {
     if (!Eat(s, i, '{')) return false;
     if (Eat(s, i, '}')) return true;
@@ -169,6 +181,10 @@ class Stats {
       } else if (*i < s.size() && s[*i] == '"') {
         std::string v;
         if (!String(s, i, &v)) return false;
+        values_[path] = v;
+      } else if (*i < s.size() && s[*i] == '[') {
+        std::string v;
+        if (!Array(s, i, &v)) return false;
         values_[path] = v;
       } else {
         size_t start = *i;
