@@ -17,8 +17,8 @@ namespace deferfs {
 struct FsckOptions {
   // Fix leaked inodes and keys, orphans, link counts, dangling or mistyped
   // entries, readdir cookies, parents and the inode counter; delete records
-  // too corrupt to decode (but the root's); reconnect unreachable inodes
-  // under /lost+found. All in one synced MetaBatch.
+  // too corrupt to decode; reconnect unreachable inodes under /lost+found.
+  // All in one synced MetaBatch; nothing at all without a root directory.
   bool repair = false;
   // Called as each phase starts (a progress line); may be empty.
   std::function<void(const std::string& phase)> progress;
