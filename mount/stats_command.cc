@@ -152,13 +152,11 @@ bool ParseBuckets(const std::string& text, LatencyHistogram::Buckets* out) {
 // report covers only the last interval, so the values themselves are the
 // deltas; without, the percentiles come from the histograms' difference.
 std::string WatchBlock(const std::string& mnt, const Rows& prev, const Rows& cur, double secs, bool reset) {
-  std::map<std::string, double> before;
-  std::map<std::string, std::string> before_text;
-  for (const auto& [k, v] : prev) {
-    before[k] = Num(v);
-    before_text[k] = v;
-  }
-  auto rate = [&](const std::string& k, double v) { return (reset ? v : v - before[k]) / secs; };
+  const std::map<std::string, std::string> before(prev.begin(), prev.end());
+  auto rate = [&](const std::string& k, double v) {
+    auto it = before.find(k);
+    return (reset || it == before.end() ? v : v - Num(it->second)) / secs;
+  };
 
   std::string out = "deferfs stats " + mnt + " every 1 s:";
   for (const auto& [k, v] : cur) {
@@ -203,11 +201,11 @@ std::string WatchBlock(const std::string& mnt, const Rows& prev, const Rows& cur
     auto& f = lat[p];
     std::string p50 = f["p50_us"], p99 = f["p99_us"], max = f["max_us"];
     LatencyHistogram::Buckets then, now;
-    auto then_text = before_text.find("latency." + p + ".histogram");
+    auto then_text = before.find("latency." + p + ".histogram");
     if (reset) {
       // The report covers the interval already.
       if (Num(f["count"]) == 0) p50 = p99 = max = "-";
-    } else if (then_text != before_text.end() && ParseBuckets(then_text->second, &then) &&
+    } else if (then_text != before.end() && ParseBuckets(then_text->second, &then) &&
                f.count("histogram") != 0 && ParseBuckets(f["histogram"], &now)) {
       LatencyHistogram::Summary s = LatencyHistogram::SummarizeBuckets(LatencyHistogram::Since(then, now));
       auto us = [&](double v) {
