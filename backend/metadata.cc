@@ -6,6 +6,7 @@
 #include <rocksdb/write_batch.h>
 #include <sys/stat.h>
 
+#include <cstdint>
 #include <cstring>
 #include <filesystem>
 
@@ -28,6 +29,35 @@ enum Prefix : char {
   kOrphan = 'O',    // O ino               -> ""
 };
 constexpr char kPairingMagic[] = "deferfs-meta";
+
+// The length a key of each prefix has: exactly, or (names) more than 9.
+// A key of any other shape is never written by this format; every scan
+// skips it, and fsck reports and deletes it (KeyFault).
+constexpr size_t kNamedKey = 0;
+size_t KeyLength(char prefix) {
+  switch (prefix) {
+    case kPairing: case kNextIno: return 1;
+    case kInode: case kSymlink: case kOrphan: return 9;
+    case kCookie: case kExtent: return 17;
+    case kDentry: case kXattr: return kNamedKey;
+    default: return SIZE_MAX;
+  }
+}
+// A key as fsck prints it: hex, at most 24 bytes of it.
+std::string Hex(const rocksdb::Slice& k) {
+  static constexpr char kDigits[] = "0123456789abcdef";
+  std::string out;
+  for (size_t i = 0; i < k.size() && i < 24; i++) {
+    out.push_back(kDigits[static_cast<uint8_t>(k[i]) >> 4]);
+    out.push_back(kDigits[static_cast<uint8_t>(k[i]) & 15]);
+  }
+  return k.size() > 24 ? out + "..." : out;
+}
+bool WellFormed(const rocksdb::Slice& k) {
+  if (k.empty()) return false;
+  const size_t want = KeyLength(k[0]);
+  return want == kNamedKey ? k.size() > 9 : k.size() == want;
+}
 
 void AppendBe64(std::string* s, uint64_t v) {
   for (int i = 7; i >= 0; i--) s->push_back(static_cast<char>(v >> (i * 8)));
@@ -405,6 +435,7 @@ Status MetaStore::ReadDir(uint64_t dir, uint64_t after, const std::function<bool
   Status st = Scan(
       db_.get(), Key(kCookie, dir), Key(kCookie, dir, after + 1),
       [&](const rocksdb::Slice& k, const rocksdb::Slice& v) {
+        if (!WellFormed(k)) return true;
         DirEntry e;
         inner = LookupAt(ro, dir, std::string_view(v.data(), v.size()), &e);
         if (!inner.ok()) return false;
@@ -416,7 +447,8 @@ Status MetaStore::ReadDir(uint64_t dir, uint64_t after, const std::function<bool
 
 Status MetaStore::HasEntries(uint64_t dir, bool* any) {
   *any = false;
-  return Scan(db_.get(), Key(kCookie, dir), Key(kCookie, dir), [&](const rocksdb::Slice&, const rocksdb::Slice&) {
+  return Scan(db_.get(), Key(kCookie, dir), Key(kCookie, dir), [&](const rocksdb::Slice& k, const rocksdb::Slice&) {
+    if (!WellFormed(k)) return true;
     *any = true;
     return false;
   });
@@ -435,25 +467,26 @@ Status MetaStore::GetXattr(uint64_t ino, std::string_view name, std::string* val
 Status MetaStore::ListXattrs(uint64_t ino, std::vector<std::string>* names) {
   std::string prefix = Key(kXattr, ino);
   return Scan(db_.get(), prefix, prefix, [&](const rocksdb::Slice& k, const rocksdb::Slice&) {
+    if (!WellFormed(k)) return true;
     names->emplace_back(k.data() + prefix.size(), k.size() - prefix.size());
     return true;
   });
 }
 
 namespace {
-// An extent record: key E ino lblk (17 bytes), value len pblk state (17).
-constexpr size_t kExtentKeyBytes = 17, kExtentValueBytes = 17;
+// An extent record: key E ino lblk, value len pblk state (17 bytes).
+constexpr size_t kExtentValueBytes = 17;
 
 // Scans extent records under `prefix`, decoding each.
 Status ScanExtents(rocksdb::DB* db, const std::string& prefix,
                    const std::function<void(uint64_t, const ExtentRecord&)>& fn, const CorruptFn& on_corrupt) {
   Status inner;
   Status st = Scan(db, prefix, prefix, [&](const rocksdb::Slice& k, const rocksdb::Slice& v) {
-    const uint64_t ino = k.size() >= 9 ? ReadBe64(k.data() + 1) : 0;
-    if (k.size() != kExtentKeyBytes || v.size() != kExtentValueBytes) {
-      std::string what = "ino " + std::to_string(ino) + ": an extent record is corrupt (" +
-                         std::to_string(k.size()) + "-byte key, " + std::to_string(v.size()) + "-byte value, not " +
-                         std::to_string(kExtentKeyBytes) + " and " + std::to_string(kExtentValueBytes) + ")";
+    if (!WellFormed(k)) return true;
+    const uint64_t ino = ReadBe64(k.data() + 1);
+    if (v.size() != kExtentValueBytes) {
+      std::string what = "ino " + std::to_string(ino) + ": an extent record is corrupt (" + std::to_string(v.size()) +
+                         " bytes, not " + std::to_string(kExtentValueBytes) + ")";
       return Corrupt(on_corrupt, {CorruptRecord::Kind::kExtent, ino, std::move(what), k.ToString()}, &inner);
     }
     ExtentRecord e;
@@ -482,7 +515,7 @@ Status MetaStore::ForEachInode(const std::function<void(const InodeRecord&)>& fn
   std::string prefix = Key(kInode);
   Status inner;
   Status st = Scan(db_.get(), prefix, prefix, [&](const rocksdb::Slice& k, const rocksdb::Slice& v) {
-    if (k.size() != 9) return true;  // not a key this format writes
+    if (!WellFormed(k)) return true;
     const uint64_t ino = ReadBe64(k.data() + 1);
     if (std::string fault = InodeValueFault(ino, v.size()); !fault.empty()) {
       return Corrupt(on_corrupt, {CorruptRecord::Kind::kInode, ino, std::move(fault), k.ToString()}, &inner);
@@ -499,7 +532,7 @@ Status MetaStore::ForEachInode(const std::function<void(const InodeRecord&)>& fn
 Status MetaStore::ListOrphans(std::vector<uint64_t>* inos) {
   std::string prefix = Key(kOrphan);
   return Scan(db_.get(), prefix, prefix, [&](const rocksdb::Slice& k, const rocksdb::Slice&) {
-    if (k.size() == 9) inos->push_back(ReadBe64(k.data() + 1));  // else not a key this format writes
+    if (WellFormed(k)) inos->push_back(ReadBe64(k.data() + 1));
     return true;
   });
 }
@@ -509,7 +542,7 @@ Status MetaStore::ForEachDirEntryAll(const std::function<void(uint64_t, const Di
   std::string prefix = Key(kDentry);
   Status inner;
   Status st = Scan(db_.get(), prefix, prefix, [&](const rocksdb::Slice& k, const rocksdb::Slice& v) {
-    if (k.size() < 9) return true;  // not a key this format writes
+    if (!WellFormed(k)) return true;
     DirEntry e;
     e.name.assign(k.data() + 9, k.size() - 9);
     uint64_t dir = ReadBe64(k.data() + 1);
@@ -531,7 +564,7 @@ Status MetaStore::ForEachDirEntryAll(const std::function<void(uint64_t, const Di
 Status MetaStore::ForEachCookieAll(const std::function<void(uint64_t, uint64_t, std::string_view)>& fn) {
   std::string prefix = Key(kCookie);
   return Scan(db_.get(), prefix, prefix, [&](const rocksdb::Slice& k, const rocksdb::Slice& v) {
-    if (k.size() == 17) fn(ReadBe64(k.data() + 1), ReadBe64(k.data() + 9), std::string_view(v.data(), v.size()));
+    if (WellFormed(k)) fn(ReadBe64(k.data() + 1), ReadBe64(k.data() + 9), std::string_view(v.data(), v.size()));
     return true;
   });
 }
@@ -540,13 +573,31 @@ namespace {
 // Distinct inode numbers of the keys under `prefix` (prefix byte, be64 ino, ...).
 Status ListOwners(rocksdb::DB* db, char prefix, std::vector<uint64_t>* inos) {
   return Scan(db, Key(prefix), Key(prefix), [&](const rocksdb::Slice& k, const rocksdb::Slice&) {
-    if (k.size() < 9) return true;
+    if (!WellFormed(k)) return true;
     uint64_t ino = ReadBe64(k.data() + 1);
     if (inos->empty() || inos->back() != ino) inos->push_back(ino);
     return true;
   });
 }
 }  // namespace
+
+Status MetaStore::ForEachMalformedKey(const CorruptFn& fn) {
+  return Scan(db_.get(), "", "", [&](const rocksdb::Slice& k, const rocksdb::Slice&) {
+    if (WellFormed(k)) return true;
+    std::string what = "key " + Hex(k) + ": not a key this format writes (";
+    if (k.empty()) {
+      what += "empty)";
+    } else if (const size_t want = KeyLength(k[0]); want == SIZE_MAX) {
+      what += "unknown prefix)";
+    } else {
+      what += "a '" + std::string(1, k[0]) + "' key is " +
+              (want == kNamedKey ? std::string("longer than 9 bytes") : std::to_string(want) + " bytes") + ", this one " +
+              std::to_string(k.size()) + ")";
+    }
+    fn({CorruptRecord::Kind::kKey, 0, std::move(what), k.ToString()});
+    return true;
+  });
+}
 
 Status MetaStore::ListSymlinkOwners(std::vector<uint64_t>* inos) { return ListOwners(db_.get(), kSymlink, inos); }
 Status MetaStore::ListXattrOwners(std::vector<uint64_t>* inos) { return ListOwners(db_.get(), kXattr, inos); }

@@ -66,7 +66,7 @@ struct ExtentRecord {
 // fsck: a record that cannot be decoded. `key` is opaque outside the store;
 // `what` says which record it is and why, as one fsck line.
 struct CorruptRecord {
-  enum class Kind { kInode, kDirEntry, kExtent };
+  enum class Kind { kInode, kDirEntry, kExtent, kKey };  // kKey: a key of no record's shape
   Kind kind = Kind::kInode;
   uint64_t ino = 0;  // the inode the record belongs to (the directory's, for an entry)
   std::string what;
@@ -153,6 +153,9 @@ class MetaStore {
   Status ForEachDirEntryAll(const std::function<void(uint64_t dir, const DirEntry&)>& fn,
                             const CorruptFn& on_corrupt = nullptr);
   Status ForEachCookieAll(const std::function<void(uint64_t dir, uint64_t cookie, std::string_view name)>& fn);
+  // fsck: every key this format never writes (an unknown prefix, or a length
+  // its prefix never has), which every scan above skips; `ino` is 0.
+  Status ForEachMalformedKey(const CorruptFn& fn);
   Status ListSymlinkOwners(std::vector<uint64_t>* inos);
   Status ListXattrOwners(std::vector<uint64_t>* inos);
   // The first inode number never handed out (0: no valid counter, OpenForFsck).

@@ -75,7 +75,7 @@ struct Node {
   bool has_symlink = false;
   bool deleted = false;    // repair deletes it
   bool relinked = false;   // repair links it into /lost+found
-  bool created = false;    // the /lost+found repair creates
+  bool created = false;    // repair writes it anew: /lost+found, or a salvaged file
   bool reached = false;
 
   bool is_dir() const { return S_ISDIR(rec.mode); }
@@ -170,6 +170,7 @@ class Checker {
     DEFERFS_RETURN_IF_ERROR(meta_->ForEachExtentAll(
         [&](uint64_t ino, const ExtentRecord& e) { extents_.push_back({ino, e, nodes_.count(ino) == 0}); },
         corrupt));
+    DEFERFS_RETURN_IF_ERROR(meta_->ForEachMalformedKey(corrupt));
     std::vector<uint64_t> v;
     DEFERFS_RETURN_IF_ERROR(meta_->ListOrphans(&v));
     orphans_.insert(v.begin(), v.end());
@@ -197,11 +198,13 @@ class Checker {
     }
   }
 
-  // Records too damaged to decode. Repair deletes them, as e2fsck clears an
-  // inode it cannot read: the checks below already see the store without
-  // them (an entry naming a deleted inode is dangling, the inode of a deleted
-  // entry unreachable, the blocks of a deleted extent free). The root's inode
-  // is not one of them: without a root nothing is repaired (Run).
+  // Records too damaged to decode, and keys of no record's shape. Repair
+  // deletes them, as e2fsck clears an inode it cannot read: the checks below
+  // already see the store without them (an entry naming a deleted inode is
+  // dangling, the inode of a deleted entry unreachable, the blocks of a
+  // deleted extent free). An inode with extents is rebuilt instead (Salvage).
+  // The root's inode is not one of them: without a root nothing is repaired
+  // (Run).
   void CheckCorrupt() {
     for (const CorruptRecord& r : corrupt_) {
       if (r.kind == CorruptRecord::Kind::kInode && r.ino == kRootIno) {
@@ -210,9 +213,40 @@ class Checker {
         continue;
       }
       Error(r.what, true);
+      if (r.kind == CorruptRecord::Kind::kInode && Salvage(r.ino)) continue;
       Fix(r.what + (r.kind == CorruptRecord::Kind::kExtent ? ": deleted (that part of the file now reads as zeros)"
                                                           : ": deleted"));
     }
+  }
+
+  // Only regular files have extents, so an unreadable inode that has them
+  // was one: it is rebuilt as a file owned by root, mode 0600, its size the
+  // end of its last extent, and keeps the names its entries give it (or goes
+  // to /lost+found). Its data is worth more than a guess at its attributes.
+  // Not an orphan: it had no name, and the next mount would free it.
+  bool Salvage(uint64_t ino) {
+    if (orphans_.count(ino)) return false;
+    uint64_t end = 0, count = 0;
+    for (LocatedExtent& x : extents_) {
+      if (x.ino != ino) continue;
+      x.leaked = false;
+      end = std::max(end, x.e.lblk + x.e.len);
+      count++;
+    }
+    if (count == 0) return false;
+    Node& n = nodes_[ino];
+    n.rec.ino = ino;
+    n.rec.mode = S_IFREG | 0600;
+    n.rec.size = end * sb_.block_size;
+    n.rec.atime_ns = n.rec.mtime_ns = n.rec.ctime_ns = n.rec.crtime_ns = NowNs();
+    n.rec.nlink = 1;
+    n.has_symlink = symlinks_.count(ino) > 0;
+    n.fix = n.rec;
+    n.dirty = true;
+    n.created = true;
+    Fix("ino " + Num(ino) + ": rebuilt from its " + Plural(count, "extent", "extents") +
+        " as a regular file of " + Num(n.rec.size) + " bytes (owner root, mode 0600)");
+    return true;
   }
 
   void CheckInodes() {

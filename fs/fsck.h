@@ -17,7 +17,9 @@ namespace deferfs {
 struct FsckOptions {
   // Fix leaked inodes and keys, orphans, link counts, dangling or mistyped
   // entries, readdir cookies, parents and the inode counter; delete records
-  // too corrupt to decode; reconnect unreachable inodes under /lost+found.
+  // too corrupt to decode and keys of no record's shape, but rebuild an
+  // unreadable inode that has extents as a regular file; reconnect
+  // unreachable inodes under /lost+found.
   // All in one synced MetaBatch; nothing at all without a root directory.
   bool repair = false;
   // Called as each phase starts (a progress line); may be empty.

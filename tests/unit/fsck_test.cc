@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "fs/extent_map.h"
 #include "tests/unit/temp_dir.h"
 
 namespace deferfs {
@@ -121,6 +122,16 @@ class FsckTest : public ::testing::Test {
   void Extent(uint64_t ino, uint64_t lblk, uint64_t len, uint64_t pblk, uint8_t state = 0) {
     MetaBatch b;
     b.PutExtent(ino, ExtentRecord{lblk, len, pblk, state});
+    Commit(&b);
+  }
+
+  // Unlinks /name as if it stayed open: its entry goes, an orphan mark comes.
+  void UnlinkWhileOpen(const std::string& name, uint64_t ino) {
+    DirEntry e;
+    ASSERT_TRUE(meta_->Lookup(kRootIno, name, &e).ok());
+    MetaBatch b;
+    b.DeleteDirEntry(kRootIno, e);
+    b.PutOrphan(ino);
     Commit(&b);
   }
 
@@ -309,10 +320,7 @@ TEST_F(FsckTest, UnlinkedInodeOffTheOrphanListIsLeakedAndDeleted) {
 TEST_F(FsckTest, OrphansAreNotesAndRepairFreesThem) {
   uint64_t f = File(kRootIno, "f");
   Extent(f, 0, 2, 40);
-  MetaBatch b;
-  b.DeleteDirEntry(kRootIno, DirEntry{"f", f, S_IFREG, kFirstDirCookie});
-  b.PutOrphan(f);
-  Commit(&b);
+  UnlinkWhileOpen("f", f);
   Change(f, [](InodeRecord& r) { r.nlink = 0; });
   FsckReport r = Check();
   EXPECT_TRUE(r.errors.empty()) << Lines(r.errors);
@@ -563,10 +571,9 @@ TEST_F(FsckTest, MissingInodeCounterIsRecreated) {
 TEST_F(FsckTest, UndecodableRecordsAreDeleted) {
   uint64_t d = Dir(kRootIno, "d");
   uint64_t f = File(d, "f");        // its entry is damaged: f ends up in /lost+found
-  uint64_t g = File(kRootIno, "g");  // its inode is damaged: its entry and extent go
+  uint64_t g = File(kRootIno, "g");  // its inode is damaged and it has no data: its entry goes
   uint64_t h = File(kRootIno, "h");  // one extent of two is damaged
   Extent(f, 0, 4, 100);
-  Extent(g, 0, 2, 200);
   Extent(h, 0, 1, 300);
   Extent(h, 8, 1, 301);
   Raw(RawKey('D', d, "f"), "short");
@@ -579,7 +586,7 @@ TEST_F(FsckTest, UndecodableRecordsAreDeleted) {
   FsckReport r = Check();
   EXPECT_TRUE(HasLine(r.errors, "dir " + std::to_string(d) + " entry 'f': the record is corrupt (5 bytes, not 20)"));
   EXPECT_TRUE(HasLine(r.errors, "ino " + std::to_string(g) + ": the inode record is corrupt (2 bytes, not 80)"));
-  EXPECT_TRUE(HasLine(r.errors, "ino " + std::to_string(h) + ": an extent record is corrupt"));
+  EXPECT_TRUE(HasLine(r.errors, "ino " + std::to_string(h) + ": an extent record is corrupt (10 bytes, not 17)"));
   EXPECT_TRUE(HasLine(r.errors, "inode " + std::to_string(g) + " does not exist"));
 
   RepairAndExpectClean();
@@ -600,6 +607,114 @@ TEST_F(FsckTest, UndecodableRecordsAreDeleted) {
   std::vector<uint64_t> lblks;
   ASSERT_TRUE(meta_->ForEachExtent(h, [&](const ExtentRecord& x) { lblks.push_back(x.lblk); }).ok());
   EXPECT_EQ(lblks, std::vector<uint64_t>{0});
+}
+
+// An unreadable inode with extents was a regular file: repair rebuilds it,
+// under every name it had, and its blocks stay its own.
+TEST_F(FsckTest, UndecodableInodeWithExtentsIsRebuiltWithItsData) {
+  uint64_t d = Dir(kRootIno, "d");
+  uint64_t f = File(kRootIno, "f");
+  Link(f, d, "second-name");
+  uint64_t lost = File(d, "lost");  // its entry is damaged too: it goes to /lost+found
+  Extent(f, 0, 2, 100);
+  Extent(f, 9, 1, 200, static_cast<uint8_t>(ExtentState::kUnwritten));
+  Extent(lost, 0, 1, 300);
+  MetaBatch b;
+  b.PutXattr(f, "user.kept", "yes");
+  Commit(&b);
+  Raw(RawKey('I', f), "unreadable");
+  Raw(RawKey('I', lost), "unreadable");
+  Raw(RawKey('D', d, "lost"), "bad");
+
+  FsckReport r = Check();
+  EXPECT_TRUE(HasLine(r.errors, "ino " + std::to_string(f) + ": the inode record is corrupt (10 bytes, not 80)"));
+  EXPECT_FALSE(HasLine(r.errors, "leaked")) << "its extents belong to the rebuilt file";
+  EXPECT_FALSE(HasLine(r.errors, "does not exist")) << "its entries name the rebuilt file";
+  EXPECT_EQ(r.used_blocks, 4u);
+
+  FsckReport fixed = Check(/*repair=*/true);
+  EXPECT_TRUE(HasLine(fixed.repairs, "ino " + std::to_string(f) +
+                                         ": rebuilt from its 2 extents as a regular file of 40960 bytes"));
+  EXPECT_TRUE(fixed.clean()) << Lines(fixed.errors);
+  EXPECT_TRUE(Check().errors.empty());
+  Reopen();
+  InodeRecord rec = Get(f);
+  EXPECT_EQ(rec.mode, S_IFREG | 0600u);
+  EXPECT_EQ(rec.uid, 0u);
+  EXPECT_EQ(rec.size, 10u * 4096);
+  EXPECT_EQ(rec.nlink, 2u);
+  DirEntry e;
+  ASSERT_TRUE(meta_->Lookup(kRootIno, "f", &e).ok());
+  EXPECT_EQ(e.ino, f);
+  ASSERT_TRUE(meta_->Lookup(d, "second-name", &e).ok());
+  EXPECT_EQ(e.ino, f);
+  std::vector<uint64_t> pblks;
+  ASSERT_TRUE(meta_->ForEachExtent(f, [&](const ExtentRecord& x) { pblks.push_back(x.pblk); }).ok());
+  EXPECT_EQ(pblks, (std::vector<uint64_t>{100, 200}));
+  std::string v;
+  EXPECT_TRUE(meta_->GetXattr(f, "user.kept", &v).ok());
+
+  DirEntry lf;
+  ASSERT_TRUE(meta_->Lookup(kRootIno, "lost+found", &lf).ok());
+  ASSERT_TRUE(meta_->Lookup(lf.ino, "#" + std::to_string(lost), &e).ok());
+  EXPECT_EQ(Get(lost).nlink, 1u);
+  EXPECT_EQ(Get(lost).size, 4096u);
+}
+
+// An unreadable inode on the orphan list was unlinked while open: it is
+// not rebuilt, and its blocks are freed, as the next mount would.
+TEST_F(FsckTest, UndecodableOrphanIsFreed) {
+  uint64_t f = File(kRootIno, "f");
+  Extent(f, 0, 3, 100);
+  UnlinkWhileOpen("f", f);
+  Raw(RawKey('I', f), "unreadable");
+  FsckReport r = Check();
+  EXPECT_TRUE(HasLine(r.errors, "ino " + std::to_string(f) +
+                                    ": no inode record, but its records remain (leaked): 1 extent (3 blocks), "
+                                    "an orphan record"));
+  FsckReport fixed = Check(/*repair=*/true);
+  EXPECT_TRUE(HasLine(fixed.repairs, "3 blocks freed"));
+  EXPECT_FALSE(HasLine(fixed.repairs, "rebuilt"));
+  EXPECT_TRUE(fixed.clean()) << Lines(fixed.errors);
+  EXPECT_TRUE(Check().errors.empty());
+  EXPECT_FALSE(RawExists(RawKey('I', f)));
+  EXPECT_FALSE(RawExists(RawKey('E', f, Be64(0))));
+}
+
+// Keys of no record's shape: every scan skips them (a directory holding
+// only a stray cookie key is empty), and fsck reports and deletes each.
+TEST_F(FsckTest, MalformedKeysAreReportedAndDeleted) {
+  uint64_t d = Dir(kRootIno, "d");
+  uint64_t f = File(kRootIno, "f");
+  const std::vector<std::pair<std::string, std::string>> keys = {
+      {RawKey('I', f).substr(0, 5), "a 'I' key is 9 bytes, this one 5"},
+      {RawKey('D', d), "a 'D' key is longer than 9 bytes, this one 9"},
+      {RawKey('E', f, "abc"), "a 'E' key is 17 bytes, this one 12"},
+      {RawKey('R', d, "xy"), "a 'R' key is 17 bytes, this one 11"},
+      {RawKey('X', f), "a 'X' key is longer than 9 bytes, this one 9"},
+      {"Zoo", "unknown prefix"},
+  };
+  for (const auto& [key, why] : keys) Raw(key, "whatever");
+  Reopen();
+  bool any = true;
+  ASSERT_TRUE(meta_->HasEntries(d, &any).ok());
+  EXPECT_FALSE(any) << "a stray cookie key made the directory non-empty";
+  std::vector<std::string> xattrs;
+  ASSERT_TRUE(meta_->ListXattrs(f, &xattrs).ok());
+  EXPECT_TRUE(xattrs.empty());
+  EXPECT_TRUE(Names(d).empty());
+
+  FsckReport r = Check();
+  for (const auto& [key, why] : keys) {
+    EXPECT_TRUE(HasLine(r.errors, ": not a key this format writes (" + why + ")"));
+  }
+  EXPECT_TRUE(HasLine(r.errors, "key 5a6f6f: not a key this format writes"));
+  EXPECT_EQ(r.errors.size(), keys.size()) << Lines(r.errors);
+  RepairAndExpectClean();
+  for (const auto& [key, why] : keys) EXPECT_FALSE(RawExists(key)) << why;
+  Reopen();
+  EXPECT_EQ(Get(f).ino, f);
+  EXPECT_EQ(Names(kRootIno), (std::vector<std::string>{"d", "f"}));
 }
 
 // Without a root every entry of / reads as dangling and every inode under
