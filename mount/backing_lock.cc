@@ -3,6 +3,7 @@
 #include <fcntl.h>
 
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <thread>
 
@@ -30,7 +31,9 @@ bool ServedElsewhere(const Device& dev) {
 }  // namespace
 
 Status LockBacking(Device* dev, const std::string& backing, std::chrono::milliseconds patience) {
-  const auto deadline = std::chrono::steady_clock::now() + patience;
+  const auto start = std::chrono::steady_clock::now();
+  const auto deadline = start + patience;
+  bool told = false;
   for (;;) {
     Status s = dev->LockExclusive();
     if (s.ok() || s.err() != EBUSY) return s;
@@ -44,6 +47,13 @@ Status LockBacking(Device* dev, const std::string& backing, std::chrono::millise
       return Status::Error(EBUSY, backing + " is in use by another deferfs process (an fsck or mkfs, or a " +
                                       "daemon still finishing its unmount): wait for it to exit ('fuser -v " +
                                       backing + "' shows it)");
+    }
+    // A daemon finishing its unmount lets go within a fraction of a second;
+    // a longer wait is worth a line, so that the command is not taken for hung.
+    if (!told && std::chrono::steady_clock::now() - start >= kBackingLockNotice) {
+      std::fprintf(stderr, "deferfs: %s is in use by another deferfs process; waiting up to %lld s\n",
+                   backing.c_str(), static_cast<long long>(std::chrono::ceil<std::chrono::seconds>(patience).count()));
+      told = true;
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }

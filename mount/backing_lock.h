@@ -11,8 +11,10 @@
 
 namespace deferfs {
 
-// How long LockBacking waits for a holder that is not a mounted deferfs.
+// How long LockBacking waits for a holder that is not a mounted deferfs,
+// and after how long of it it says so on stderr (one line).
 inline constexpr std::chrono::seconds kBackingLockPatience{10};
+inline constexpr std::chrono::seconds kBackingLockNotice{1};
 
 // Locks `dev`, opened from `backing`; blocks up to `patience`. Held by a
 // mounted deferfs (see MarkServed): refused at once, naming the mountpoint

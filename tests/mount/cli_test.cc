@@ -380,7 +380,8 @@ TEST_F(CliTest, CommandsRightAfterAnUnmountWaitForTheDaemon) {
 
 // A backing held by something that is not a mount (here the test itself,
 // as an fsck or a daemon past its unmount would) is waited for: the command
-// goes ahead once the holder lets go, well within the patience of 10 s.
+// goes ahead once the holder lets go, well within the patience of 10 s. A
+// wait past 1 s says so, which also shows the command met the lock.
 TEST_F(CliTest, CommandsWaitForAHolderThatIsNotMounted) {
   const std::string img = tmp_ / "fs.img";
   ASSERT_NO_FATAL_FAILURE(Mkfs(img));
@@ -388,12 +389,14 @@ TEST_F(CliTest, CommandsWaitForAHolderThatIsNotMounted) {
   ASSERT_TRUE(held.ok()) << strerror(errno);
   ASSERT_EQ(flock(held.get(), LOCK_EX | LOCK_NB), 0) << strerror(errno);
   std::thread release([&] {
-    std::this_thread::sleep_for(1s);
+    std::this_thread::sleep_for(2500ms);
     held = UniqueFd();  // closing drops the flock
   });
   RunResult r = RunDeferfs({"fsck", img});
   release.join();
   EXPECT_TRUE(r.succeeded()) << "refused instead of waiting: " << r.Describe();
+  EXPECT_NE(r.err.find(img + " is in use by another deferfs process; waiting up to 10 s\n"), std::string::npos)
+      << "the command did not wait, or did not say so: " << r.Describe();
 }
 
 // A mounted backing is refused at once, also when the mount table does not
