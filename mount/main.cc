@@ -46,6 +46,10 @@ int ParseFailure(const CLI::App& app, const CLI::ParseError& e) {
 int Main(int argc, char** argv) {
   const char* base = strrchr(argv[0], '/');
   if (std::strcmp(base ? base + 1 : argv[0], kMountHelperName) == 0) return MountHelperMain(argc, argv);
+  // mount.fuse3's own form, `mount -t fuse deferfs#BACKING MOUNTPOINT` (and
+  // fstab lines of type fuse), runs `deferfs BACKING MOUNTPOINT -o OPTS`: a
+  // path where a command goes. No command name holds a '/'.
+  if (argc >= 3 && argv[1][0] != '-' && std::strchr(argv[1], '/') != nullptr) return MountHelperMain(argc, argv);
 
   CLI::App app("deferfs: a FUSE filesystem for O_DIRECT IO that studies who runs async DIO completions.",
                "deferfs");

@@ -16,6 +16,7 @@
 
 #include <climits>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <memory>
 #include <sstream>
@@ -85,6 +86,11 @@ class MountHelperTest : public ::testing::Test {
     RunResult inst = RunCommand({"env", "DESTDIR=" + root_.path(), DEFERFS_CMAKE, "--install", DEFERFS_BUILD_DIR,
                                  "--prefix", "/usr"});
     ASSERT_TRUE(inst.succeeded()) << inst.Describe();
+    // fuse3's mount.fuse (type fuse, source PROGRAM#SOURCE), which the bind
+    // mount would otherwise hide.
+    std::error_code ec;
+    std::filesystem::copy_file("/usr/sbin/mount.fuse3", root_ / "usr/sbin/mount.fuse", ec);
+    ASSERT_FALSE(ec) << "copy /usr/sbin/mount.fuse3: " << ec.message();
     ns_ = std::make_unique<PrivateSbin>(root_ / "usr/sbin");
     ASSERT_EQ(ns_->error(), "");
     struct stat st{};
@@ -171,6 +177,22 @@ TEST_F(MountHelperTest, FstabLineWithBookkeepingWordsAndReadOnly) {
   EXPECT_NE(json.find("\"cthreads\":2"), std::string::npos) << json;
   EXPECT_EQ(Err(open((mnt_ + "/new").c_str(), O_CREAT | O_WRONLY, 0644)), EROFS);
   ASSERT_NO_FATAL_FAILURE(Umount());
+}
+
+// mount.fuse3's older form: type fuse, source deferfs#BACKING. mount.fuse3
+// runs `deferfs BACKING MOUNTPOINT -o OPTS`, found on mount(8)'s PATH.
+TEST_F(MountHelperTest, MountTypeFuseWithTheProgramInTheSource) {
+  RunResult r = RunCommand({"mount", "-t", "fuse", "deferfs#" + img_, mnt_, "-o", "completion=workqueue"}, 60s);
+  ASSERT_TRUE(r.succeeded()) << r.Describe();
+  ASSERT_TRUE(IsLiveMount(mnt_)) << "mount(8) returned before the mount was ready";
+  std::string json = StatsJson();
+  EXPECT_NE(json.find("\"mode\":\"workqueue\""), std::string::npos) << json;
+  ASSERT_NO_FATAL_FAILURE(Umount());
+
+  RunResult bad = RunCommand({"mount", "-t", "fuse", "deferfs#" + img_, mnt_, "-o", "workers=0"}, 60s);
+  EXPECT_FALSE(bad.succeeded()) << bad.Describe();
+  EXPECT_NE(bad.err.find("workers"), std::string::npos) << bad.Describe();
+  EXPECT_FALSE(IsMounted(mnt_));
 }
 
 TEST_F(MountHelperTest, BadOptionFailsNamingIt) {
