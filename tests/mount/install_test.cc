@@ -163,6 +163,7 @@ TEST(InstallTest, DebPackageDeclaresDependenciesAndContents) {
   EXPECT_NE(c.out.find("./usr/sbin/mount.fuse.deferfs -> deferfs"), std::string::npos) << c.out;
   EXPECT_NE(c.out.find("./usr/share/man/man8/deferfs.8.gz\n"), std::string::npos) << c.out;
   EXPECT_NE(c.out.find("./usr/share/man/man8/mount.fuse.deferfs.8.gz -> deferfs.8.gz"), std::string::npos) << c.out;
+  EXPECT_NE(c.out.find("./var/lib/deferfs/\n"), std::string::npos) << "the package does not own it:\n" << c.out;
   EXPECT_EQ(c.out.find("test"), std::string::npos) << "tests must not be packaged:\n" << c.out;
 }
 
