@@ -116,16 +116,20 @@ std::string InodeValueFault(uint64_t ino, size_t bytes) {
          std::to_string(kInodeValueSize) + ")";
 }
 
-Status DecodeInode(uint64_t ino, const std::string& s, InodeRecord* r) {
-  if (std::string fault = InodeValueFault(ino, s.size()); !fault.empty()) {
-    return Status::IoError("metadata: " + fault + ": run 'deferfs fsck'");
-  }
-  const char* p = s.data();
+// `p` holds kInodeValueSize bytes (checked by the caller).
+void DecodeInodeValue(uint64_t ino, const char* p, InodeRecord* r) {
   r->ino = ino;
   r->mode = Get<uint32_t>(p); r->uid = Get<uint32_t>(p); r->gid = Get<uint32_t>(p); r->nlink = Get<uint32_t>(p);
   r->size = Get<uint64_t>(p); r->rdev = Get<uint64_t>(p);
   r->atime_ns = Get<int64_t>(p); r->mtime_ns = Get<int64_t>(p); r->ctime_ns = Get<int64_t>(p); r->crtime_ns = Get<int64_t>(p);
   r->parent = Get<uint64_t>(p); r->next_cookie = Get<uint64_t>(p);
+}
+
+Status DecodeInode(uint64_t ino, const std::string& s, InodeRecord* r) {
+  if (std::string fault = InodeValueFault(ino, s.size()); !fault.empty()) {
+    return Status::IoError("metadata: " + fault + ": run 'deferfs fsck'");
+  }
+  DecodeInodeValue(ino, s.data(), r);
   return Status::Ok();
 }
 
@@ -521,8 +525,7 @@ Status MetaStore::ForEachInode(const std::function<void(const InodeRecord&)>& fn
       return Corrupt(on_corrupt, {CorruptRecord::Kind::kInode, ino, std::move(fault), k.ToString()}, &inner);
     }
     InodeRecord r;
-    inner = DecodeInode(ino, v.ToString(), &r);
-    if (!inner.ok()) return false;
+    DecodeInodeValue(ino, v.data(), &r);
     fn(r);
     return true;
   });
