@@ -14,6 +14,7 @@
 #include <climits>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <string>
 
 #include "backend/device.h"
@@ -68,6 +69,13 @@ int WaitForChild(int pipe_fd, pid_t child) {
   return Fail(msg);
 }
 
+// `path` made absolute against the working directory; as given if that fails.
+std::string Absolute(const std::string& path) {
+  std::error_code ec;
+  std::filesystem::path abs = std::filesystem::absolute(path, ec);
+  return ec ? path : abs.string();  // not normalized: "link/.." must mean what it meant
+}
+
 }  // namespace
 
 int MountCommand(const MountArgs& args) {
@@ -77,7 +85,7 @@ int MountCommand(const MountArgs& args) {
     if (!s.ok()) return Fail(s.message());
   }
   const bool foreground = args.foreground;
-  const std::string& backing = args.backing;
+  std::string backing = args.backing;
   std::string mountpoint = args.mountpoint;
 
   if (opts.transport == FuseTransport::kUring && !FuseUring::KernelEnabled()) {
@@ -95,6 +103,13 @@ int MountCommand(const MountArgs& args) {
     mountpoint = abs_mnt;
     free(abs_mnt);
   }
+  // The daemon leaves its working directory for / once mounted, and RocksDB
+  // opens files by the store's path for as long as it runs: the paths kept
+  // must be absolute. Made so by prefixing the working directory, no more, so
+  // that the default metadata directory (BACKING.meta) is the one mkfs made
+  // through the same spelling.
+  backing = Absolute(backing);
+  if (!opts.meta_dir.empty()) opts.meta_dir = Absolute(opts.meta_dir);
 
   // Signals are taken through a signalfd: block them before any thread
   // (RocksDB's included) exists, so none is delivered elsewhere.

@@ -9,6 +9,7 @@
 #include <sys/file.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
+#include <sys/xattr.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -375,6 +376,42 @@ TEST_F(CliTest, CommandsRightAfterAnUnmountWaitForTheDaemon) {
   ASSERT_EQ(umount(mnt_.c_str()), 0) << strerror(errno);
   guard.expect_mounted(false);
   RunResult k = RunDeferfs({"mkfs", img, "--force"});
+  EXPECT_TRUE(k.succeeded()) << k.Describe();
+}
+
+// A mount given relative paths, as `cd /var/tmp && deferfs mount fs.img
+// /mnt`: the daemon leaves its working directory for /, and its metadata
+// store must still find its directory when RocksDB next creates a file. A
+// memtable filled with 64 KiB xattrs (about 600 of them: the memtable holds
+// 32 MiB) makes it create a new WAL and a table file; before the fix that
+// shut the filesystem down, and the next change failed with EIO.
+TEST_F(CliTest, RelativePathsSurviveTheDaemonsChdir) {
+  ASSERT_NO_FATAL_FAILURE(Mkfs(tmp_ / "fs.img"));
+  const std::string value(64 << 10, 'v');
+  for (const std::string meta : {"", "meta=fs.img.meta"}) {
+    SCOPED_TRACE(meta.empty() ? "default metadata directory" : meta);
+    MountGuard guard(mnt_, tmp_ / "fs.img");
+    guard.expect_mounted(true);
+    std::vector<std::string> argv{"env", "-C", tmp_.path(), DEFERFS_BIN, "mount", "fs.img", "mnt"};
+    if (!meta.empty()) argv.insert(argv.end(), {"-o", meta});
+    RunResult m = RunCommand(argv, 30s);
+    ASSERT_TRUE(m.succeeded()) << m.Describe();
+    const std::string f = mnt_ + "/f" + std::to_string(meta.size());
+    UniqueFd fd(open(f.c_str(), O_CREAT | O_WRONLY | O_CLOEXEC, 0644));
+    ASSERT_TRUE(fd.ok()) << strerror(errno);
+    for (int i = 0; i < 1200; i++) {
+      const std::string name = "user.big" + std::to_string(i % 4);
+      ASSERT_EQ(setxattr(f.c_str(), name.c_str(), value.data(), value.size(), 0), 0)
+          << "setxattr " << i << ": " << strerror(errno);
+    }
+    UniqueFd g(open((f + ".after").c_str(), O_CREAT | O_WRONLY | O_CLOEXEC, 0644));
+    EXPECT_TRUE(g.ok()) << "a create after the memtable filled: " << strerror(errno);
+    g = UniqueFd();
+    fd = UniqueFd();
+    ASSERT_EQ(umount(mnt_.c_str()), 0) << strerror(errno);
+    guard.expect_mounted(false);
+  }
+  RunResult k = RunDeferfs({"fsck", tmp_ / "fs.img"});
   EXPECT_TRUE(k.succeeded()) << k.Describe();
 }
 
