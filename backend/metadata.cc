@@ -32,7 +32,7 @@ constexpr char kPairingMagic[] = "deferfs-meta";
 
 // The length a key of each prefix has: exactly, or (names) more than 9.
 // A key of any other shape is never written by this format; every scan
-// skips it, and fsck reports and deletes it (KeyFault).
+// skips it, and fsck reports and deletes it (ForEachMalformedKey).
 constexpr size_t kNamedKey = 0;
 size_t KeyLength(char prefix) {
   switch (prefix) {
