@@ -237,15 +237,26 @@ int MountCommand(const MountArgs& args) {
   }
   fuse_session_exit(se);
   pool->Stop();
-  fuse_session_unmount(se);  // no-op when the kernel already unmounted
+  // An unmount goes by path and reaches only the topmost mount there: with
+  // another filesystem mounted over ours (a signal, not umount, brought us
+  // here), it would take that one down instead. Ours stays, dead underneath.
+  int rc = 0;
+  const std::string at = device.empty() ? "" : MountPathOf(device);
+  const bool covered = !at.empty() && TopDeviceAt(at) != device;
+  if (covered) {
+    LogError("cannot unmount %s: another filesystem is mounted over it; unmount that one, then this one "
+             "(umount -l %s)", at.c_str(), at.c_str());
+    rc = 1;
+  } else {
+    fuse_session_unmount(se);  // no-op when the kernel already unmounted
+  }
   fuse_session_destroy(se);
   // When the kernel aborted the connection (fusectl's abort: the rescue of a
   // hung mount), libfuse leaves the dead mount behind, where every access
   // fails with ENOTCONN. Nothing can use it again: detach it. Found by its
   // device, which no other mount has, and before the backing's lock is
   // released (fs.reset()), after which another mount may come.
-  int rc = 0;
-  if (const std::string dead = device.empty() ? "" : MountPathOf(device); !dead.empty()) {
+  if (const std::string dead = device.empty() || covered ? "" : MountPathOf(device); !dead.empty()) {
     if (umount2(dead.c_str(), MNT_DETACH) == 0 || errno == EINVAL || errno == ENOENT) {  // gone meanwhile
       LogWarn("the connection to %s was aborted: detached the dead mount", dead.c_str());
     } else {

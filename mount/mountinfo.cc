@@ -67,6 +67,14 @@ std::string MountPathOf(const std::string& device) {
   return "";
 }
 
+std::string TopDeviceAt(const std::string& path) {
+  std::string device;
+  for (const Entry& e : Entries()) {
+    if (e.path == path) device = e.device;
+  }
+  return device;
+}
+
 std::string DeferfsMountOf(const std::string& backing) {
   // The mount command names its source by the backing's real path; nothing
   // is stat()ed (a source on a hung filesystem would hang us).

@@ -16,6 +16,10 @@ std::string FuseDeviceAt(const std::string& mountpoint);
 // Where the mount of `device` is attached, or "" if it no longer is.
 std::string MountPathOf(const std::string& device);
 
+// The device of the topmost mount of any type on `path` (the only one an
+// unmount by path reaches), or "" if none.
+std::string TopDeviceAt(const std::string& path);
+
 // Where a deferfs serving `backing` is mounted, as this mount namespace
 // sees it, or "" if nowhere (or under a source given with -o fsname=).
 std::string DeferfsMountOf(const std::string& backing);

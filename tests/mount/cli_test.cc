@@ -415,6 +415,39 @@ TEST_F(CliTest, RelativePathsSurviveTheDaemonsChdir) {
   EXPECT_TRUE(k.succeeded()) << k.Describe();
 }
 
+// Another filesystem mounted over a deferfs, then the deferfs daemon told to
+// stop: an unmount by path would reach the filesystem on top, so the daemon
+// must leave it alone (its own mount stays behind, dead, under it).
+TEST_F(CliTest, SignalledDaemonDoesNotUnmountAFilesystemOnTopOfIt) {
+  const std::string lower = tmp_ / "lower.img", upper = tmp_ / "upper.img";
+  ASSERT_NO_FATAL_FAILURE(Mkfs(lower));
+  ASSERT_NO_FATAL_FAILURE(Mkfs(upper));
+  MountGuard lower_guard(mnt_, lower);
+  MountGuard upper_guard(mnt_, upper);
+  lower_guard.expect_mounted(true);
+  upper_guard.expect_mounted(true);
+  RunResult a = MountBg(lower);
+  ASSERT_TRUE(a.succeeded()) << a.Describe();
+  RunResult b = MountBg(upper);
+  ASSERT_TRUE(b.succeeded()) << b.Describe();
+  const pid_t daemon = FlockHolder(lower);
+  ASSERT_GT(daemon, 0);
+  ASSERT_EQ(kill(daemon, SIGTERM), 0) << strerror(errno);
+  ASSERT_TRUE(WaitUntil([&] { return TryFlock(lower) == 0; })) << "the signalled daemon did not exit";
+
+  UniqueFd fd(open((mnt_ + "/still-here").c_str(), O_CREAT | O_WRONLY | O_CLOEXEC, 0644));
+  EXPECT_TRUE(fd.ok()) << "the filesystem on top went away: " << strerror(errno);
+  fd = UniqueFd();
+  EXPECT_EQ(TryFlock(upper), EWOULDBLOCK) << "the daemon of the filesystem on top exited";
+
+  ASSERT_EQ(umount(mnt_.c_str()), 0) << strerror(errno);
+  upper_guard.expect_mounted(false);
+  ASSERT_TRUE(WaitUntil([&] { return TryFlock(upper) == 0; }));
+  EXPECT_EQ(umount2(mnt_.c_str(), MNT_DETACH), 0) << "the dead deferfs underneath: " << strerror(errno);
+  lower_guard.expect_mounted(false);
+  EXPECT_FALSE(IsMounted(mnt_));
+}
+
 // A backing held by something that is not a mount (here the test itself,
 // as an fsck or a daemon past its unmount would) is waited for: the command
 // goes ahead once the holder lets go, well within the patience of 10 s. A
