@@ -204,16 +204,9 @@ Status Scan(rocksdb::DB* db, const std::string& prefix, const std::string& start
 MetaBatch::MetaBatch() : wb_(std::make_unique<rocksdb::WriteBatch>()) {}
 MetaBatch::~MetaBatch() = default;
 bool MetaBatch::empty() const { return wb_->Count() == 0; }
+size_t MetaBatch::size() const { return wb_->Count(); }
 
 void MetaBatch::PutInode(const InodeRecord& r) { wb_->Put(Key(kInode, r.ino), EncodeInode(r)); }
-
-void MetaBatch::DeleteInode(uint64_t ino) {
-  wb_->Delete(Key(kInode, ino));
-  wb_->Delete(Key(kSymlink, ino));
-  wb_->Delete(Key(kOrphan, ino));
-  wb_->DeleteRange(Key(kXattr, ino), Key(kXattr, ino + 1));
-  wb_->DeleteRange(Key(kExtent, ino), Key(kExtent, ino + 1));
-}
 
 void MetaBatch::PutDirEntry(uint64_t dir, const DirEntry& e) {
   std::string v;
@@ -600,6 +593,25 @@ Status MetaStore::ForEachMalformedKey(const CorruptFn& fn) {
     fn({CorruptRecord::Kind::kKey, 0, std::move(what), k.ToString()});
     return true;
   });
+}
+
+void MetaStore::DeleteInode(uint64_t ino, MetaBatch* b) {
+  b->wb_->Delete(Key(kInode, ino));
+  b->wb_->Delete(Key(kSymlink, ino));
+  b->wb_->Delete(Key(kOrphan, ino));
+  for (char prefix : {kXattr, kExtent}) {
+    const std::string p = Key(prefix, ino);
+    std::vector<std::string> keys;
+    Status st = Scan(db_.get(), p, p, [&](const rocksdb::Slice& k, const rocksdb::Slice&) {
+      keys.push_back(k.ToString());
+      return true;
+    });
+    if (st.ok()) {
+      for (const std::string& k : keys) b->wb_->Delete(k);
+    } else {
+      b->wb_->DeleteRange(p, Key(prefix, ino + 1));  // as correct, only slower for later reads
+    }
+  }
 }
 
 Status MetaStore::ListSymlinkOwners(std::vector<uint64_t>* inos) { return ListOwners(db_.get(), kSymlink, inos); }

@@ -83,8 +83,6 @@ class MetaBatch {
   MetaBatch& operator=(const MetaBatch&) = delete;
 
   void PutInode(const InodeRecord& rec);
-  // Deletes the inode and everything keyed by it (symlink, xattrs, extents, orphan mark).
-  void DeleteInode(uint64_t ino);
   void PutDirEntry(uint64_t dir, const DirEntry& e);
   void DeleteDirEntry(uint64_t dir, const DirEntry& e);
   void PutSymlink(uint64_t ino, std::string_view target);
@@ -98,6 +96,8 @@ class MetaBatch {
   void DeleteCorrupt(const CorruptRecord& r);
 
   bool empty() const;
+  // Changes in the batch: one per key put or deleted.
+  size_t size() const;
   // The data this batch makes reachable is already on stable media (FUA
   // writes): its commit need not wait for a device flush (see DataBarrier).
   void set_data_durable() { data_durable_ = true; }
@@ -130,6 +130,13 @@ class MetaStore {
   static bool Exists(const std::string& dir);
 
   Status GetInode(uint64_t ino, InodeRecord* rec);
+  // Adds to `b` the deletion of inode `ino` and of everything keyed by it
+  // (symlink, xattrs, extents, orphan mark), key by key as the store holds
+  // them now. Not a range deletion (only if that scan fails): RocksDB 7
+  // re-fragments every range tombstone in the memtable on each read, so the
+  // one each deleted inode left made every later read slower, and a run of
+  // unlinks quadratic.
+  void DeleteInode(uint64_t ino, MetaBatch* b);
   // ENOENT when `name` is not in `dir`.
   Status Lookup(uint64_t dir, std::string_view name, DirEntry* e);
   // Calls fn for entries with cookie > after, in cookie order, until fn returns false.

@@ -98,7 +98,7 @@ Status Filesystem::Recover() {
   DEFERFS_RETURN_IF_ERROR(meta_->ListOrphans(&orphans));
   if (orphans.empty()) return Status::Ok();
   MetaBatch b;
-  for (uint64_t ino : orphans) b.DeleteInode(ino);
+  for (uint64_t ino : orphans) meta_->DeleteInode(ino, &b);
   return meta_->Commit(&b, /*sync=*/true);
 }
 

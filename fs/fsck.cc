@@ -736,8 +736,8 @@ class Checker {
     // below may reuse a key a delete frees (a new /lost+found in place of a
     // corrupt entry of that name, or in an inode number whose records leaked).
     for (const CorruptRecord& r : corrupt_) b.DeleteCorrupt(r);  // never the root's: see Run()
-    for (uint64_t ino : deletes_) b.DeleteInode(ino);
-    for (uint64_t ino : leaked_inos_) b.DeleteInode(ino);
+    for (uint64_t ino : deletes_) meta_->DeleteInode(ino, &b);
+    for (uint64_t ino : leaked_inos_) meta_->DeleteInode(ino, &b);
     for (uint64_t ino : unorphan_) b.DeleteOrphan(ino);
     // A directory with any change gets its whole index rewritten: every
     // stored entry and cookie record out, the repaired entries back in.

@@ -243,7 +243,7 @@ void Filesystem::DropLink(Inode* dir, const DirEntry& e, Inode* victim, int64_t 
 
 void Filesystem::MaybeDestroy(Inode* inode, MetaBatch* b, std::vector<BlockRange>* freed) {
   if (inode->rec.nlink > 0 || inode->open_count > 0 || inode->deleted) return;
-  b->DeleteInode(inode->ino);
+  meta_->DeleteInode(inode->ino, b);
   inode->deleted = true;
   if (!inode->is_reg()) return;
   if (inode->extents_loaded) {

@@ -783,7 +783,7 @@ TEST_F(FsckTest, SymlinkProblems) {
   Change(l, [](InodeRecord& r) { r.size = 3; });
   uint64_t m = Add(kRootIno, "m", S_IFLNK | 0777, "t");
   MetaBatch b;
-  b.DeleteInode(m);  // takes the target with it
+  meta_->DeleteInode(m, &b);  // takes the target with it
   b.PutInode(recs_[m]);
   Commit(&b);
   FsckReport r = Check();
