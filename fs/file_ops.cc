@@ -166,6 +166,7 @@ ssize_t Filesystem::WriteIter(Kiocb* iocb, IoBuffer* buf, const uint8_t* data, s
       std::lock_guard l(inode->mu);  // file_update_time: persisted lazily
       inode->rec.mtime_ns = inode->rec.ctime_ns = NowNs();
       inode->dirty = true;
+      inode->DropRmwBlock();
     }
     bool in_buf = buf && data >= buf->base && data + len <= buf->base + buf->size;
     ssize_t res = engine_->iomap_dio_rw(iocb, const_cast<uint8_t*>(data), in_buf ? buf->index : -1, len);
@@ -181,16 +182,33 @@ ssize_t Filesystem::WriteIter(Kiocb* iocb, IoBuffer* buf, const uint8_t* data, s
   inode_dio_wait(inode);
   IoBuffer* bounce = buffers_->Get();
   std::memset(bounce->base, 0, end - start);
-  ssize_t res = 0;
-  // Partial head and tail blocks keep their bytes; fresh blocks get zeros.
-  if (!Aligned(pos)) res = SyncRw(inode, false, start, bounce, kB);
-  if (res >= 0 && !Aligned(pos + len) && (end - kB != start || Aligned(pos))) {
-    IoBuffer tail{bounce->base + (end - kB - start), kB, bounce->index};
-    res = SyncRw(inode, false, end - kB, &tail, kB);
+  uint64_t cached;
+  {
+    std::lock_guard l(inode->mu);
+    cached = inode->rmw_lblk;
+    inode->DropRmwBlock();  // until this write has gone to the device
   }
+  // Partial head and tail blocks keep their bytes (from the device, or as the
+  // last unaligned write left them); fresh blocks get zeros.
+  auto read_block = [&](uint64_t at) -> ssize_t {
+    uint8_t* dst = bounce->base + (at - start);
+    if (at >> kBlockShift == cached) {
+      std::memcpy(dst, inode->rmw_block.get(), kB);
+      return static_cast<ssize_t>(kB);
+    }
+    IoBuffer one{dst, kB, bounce->index};
+    return SyncRw(inode, false, at, &one, kB);
+  };
+  ssize_t res = 0;
+  if (!Aligned(pos)) res = read_block(start);
+  if (res >= 0 && !Aligned(pos + len) && (end - kB != start || Aligned(pos))) res = read_block(end - kB);
   if (res >= 0) {
     std::memcpy(bounce->base + (pos - start), data, len);
     res = SyncRw(inode, true, start, bounce, end - start);
+  }
+  if (res >= 0) {
+    if (!inode->rmw_block) inode->rmw_block = std::make_unique<uint8_t[]>(kB);
+    std::memcpy(inode->rmw_block.get(), bounce->base + (end - kB - start), kB);
   }
   buffers_->Put(bounce);
   if (res >= 0) {
@@ -201,6 +219,7 @@ ssize_t Filesystem::WriteIter(Kiocb* iocb, IoBuffer* buf, const uint8_t* data, s
     MetaBatch b;
     b.PutInode(rec);
     Status st = CommitInode(inode, &b, (iocb->ki_flags & IOCB_DSYNC) != 0);
+    inode->rmw_lblk = (end - kB) >> kBlockShift;  // on the device either way
     if (st.ok()) {
       inode->rec = rec;
       inode->dirty = false;
@@ -278,6 +297,7 @@ Status Filesystem::ZeroPartialBlock(Inode* inode, uint64_t from, uint64_t to) {
   const uint64_t blk = RoundDown(from);
   {
     std::lock_guard l(inode->mu);
+    inode->DropRmwBlock();
     Extent e;
     uint64_t hole;
     if (!inode->extents.Find(blk >> kBlockShift, &e, &hole) || e.state != ExtentState::kWritten) {
@@ -299,6 +319,7 @@ Status Filesystem::TruncateLocked(Inode* inode, uint64_t size, int64_t now) {
   {
     std::lock_guard l(inode->mu);
     old = inode->rec.size;
+    inode->DropRmwBlock();  // blocks past the new EOF go
   }
   // Bytes past the new EOF in its last block must read as zeros if the file
   // grows again: zero them now.
@@ -344,6 +365,7 @@ Status Filesystem::Fallocate(Inode* inode, int mode, uint64_t off, uint64_t len)
   }
   if (st.ok()) {
     std::lock_guard l(inode->mu);
+    inode->DropRmwBlock();  // punched or zeroed blocks read as zeros now
     ExtentDelta delta;
     const uint64_t first = (kind == 0 ? RoundDown(off) : RoundUp(off)) >> kBlockShift;
     const uint64_t last = (kind == 0 ? RoundUp(end) : RoundDown(end)) >> kBlockShift;

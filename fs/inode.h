@@ -60,6 +60,17 @@ struct Inode {
   // Filesystem::CommitInode); 0 when everything is. Guarded by mu.
   uint64_t meta_epoch = 0;
 
+  // The last block an unaligned write covered, as it went to the device, so
+  // that the next unaligned write into it (a buffered append in pieces, as
+  // tar writes its 10 KiB records) need not read it back first. rmw_lblk is
+  // guarded by mu and dropped by every other change of the file's blocks
+  // (DropRmwBlock); rmw_block's bytes are touched only under iolock held
+  // exclusive.
+  static constexpr uint64_t kNoRmwBlock = UINT64_MAX;
+  uint64_t rmw_lblk = kNoRmwBlock;
+  std::unique_ptr<uint8_t[]> rmw_block;
+  void DropRmwBlock() { rmw_lblk = kNoRmwBlock; }  // caller holds mu
+
   IoLock iolock;
   std::atomic<int> dio_count{0};  // in-flight DIOs: inode_dio_begin/end
   WaitQueue dio_wq;               // inode_dio_wait() sleepers

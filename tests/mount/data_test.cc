@@ -243,7 +243,7 @@ class ModelRun {
 
   ::testing::AssertionResult RandomOp(std::ostringstream& op) {
     const uint64_t size = model_.size();
-    switch (Rand(0, 10)) {
+    switch (Rand(0, 12)) {
       case 0:
       case 1: {  // O_DIRECT write, block aligned
         uint64_t off = RoundDown(Rand(0, kModelMax - kBlock));
@@ -261,11 +261,14 @@ class ModelRun {
         uint64_t off = Rand(0, kModelMax - 1);
         uint64_t len = std::min<uint64_t>(Rand(1, 20000), kModelMax - off);
         op << "buffered pwrite off=" << off << " len=" << len;
-        std::vector<uint8_t> data = RandomBytes(rng_, len);
-        if (int e = PwriteFull(bfd_.get(), data.data(), len, static_cast<off_t>(off)); e) return Failed(op.str(), e);
-        Grow(off + len);
-        std::memcpy(model_.data() + off, data.data(), len);
-        return ::testing::AssertionSuccess();
+        return BufferedWrite(off, len);
+      }
+      case 10:
+      case 11: {  // buffered write where the last one ended: an append in pieces
+        if (append_at_ >= kModelMax) return Noop(op);
+        uint64_t len = std::min<uint64_t>(Rand(1, 20000), kModelMax - append_at_);
+        op << "buffered pwrite continuing off=" << append_at_ << " len=" << len;
+        return BufferedWrite(append_at_, len);
       }
       case 4: {  // truncate up or down, aligned or not
         uint64_t n = Rand(0, 3) == 0 ? RoundDown(Rand(0, kModelMax)) : Rand(0, kModelMax);
@@ -348,6 +351,16 @@ class ModelRun {
       }
     }
   }
+  ::testing::AssertionResult BufferedWrite(uint64_t off, uint64_t len) {
+    std::vector<uint8_t> data = RandomBytes(rng_, len);
+    if (int e = PwriteFull(bfd_.get(), data.data(), len, static_cast<off_t>(off)); e) {
+      return Failed("buffered pwrite", e);
+    }
+    Grow(off + len);
+    std::memcpy(model_.data() + off, data.data(), len);
+    append_at_ = off + len;
+    return ::testing::AssertionSuccess();
+  }
   ::testing::AssertionResult Noop(std::ostringstream& op) {
     op << "(no-op: file too small)";
     return ::testing::AssertionSuccess();
@@ -356,6 +369,7 @@ class ModelRun {
   std::string path_;
   std::mt19937_64 rng_;
   std::vector<uint8_t> model_;
+  uint64_t append_at_ = 0;  // where the last buffered write ended
   UniqueFd bfd_, dfd_;
   std::deque<std::string> history_;
 };
@@ -393,6 +407,35 @@ TEST_P(DataTest, RandomOperationsMatchModel) {
     ASSERT_TRUE(fs->Remount());
     EXPECT_TRUE(FileIs(path, run.model())) << "after remount";
     EXPECT_TRUE(BufferedFileIs(path, run.model())) << "after remount";
+  }
+}
+
+// An unaligned write reuses the partial block the previous one left, instead
+// of reading it back; a punch or a truncate in between (block aligned, so
+// no partial block of their own is zeroed) must make it read as zeros.
+TEST_P(DataTest, UnalignedWriteAfterPunchOrTruncateSeesZeros) {
+  MountedFs fs(GetParam().Config());
+  ASSERT_TRUE(fs.ok());
+  for (const bool punch : {true, false}) {
+    SCOPED_TRACE(punch ? "punch" : "truncate");
+    const std::string path = fs.path(punch ? "punched" : "truncated");
+    UniqueFd fd(open(path.c_str(), O_CREAT | O_RDWR | O_CLOEXEC, 0644));
+    ASSERT_TRUE(fd.ok()) << strerror(errno);
+    std::vector<uint8_t> want(5000, 'a');
+    ASSERT_EQ(PwriteFull(fd.get(), want.data(), want.size(), 0), 0);  // leaves block 1 partly written
+    if (punch) {
+      ASSERT_EQ(fallocate(fd.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 4096, 4096), 0) << strerror(errno);
+    } else {
+      ASSERT_EQ(ftruncate(fd.get(), 4096), 0) << strerror(errno);
+    }
+    std::fill(want.begin() + 4096, want.end(), 0);
+    const std::vector<uint8_t> tail(100, 'b');
+    ASSERT_EQ(PwriteFull(fd.get(), tail.data(), tail.size(), 5000), 0);  // into block 1 again
+    want.insert(want.end(), tail.begin(), tail.end());
+    fd.reset();
+    EXPECT_TRUE(FileIs(path, want));
+    ASSERT_TRUE(fs.Remount());
+    EXPECT_TRUE(FileIs(path, want)) << "after remount";
   }
 }
 
