@@ -479,7 +479,13 @@ Status ScanExtents(rocksdb::DB* db, const std::string& prefix,
                    const std::function<void(uint64_t, const ExtentRecord&)>& fn, const CorruptFn& on_corrupt) {
   Status inner;
   Status st = Scan(db, prefix, prefix, [&](const rocksdb::Slice& k, const rocksdb::Slice& v) {
-    if (!WellFormed(k)) return true;
+    if (!WellFormed(k)) {
+      // fsck reports it with every malformed key; a mount must not read a
+      // part of a file as zeros without a word.
+      if (on_corrupt) return true;
+      inner = Status::IoError("metadata: a malformed extent key: run 'deferfs fsck'");
+      return false;
+    }
     const uint64_t ino = ReadBe64(k.data() + 1);
     if (v.size() != kExtentValueBytes) {
       std::string what = "ino " + std::to_string(ino) + ": an extent record is corrupt (" + std::to_string(v.size()) +
@@ -599,14 +605,17 @@ void MetaStore::DeleteInode(uint64_t ino, MetaBatch* b) {
   b->wb_->Delete(Key(kInode, ino));
   b->wb_->Delete(Key(kSymlink, ino));
   b->wb_->Delete(Key(kOrphan, ino));
+  // A file of very many extents takes one range tombstone instead: rare, and
+  // cheaper than a batch of that many keys built under the namespace lock.
+  constexpr size_t kMaxPointDeletes = 4096;
   for (char prefix : {kXattr, kExtent}) {
     const std::string p = Key(prefix, ino);
     std::vector<std::string> keys;
     Status st = Scan(db_.get(), p, p, [&](const rocksdb::Slice& k, const rocksdb::Slice&) {
       keys.push_back(k.ToString());
-      return true;
+      return keys.size() <= kMaxPointDeletes;
     });
-    if (st.ok()) {
+    if (st.ok() && keys.size() <= kMaxPointDeletes) {
       for (const std::string& k : keys) b->wb_->Delete(k);
     } else {
       b->wb_->DeleteRange(p, Key(prefix, ino + 1));  // as correct, only slower for later reads

@@ -132,7 +132,8 @@ class MetaStore {
   Status GetInode(uint64_t ino, InodeRecord* rec);
   // Adds to `b` the deletion of inode `ino` and of everything keyed by it
   // (symlink, xattrs, extents, orphan mark), key by key as the store holds
-  // them now. Not a range deletion (only if that scan fails): RocksDB 7
+  // them now (committed ones: not puts earlier in `b`). Not a range deletion
+  // (but for thousands of keys, or if the scan fails): RocksDB 7
   // re-fragments every range tombstone in the memtable on each read, so the
   // one each deleted inode left made every later read slower, and a run of
   // unlinks quadratic.

@@ -106,6 +106,10 @@ void Filesystem::Release(Inode* inode) {
   inode->open_count--;
   if (inode->open_count == 0) {
     std::lock_guard l(inode->mu);
+    // An idle file keeps no block for its next unaligned write. No write is
+    // in flight now, and the last one filled the block before its mu section.
+    inode->DropRmwBlock();
+    inode->rmw_block.reset();
     MetaBatch b;
     std::vector<BlockRange> freed;
     if (inode->rec.nlink == 0) {

@@ -223,24 +223,43 @@ class Checker {
   // was one: it is rebuilt as a file owned by root, mode 0600, its size the
   // end of its last extent, and keeps the names its entries give it (or goes
   // to /lost+found). Its data is worth more than a guess at its attributes.
-  // Not an orphan: it had no name, and the next mount would free it.
+  // Not an orphan: it had no name, and the next mount would free it. Nor one
+  // whose extents are themselves in doubt (invalid, or overlapping each
+  // other or another file's), or that has a symlink target: those stay
+  // leaked records that repair deletes, as before, rather than become
+  // errors no repair can fix.
   bool Salvage(uint64_t ino) {
-    if (orphans_.count(ino)) return false;
-    uint64_t end = 0, count = 0;
+    if (orphans_.count(ino) || symlinks_.count(ino)) return false;
+    const uint64_t first = sb_.first_data_block, last = sb_.block_count();
+    const uint64_t max_blocks = UINT64_MAX / sb_.block_size;
+    std::vector<LocatedExtent*> mine;
+    uint64_t end = 0;
     for (LocatedExtent& x : extents_) {
       if (x.ino != ino) continue;
-      x.leaked = false;
-      end = std::max(end, x.e.lblk + x.e.len);
-      count++;
+      const ExtentRecord& e = x.e;
+      if (e.len == 0 || e.lblk + e.len < e.lblk || e.lblk + e.len > max_blocks || e.pblk < first ||
+          e.pblk + e.len < e.pblk || e.pblk + e.len > last || e.lblk < end ||
+          e.state > static_cast<uint8_t>(ExtentState::kUnwritten)) {
+        return false;  // extents are in lblk order: e.lblk < end is an overlap
+      }
+      end = e.lblk + e.len;
+      mine.push_back(&x);
     }
-    if (count == 0) return false;
+    if (mine.empty()) return false;
+    for (const LocatedExtent& other : extents_) {
+      if (other.ino == ino || other.e.pblk + other.e.len < other.e.pblk) continue;
+      for (const LocatedExtent* x : mine) {
+        if (x->e.pblk < other.e.pblk + other.e.len && other.e.pblk < x->e.pblk + x->e.len) return false;
+      }
+    }
+    for (LocatedExtent* x : mine) x->leaked = false;
+    const uint64_t count = mine.size();
     Node& n = nodes_[ino];
     n.rec.ino = ino;
     n.rec.mode = S_IFREG | 0600;
     n.rec.size = end * sb_.block_size;
     n.rec.atime_ns = n.rec.mtime_ns = n.rec.ctime_ns = n.rec.crtime_ns = NowNs();
     n.rec.nlink = 1;
-    n.has_symlink = symlinks_.count(ino) > 0;
     n.fix = n.rec;
     n.dirty = true;
     n.created = true;

@@ -64,8 +64,8 @@ struct Inode {
   // that the next unaligned write into it (a buffered append in pieces, as
   // tar writes its 10 KiB records) need not read it back first. rmw_lblk is
   // guarded by mu and dropped by every other change of the file's blocks
-  // (DropRmwBlock); rmw_block's bytes are touched only under iolock held
-  // exclusive.
+  // (DropRmwBlock); rmw_block's bytes are filled and read only under iolock
+  // held exclusive, and freed at the last close (under mu).
   static constexpr uint64_t kNoRmwBlock = UINT64_MAX;
   uint64_t rmw_lblk = kNoRmwBlock;
   std::unique_ptr<uint8_t[]> rmw_block;

@@ -210,7 +210,9 @@ class Stats {
 // non-zero (the callers pass --verify_fatal=1).
 inline RunResult RunFio(const std::string& name, const std::string& file, const std::vector<std::string>& args,
                         std::chrono::milliseconds timeout = std::chrono::seconds(180)) {
-  std::vector<std::string> argv{"fio", "--name=" + name, "--filename=" + file, "--output-format=normal"};
+  // No verify-state files: fio would leave them in the working directory.
+  std::vector<std::string> argv{"fio", "--name=" + name, "--filename=" + file, "--output-format=normal",
+                                "--verify_state_save=0"};
   argv.insert(argv.end(), args.begin(), args.end());
   return RunCommand(argv, timeout);
 }

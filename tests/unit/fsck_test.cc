@@ -661,6 +661,28 @@ TEST_F(FsckTest, UndecodableInodeWithExtentsIsRebuiltWithItsData) {
   EXPECT_EQ(Get(lost).size, 4096u);
 }
 
+// Extents in doubt are not given a file: an unreadable inode whose extent
+// overlaps another file's stays leaked records, which repair deletes (the
+// overlap is then resolved), and one with a symlink target likewise.
+TEST_F(FsckTest, UndecodableInodeWithDoubtfulRecordsIsNotRebuilt) {
+  uint64_t keep = File(kRootIno, "keep");
+  uint64_t bad = File(kRootIno, "bad");
+  uint64_t link = Add(kRootIno, "link", S_IFLNK | 0777, "target");
+  Extent(keep, 0, 4, 100);
+  Extent(bad, 0, 2, 102);  // inside keep's blocks
+  Extent(link, 0, 1, 300);
+  Raw(RawKey('I', bad), "unreadable");
+  Raw(RawKey('I', link), "unreadable");
+  FsckReport fixed = Check(/*repair=*/true);
+  EXPECT_FALSE(HasLine(fixed.repairs, "rebuilt")) << Lines(fixed.repairs);
+  EXPECT_TRUE(fixed.clean()) << Lines(fixed.errors);
+  EXPECT_TRUE(Check().errors.empty());
+  EXPECT_FALSE(RawExists(RawKey('E', bad, Be64(0))));
+  EXPECT_FALSE(RawExists(RawKey('E', link, Be64(0))));
+  Reopen();
+  EXPECT_EQ(Get(keep).nlink, 1u);
+}
+
 // An unreadable inode on the orphan list was unlinked while open: it is
 // not rebuilt, and its blocks are freed, as the next mount would.
 TEST_F(FsckTest, UndecodableOrphanIsFreed) {
