@@ -89,6 +89,10 @@ struct Entry {
   std::string Tag() const { return "dir " + Num(dir) + " entry '" + e.name + "'"; }
 };
 
+bool EmptyOrWraps(const ExtentRecord& e) {
+  return e.len == 0 || e.lblk + e.len < e.lblk || e.pblk + e.len < e.pblk;
+}
+
 struct LocatedExtent {
   uint64_t ino;
   ExtentRecord e;
@@ -237,8 +241,7 @@ class Checker {
     for (LocatedExtent& x : extents_) {
       if (x.ino != ino) continue;
       const ExtentRecord& e = x.e;
-      if (e.len == 0 || e.lblk + e.len < e.lblk || e.lblk + e.len > max_blocks || e.pblk < first ||
-          e.pblk + e.len < e.pblk || e.pblk + e.len > last || e.lblk < end ||
+      if (EmptyOrWraps(e) || e.lblk + e.len > max_blocks || e.pblk < first || e.pblk + e.len > last || e.lblk < end ||
           e.state > static_cast<uint8_t>(ExtentState::kUnwritten)) {
         return false;  // extents are in lblk order: e.lblk < end is an overlap
       }
@@ -359,7 +362,7 @@ class Checker {
     for (const LocatedExtent& x : extents_) {
       const ExtentRecord& e = x.e;
       const std::string tag = "ino " + Num(x.ino) + ": " + ExtentText(e);
-      if (e.len == 0 || e.lblk + e.len < e.lblk || e.pblk + e.len < e.pblk) {
+      if (EmptyOrWraps(e)) {
         if (!x.leaked) Error(tag + " is empty or wraps around", false);
         continue;
       }

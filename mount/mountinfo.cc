@@ -50,15 +50,19 @@ std::vector<Entry> Entries() {
 
 bool IsFuse(const std::string& fstype) { return fstype == "fuse" || fstype.rfind("fuse.", 0) == 0; }
 
-}  // namespace
-
-std::string FuseDeviceAt(const std::string& mountpoint) {
+// The device of the topmost mount on `path` (later lines are mounted on top)
+// among those `fuse_only` admits.
+std::string TopDevice(const std::string& path, bool fuse_only) {
   std::string device;
   for (const Entry& e : Entries()) {
-    if (e.path == mountpoint && IsFuse(e.fstype)) device = e.device;  // later lines are mounted on top
+    if (e.path == path && (!fuse_only || IsFuse(e.fstype))) device = e.device;
   }
   return device;
 }
+
+}  // namespace
+
+std::string FuseDeviceAt(const std::string& mountpoint) { return TopDevice(mountpoint, /*fuse_only=*/true); }
 
 std::string MountPathOf(const std::string& device) {
   for (const Entry& e : Entries()) {
@@ -67,13 +71,7 @@ std::string MountPathOf(const std::string& device) {
   return "";
 }
 
-std::string TopDeviceAt(const std::string& path) {
-  std::string device;
-  for (const Entry& e : Entries()) {
-    if (e.path == path) device = e.device;
-  }
-  return device;
-}
+std::string TopDeviceAt(const std::string& path) { return TopDevice(path, /*fuse_only=*/false); }
 
 std::string DeferfsMountOf(const std::string& backing) {
   // The mount command names its source by the backing's real path; nothing
