@@ -1,5 +1,6 @@
 #include "mount/mountinfo.h"
 
+#include <algorithm>
 #include <climits>
 #include <cstdlib>
 #include <fstream>
@@ -11,7 +12,7 @@ namespace deferfs {
 namespace {
 
 struct Entry {
-  std::string device, path, fstype, source;
+  std::string id, parent, device, path, fstype, source;
 };
 
 bool IsOctal(char c) { return c >= '0' && c <= '7'; }
@@ -40,7 +41,7 @@ std::vector<Entry> Entries() {
     if (!(f >> id >> parent >> device >> root >> path >> options)) continue;
     while (f >> field && field != "-") {
     }
-    Entry e{device, Unescape(path), "", ""};
+    Entry e{id, parent, device, Unescape(path), "", ""};
     if (!(f >> e.fstype)) continue;
     if (f >> e.source) e.source = Unescape(e.source);
     out.push_back(std::move(e));
@@ -50,14 +51,26 @@ std::vector<Entry> Entries() {
 
 bool IsFuse(const std::string& fstype) { return fstype == "fuse" || fstype.rfind("fuse.", 0) == 0; }
 
-// The device of the topmost mount on `path` (later lines are mounted on top)
-// among those `fuse_only` admits.
+// The device of the topmost mount on `path` among those `fuse_only` admits.
+// Mounts stacked on one path each have the one below as their parent; the
+// order of the lines does not tell (a mount moved on top with `mount --move`
+// keeps its older place), so walk down from the one nothing is stacked on.
 std::string TopDevice(const std::string& path, bool fuse_only) {
-  std::string device;
-  for (const Entry& e : Entries()) {
-    if (e.path == path && (!fuse_only || IsFuse(e.fstype))) device = e.device;
+  std::vector<Entry> stack;
+  for (Entry& e : Entries()) {
+    if (e.path == path) stack.push_back(std::move(e));
   }
-  return device;
+  auto below = [&](const Entry& e) {
+    return std::find_if(stack.begin(), stack.end(), [&](const Entry& b) { return b.id == e.parent; });
+  };
+  auto top = std::find_if(stack.begin(), stack.end(), [&](const Entry& e) {
+    return std::none_of(stack.begin(), stack.end(), [&](const Entry& above) { return above.parent == e.id; });
+  });
+  // At most one step per mount: a malformed table cannot loop us.
+  for (size_t steps = 0; top != stack.end() && steps < stack.size(); steps++, top = below(*top)) {
+    if (!fuse_only || IsFuse(top->fstype)) return top->device;
+  }
+  return "";
 }
 
 }  // namespace
