@@ -266,8 +266,12 @@ class Checker {
     n.fix = n.rec;
     n.dirty = true;
     n.created = true;
-    Fix("ino " + Num(ino) + ": rebuilt from its " + Plural(count, "extent", "extents") +
-        " as a regular file of " + Num(n.rec.size) + " bytes (owner root, mode 0600)");
+    r_->inodes++;
+    const std::string how = "from its " + Plural(count, "extent", "extents") + " as a regular file of " +
+                            Num(n.rec.size) + " bytes (owner root, mode 0600)";
+    // A check says what repair will do: rebuild, where other records go.
+    if (opt_.repair) Fix("ino " + Num(ino) + ": rebuilt " + how);
+    else r_->notes.push_back("ino " + Num(ino) + ": --repair rebuilds it " + how);
     return true;
   }
 

@@ -631,6 +631,10 @@ TEST_F(FsckTest, UndecodableInodeWithExtentsIsRebuiltWithItsData) {
   EXPECT_FALSE(HasLine(r.errors, "leaked")) << "its extents belong to the rebuilt file";
   EXPECT_FALSE(HasLine(r.errors, "does not exist")) << "its entries name the rebuilt file";
   EXPECT_EQ(r.used_blocks, 4u);
+  EXPECT_TRUE(HasLine(r.notes, "ino " + std::to_string(f) +
+                                   ": --repair rebuilds it from its 2 extents as a regular file of 40960 bytes"))
+      << Lines(r.notes);
+  EXPECT_EQ(r.inodes, 4u) << "the root, d, and the two rebuilt files";
 
   FsckReport fixed = Check(/*repair=*/true);
   EXPECT_TRUE(HasLine(fixed.repairs, "ino " + std::to_string(f) +
