@@ -531,6 +531,15 @@ Status MetaStore::ForEachInode(const std::function<void(const InodeRecord&)>& fn
   return inner.ok() ? st : inner;
 }
 
+Status MetaStore::CountInodes(uint64_t* n) {
+  *n = 0;
+  std::string prefix = Key(kInode);
+  return Scan(db_.get(), prefix, prefix, [&](const rocksdb::Slice& k, const rocksdb::Slice&) {
+    *n += WellFormed(k);
+    return true;
+  });
+}
+
 Status MetaStore::ListOrphans(std::vector<uint64_t>* inos) {
   std::string prefix = Key(kOrphan);
   return Scan(db_.get(), prefix, prefix, [&](const rocksdb::Slice& k, const rocksdb::Slice&) {

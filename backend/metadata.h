@@ -155,6 +155,8 @@ class MetaStore {
                           const CorruptFn& on_corrupt = nullptr);
   Status ForEachInode(const std::function<void(const InodeRecord&)>& fn, const CorruptFn& on_corrupt = nullptr);
   Status ListOrphans(std::vector<uint64_t>* inos);
+  // How many inode records there are (statfs's used inodes).
+  Status CountInodes(uint64_t* n);
   // fsck: every directory entry of every directory, by dir then name; every
   // readdir cookie record; the owners of symlink targets and of xattrs,
   // ascending and distinct.

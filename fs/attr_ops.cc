@@ -2,14 +2,49 @@
 // Filesystem's construction and mount-time recovery.
 #include <sys/xattr.h>
 
+#include <cstdint>
+
 #include "backend/log.h"
 #include "fs/filesystem.h"
 
 namespace deferfs {
 namespace {
 
-timespec ToTimespec(int64_t ns) { return {static_cast<time_t>(ns / 1'000'000'000), static_cast<long>(ns % 1'000'000'000)}; }
-int64_t FromTimespec(const timespec& ts) { return ts.tv_sec * 1'000'000'000LL + ts.tv_nsec; }
+constexpr int64_t kNsPerSec = 1'000'000'000;
+
+// Times are nanoseconds since 1970 in 64 bits (1677 to 2262). Before 1970
+// the second rounds down, so that tv_nsec stays in [0, 1e9).
+timespec ToTimespec(int64_t ns) {
+  int64_t sec = ns / kNsPerSec, nsec = ns % kNsPerSec;
+  if (nsec < 0) {
+    sec--;
+    nsec += kNsPerSec;
+  }
+  return {static_cast<time_t>(sec), static_cast<long>(nsec)};
+}
+
+// Times outside the range are clamped to its ends, as the kernel clamps the
+// times a filesystem cannot store (ext4's before 1901, after 2446).
+int64_t FromTimespec(const timespec& ts) {
+  int64_t ns;
+  if (__builtin_mul_overflow(static_cast<int64_t>(ts.tv_sec), kNsPerSec, &ns) ||
+      __builtin_add_overflow(ns, static_cast<int64_t>(ts.tv_nsec), &ns)) {
+    return ts.tv_sec < 0 ? INT64_MIN : INT64_MAX;
+  }
+  return ns;
+}
+
+// The namespaces ext4 stores, less POSIX ACLs: deferfs does not enforce
+// them, and refusing them is what makes cp -p and mv fall back to chmod (a
+// stored ACL would replace the mode they copy, and mean nothing).
+Status CheckXattrName(std::string_view name) {
+  for (std::string_view ns : {"user.", "trusted.", "security."}) {
+    if (!name.starts_with(ns)) continue;
+    if (name.size() == ns.size()) return Status::Error(EINVAL, "empty attribute name");
+    return Status::Ok();
+  }
+  return Status::Error(EOPNOTSUPP, "unsupported attribute namespace (user., trusted. and security. are)");
+}
 
 }  // namespace
 
@@ -45,6 +80,10 @@ Status Filesystem::Start() {
     }
   }));
   DEFERFS_RETURN_IF_ERROR(bad);
+  {
+    std::lock_guard ns(ns_mu_);
+    DEFERFS_RETURN_IF_ERROR(meta_->CountInodes(&live_inodes_));
+  }
 
   buffers_ = std::make_unique<IoBufferPool>(opt_.io_buffers, kIoBufferBytes);
   if (!buffers_->ok()) return Status::Error(ENOMEM, "cannot allocate the IO buffers");
@@ -73,15 +112,21 @@ Status Filesystem::Start() {
 
 Filesystem::~Filesystem() {
   // Every request has been answered by now; let the threads finish, then
-  // persist what was only in memory (timestamps of pure overwrites).
+  // persist what was only in memory (timestamps of pure overwrites). The
+  // kernel lets go of every inode at unmount without telling us (its
+  // forgets die with the connection): unlinked ones are deleted here, not
+  // left as orphans for the next mount.
   journal_.reset();
   pollers_.clear();
   workqueue_.reset();
   std::lock_guard ns(ns_mu_);
   MetaBatch b;
+  std::vector<BlockRange> freed;  // the next mount rebuilds free space from the extents
   inodes_.ForEach([&](Inode* inode) {
     std::lock_guard l(inode->mu);
-    if (inode->dirty && !inode->deleted) b.PutInode(inode->rec);
+    if (inode->deleted) return;
+    if (inode->rec.nlink == 0 && inode->ino != kRootIno) Destroy(inode, &b, &freed);
+    else if (inode->dirty) b.PutInode(inode->rec);
   });
   if (opt_.read_only) return;
   if (!b.empty() && !shut_down()) (void)meta_->Commit(&b);
@@ -89,9 +134,10 @@ Filesystem::~Filesystem() {
 }
 
 Status Filesystem::Recover() {
-  // Orphans were unlinked while open when the last mount ended without a
-  // release: nothing references them, so delete them (their blocks come back
-  // when Start() rebuilds the free space).
+  // Orphans were unlinked while in use (open, or known to the kernel) when
+  // the last mount ended without letting go of them: nothing references
+  // them now, so delete them (their blocks come back when Start() rebuilds
+  // the free space).
   if (opt_.read_only) return Status::Ok();  // the next read-write mount frees them
   std::lock_guard ns(ns_mu_);
   std::vector<uint64_t> orphans;
@@ -189,7 +235,7 @@ Status Filesystem::StatFs(struct statvfs* out) {
   out->f_files = 1ull << 32;
   {
     std::lock_guard ns(ns_mu_);
-    out->f_ffree = out->f_files - std::min<uint64_t>(out->f_files, next_ino_);
+    out->f_ffree = out->f_files - std::min<uint64_t>(out->f_files, live_inodes_);
   }
   out->f_favail = out->f_ffree;
   out->f_namemax = 255;
@@ -198,6 +244,7 @@ Status Filesystem::StatFs(struct statvfs* out) {
 
 Status Filesystem::SetXattr(uint64_t ino, std::string_view name, std::string_view value, int flags) {
   DEFERFS_RETURN_IF_ERROR(CheckLive());
+  DEFERFS_RETURN_IF_ERROR(CheckXattrName(name));
   std::lock_guard ns(ns_mu_);
   Inode* inode;
   DEFERFS_RETURN_IF_ERROR(GetLocked(ino, &inode));

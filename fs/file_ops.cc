@@ -121,6 +121,7 @@ void Filesystem::Release(Inode* inode) {
       if (CommitInode(inode, &b).ok()) {
         inode->dirty = false;
         FreeBlocksLater(freed);
+        if (inode->deleted) live_inodes_--;
       } else {
         inode->deleted = false;  // stays an orphan; the next mount frees it
       }

@@ -60,6 +60,12 @@
 namespace deferfs {
 
 // Who is asking: from the FUSE request context.
+// A kernel reference count to drop (FUSE forget).
+struct Forgotten {
+  uint64_t ino;
+  uint64_t nlookup;
+};
+
 struct Caller {
   uint32_t uid = 0;
   uint32_t gid = 0;
@@ -121,7 +127,8 @@ class Filesystem {
 
   // Entry-returning operations count one kernel lookup reference on success.
   Status Lookup(uint64_t parent, std::string_view name, struct stat* out);
-  void Forget(uint64_t ino, uint64_t nlookup);
+  // The last reference of an unlinked inode deletes it (one commit for all).
+  void Forget(std::span<const Forgotten> forgets);
   Status GetAttr(uint64_t ino, struct stat* out);
   Status SetAttr(uint64_t ino, const SetAttrRequest& req, struct stat* out);
   Status Mknod(const Caller& c, uint64_t parent, std::string_view name, uint32_t mode, uint64_t rdev,
@@ -236,9 +243,15 @@ class Filesystem {
   // Drops one link of `victim` (named by `e` in `dir`) into `b`.
   void DropLink(Inode* dir, const DirEntry& e, Inode* victim, int64_t now, MetaBatch* b,
                 std::vector<BlockRange>* freed);
-  // Deletes a dead inode's record if nothing holds it open; its blocks go to
-  // *freed, for FreeBlocksLater once the batch committed. Caller holds mu.
+  // Deletes an unlinked inode's record once nothing holds it: no open file
+  // and no kernel reference (the kernel may open an inode it still knows,
+  // through /proc/PID/fd or a lookup racing the unlink, as it may on ext4).
+  // Its blocks go to *freed, for FreeBlocksLater once the batch committed.
+  // Caller holds ns_mu_ and mu.
   void MaybeDestroy(Inode* inode, MetaBatch* b, std::vector<BlockRange>* freed);
+  // MaybeDestroy's deletion itself; also at unmount, when the kernel holds
+  // nothing any more.
+  void Destroy(Inode* inode, MetaBatch* b, std::vector<BlockRange>* freed);
   // Caller holds inode.mu.
   void FillStat(Inode& inode, struct stat* st);
   // Every metadata commit goes through here: refused once shut down, and
@@ -275,7 +288,8 @@ class Filesystem {
 
   std::mutex ns_mu_;
   InodeTable inodes_;  // guarded by ns_mu_
-  uint64_t next_ino_;  // guarded by ns_mu_
+  uint64_t next_ino_;         // guarded by ns_mu_
+  uint64_t live_inodes_ = 0;  // guarded by ns_mu_: inode records in the store (statfs)
 };
 
 int64_t NowNs();

@@ -611,7 +611,7 @@ class Checker {
               true);
         Fix(tag + ": deleted the leaked inode, " + blocks + " freed");
       } else if (n.rec.nlink == 0) {
-        r_->notes.push_back(tag + ": unlinked while open (orphan), " + blocks + ": the next mount frees it");
+        r_->notes.push_back(tag + ": unlinked while in use (orphan), " + blocks + ": the next mount frees it");
         Fix(tag + ": freed the orphan, " + blocks);
       } else {
         Error(tag + ": on the orphan list with nlink " + Num(n.rec.nlink) +

@@ -92,12 +92,20 @@ void Lookup(fuse_req_t req, fuse_ino_t parent, const char* name) {
 }
 
 void Forget(fuse_req_t req, fuse_ino_t ino, uint64_t nlookup) {
-  Fs(req)->Forget(ino, nlookup);
+  const Forgotten one{ino, nlookup};
+  Fs(req)->Forget(std::span(&one, 1));
   fuse_reply_none(req);
 }
 
 void ForgetMulti(fuse_req_t req, size_t count, fuse_forget_data* forgets) {
-  for (size_t i = 0; i < count; i++) Fs(req)->Forget(forgets[i].ino, forgets[i].nlookup);
+  // Batches are small (the kernel sends at most a few dozen): a stack copy.
+  constexpr size_t kChunk = 64;
+  for (size_t i = 0; i < count; i += kChunk) {
+    Forgotten chunk[kChunk];
+    const size_t n = std::min(kChunk, count - i);
+    for (size_t k = 0; k < n; k++) chunk[k] = {forgets[i + k].ino, forgets[i + k].nlookup};
+    Fs(req)->Forget(std::span(chunk, n));
+  }
   fuse_reply_none(req);
 }
 

@@ -77,7 +77,7 @@ struct Inode {
 
   uint64_t nlookup = 0;     // the kernel's lookup count (FUSE forget protocol)
   uint32_t open_count = 0;  // open file handles
-  bool deleted = false;     // record gone from the store; kept until forgotten
+  bool deleted = false;     // record gone from the store (nothing referenced it)
 
   bool is_dir() const { return S_ISDIR(rec.mode); }
   bool is_reg() const { return S_ISREG(rec.mode); }
@@ -95,6 +95,11 @@ class InodeTable {
 
   // The cached inode, or loads it from the store (ENOENT if it has none).
   Status Get(uint64_t ino, Inode** out);
+  // The cached inode, or nullptr.
+  Inode* Find(uint64_t ino) {
+    auto it = map_.find(ino);
+    return it == map_.end() ? nullptr : it->second.get();
+  }
   // Caches a record just created by the caller.
   Inode* Insert(const InodeRecord& rec);
   // Drops the inode if the kernel no longer references it and nothing has it open.

@@ -49,8 +49,10 @@ Status Filesystem::CheckName(std::string_view name) const {
 }
 
 Status Filesystem::GetLocked(uint64_t ino, Inode** out) {
+  // An inode is deleted only once the kernel forgot it, so it cannot ask;
+  // if it does, ESTALE makes it look the name up again.
   Status st = inodes_.Get(ino, out);
-  if (st.err() == ENOENT) return Status::Error(ESTALE, "stale inode");
+  if (st.err() == ENOENT || (st.ok() && (*out)->deleted)) return Status::Error(ESTALE, "stale inode");
   return st;
 }
 
@@ -88,12 +90,32 @@ Status Filesystem::Lookup(uint64_t parent, std::string_view name, struct stat* o
   return Status::Ok();
 }
 
-void Filesystem::Forget(uint64_t ino, uint64_t nlookup) {
+void Filesystem::Forget(std::span<const Forgotten> forgets) {
   std::lock_guard ns(ns_mu_);
-  Inode* inode;
-  if (!inodes_.Get(ino, &inode).ok()) return;
-  inode->nlookup -= std::min(inode->nlookup, nlookup);
-  inodes_.MaybeEvict(inode);
+  MetaBatch b;
+  std::vector<BlockRange> freed;
+  std::vector<Inode*> gone;
+  for (const Forgotten& f : forgets) {
+    Inode* inode = inodes_.Find(f.ino);  // one the kernel knows is in the table
+    if (inode == nullptr) continue;
+    inode->nlookup -= std::min(inode->nlookup, f.nlookup);
+    if (inode->nlookup > 0) continue;
+    {
+      std::lock_guard l(inode->mu);
+      MaybeDestroy(inode, &b, &freed);
+    }
+    if (inode->deleted) gone.push_back(inode);
+    else inodes_.MaybeEvict(inode);
+  }
+  if (b.empty()) return;
+  if (Status st = Commit(&b); st.ok()) {
+    FreeBlocksLater(freed);
+    live_inodes_ -= gone.size();
+  } else {
+    LogError("cannot delete %zu unlinked inodes (they stay orphans; the next mount frees them): %s",
+             gone.size(), st.message().c_str());
+  }
+  for (Inode* inode : gone) inodes_.MaybeEvict(inode);
 }
 
 Status Filesystem::CreateNode(const Caller& c, uint64_t parent_ino, std::string_view name, uint32_t mode,
@@ -106,7 +128,7 @@ Status Filesystem::CreateNode(const Caller& c, uint64_t parent_ino, std::string_
   DEFERFS_RETURN_IF_ERROR(GetLocked(parent_ino, &parent));
   InodeLocks locks{parent};
   if (!parent->is_dir()) return Status::Error(ENOTDIR, "not a directory");
-  if (parent->deleted) return Status::Error(ENOENT, "directory was removed");
+  if (parent->rec.nlink == 0) return Status::Error(ENOENT, "directory was removed");
   DirEntry existing;
   Status st = meta_->Lookup(parent_ino, name, &existing);
   if (st.ok()) return Status::Error(EEXIST, "exists");
@@ -152,6 +174,7 @@ Status Filesystem::CreateNode(const Caller& c, uint64_t parent_ino, std::string_
   DEFERFS_RETURN_IF_ERROR(Commit(&b));
 
   next_ino_++;
+  live_inodes_++;
   parent->rec = prec;
   Inode* inode = inodes_.Insert(rec);
   inode->nlookup++;
@@ -233,16 +256,20 @@ void Filesystem::DropLink(Inode* dir, const DirEntry& e, Inode* victim, int64_t 
   b->PutInode(dir->rec);
   if (victim->rec.nlink > 0) {
     b->PutInode(victim->rec);
-  } else if (victim->open_count > 0) {
+  } else if (victim->open_count > 0 || victim->nlookup > 0) {
     b->PutInode(victim->rec);
-    b->PutOrphan(victim->ino);  // freed at last release, or by Recover() after a crash
+    b->PutOrphan(victim->ino);  // freed when let go (MaybeDestroy), or by Recover() after a crash
   } else {
     MaybeDestroy(victim, b, freed);
   }
 }
 
 void Filesystem::MaybeDestroy(Inode* inode, MetaBatch* b, std::vector<BlockRange>* freed) {
-  if (inode->rec.nlink > 0 || inode->open_count > 0 || inode->deleted) return;
+  if (inode->rec.nlink > 0 || inode->open_count > 0 || inode->nlookup > 0 || inode->deleted) return;
+  Destroy(inode, b, freed);
+}
+
+void Filesystem::Destroy(Inode* inode, MetaBatch* b, std::vector<BlockRange>* freed) {
   meta_->DeleteInode(inode->ino, b);
   inode->deleted = true;
   if (!inode->is_reg()) return;
@@ -285,6 +312,7 @@ Status Filesystem::RemoveEntry(uint64_t parent_ino, std::string_view name, bool 
     return st;
   }
   FreeBlocksLater(freed);
+  if (victim->deleted) live_inodes_--;
   inodes_.MaybeEvict(victim);
   return Status::Ok();
 }
@@ -389,6 +417,7 @@ Status Filesystem::Rename(uint64_t sp_ino, std::string_view sname, uint64_t dp_i
     return st;
   }
   FreeBlocksLater(freed);
+  if (dstn && dstn->deleted) live_inodes_--;
   if (dstn) inodes_.MaybeEvict(dstn);
   return Status::Ok();
 }
@@ -425,7 +454,7 @@ Status Filesystem::ReadDir(uint64_t ino, uint64_t off, bool plus, const DirEmitt
     st.st_mode = S_IFDIR;
     if (!emit("..", st, 2)) return Status::Ok();
   }
-  if (dir->deleted) return Status::Ok();
+  if (dir->rec.nlink == 0) return Status::Ok();  // removed: no entries, and none of its keys may be read
   Status inner;
   Status scan = meta_->ReadDir(ino, std::max<uint64_t>(off, 2), [&](const DirEntry& e) {
     struct stat est {};

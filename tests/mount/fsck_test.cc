@@ -4,13 +4,18 @@
 // exit, the precise line), --repair fixes it, the next fsck is clean and the
 // filesystem mounts with its data intact. An overlap is never "repaired".
 #include <fcntl.h>
+#include <sys/mount.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
+#include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -84,6 +89,15 @@ class FsckMountTest : public ::testing::Test {
     ASSERT_EQ(unlink(fs.path("gone").c_str()), 0);
     ASSERT_EQ(mkdir(fs.path("tmpdir").c_str(), 0755), 0);
     ASSERT_EQ(rmdir(fs.path("tmpdir").c_str()), 0);
+  }
+
+  // Unmounted, fsck finds nothing, not even an orphan for the next mount.
+  void UnmountCleanWithoutOrphans(MountedFs& fs) {
+    ASSERT_TRUE(fs.Unmount());
+    RunResult r = Fsck(fs);
+    EXPECT_TRUE(r.succeeded()) << r.Describe();
+    EXPECT_TRUE(Mentions(r.out, "is clean"));
+    EXPECT_FALSE(Mentions(r.out, "orphan")) << r.Describe();
   }
 
   RunResult Fsck(const MountedFs& fs, bool repair = false) {
@@ -281,6 +295,84 @@ TEST_F(FsckMountTest, FileWithAnUnreadableInodeKeepsItsData) {
   EXPECT_EQ(st.st_mode, S_IFREG | 0600u);
   EXPECT_EQ(ReadFile(fs.path("precious")), data);
   ASSERT_TRUE(fs.Unmount());
+}
+
+// The kernel may open an unlinked file while it still knows the inode: a
+// descriptor opened with O_PATH reopens it through /proc/self/fd, as on
+// ext4. Its blocks stay its own until the kernel lets go; then the inode is
+// deleted and the blocks come back, and no fsck finds a leftover.
+TEST_F(FsckMountTest, UnlinkedFileStaysUntilTheKernelLetsGo) {
+  MountedFs fs;
+  ASSERT_TRUE(fs.ok());
+  const std::string victim = fs.path("victim");
+  auto free_blocks = [&] {  // counting blocks freed but not yet reusable
+    struct statvfs v {};
+    EXPECT_EQ(statvfs(fs.root().c_str(), &v), 0) << strerror(errno);
+    return v.f_bfree;
+  };
+  const auto empty = free_blocks();
+  ASSERT_TRUE(WriteFile(victim, std::string(8192, 'V')));
+  const auto with_victim = free_blocks();
+  ASSERT_EQ(empty - with_victim, 2u);
+
+  UniqueFd path(open(victim.c_str(), O_PATH | O_CLOEXEC));
+  ASSERT_TRUE(path.ok()) << strerror(errno);
+  ASSERT_EQ(unlink(victim.c_str()), 0) << strerror(errno);
+  EXPECT_EQ(free_blocks(), with_victim) << "the unlinked file's blocks were freed while the kernel still knows it";
+  ASSERT_TRUE(WriteFile(fs.path("other"), std::string(8192, 'O')));  // would take freed blocks
+
+  const std::string proc = "/proc/self/fd/" + std::to_string(path.get());
+  UniqueFd fd(open(proc.c_str(), O_RDWR | O_CLOEXEC));
+  ASSERT_TRUE(fd.ok()) << "reopening the unlinked file: " << strerror(errno);
+  std::string got(8192, '\0');
+  ASSERT_EQ(pread(fd.get(), got.data(), got.size(), 0), 8192) << strerror(errno);
+  EXPECT_EQ(got, std::string(8192, 'V'));
+  const std::string tail(4096, 'T');
+  ASSERT_EQ(pwrite(fd.get(), tail.data(), tail.size(), 8192), 4096) << strerror(errno);  // extends it
+  fd = UniqueFd();
+  path = UniqueFd();
+  EXPECT_EQ(ReadFile(fs.path("other")), std::string(8192, 'O')) << "another file's data changed";
+  // Only "other" is left: the victim's three blocks (two and the tail) are back.
+  EXPECT_TRUE(WaitUntil([&] { return free_blocks() == empty - 2; }))
+      << "the blocks did not come back after the kernel let go: " << free_blocks() << " free, want " << empty - 2;
+
+  ASSERT_NO_FATAL_FAILURE(UnmountCleanWithoutOrphans(fs));
+}
+
+// The same race from two shells: `echo >> f` and `rm -f f` in loops. The
+// append's open can reach the inode after the unlink took its last name.
+TEST_F(FsckMountTest, AppendsRacingUnlinksLeaveNothingBehind) {
+  MountedFs fs;
+  ASSERT_TRUE(fs.ok());
+  const std::string f = fs.path("f");
+  std::atomic<bool> stop{false};
+  std::thread remover([&] {
+    while (!stop.load()) unlink(f.c_str());
+  });
+  int appends = 0;
+  for (auto end = std::chrono::steady_clock::now() + std::chrono::seconds(2); std::chrono::steady_clock::now() < end;) {
+    UniqueFd fd(open(f.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644));
+    if (fd.ok() && write(fd.get(), "data\n", 5) == 5) appends++;
+  }
+  stop = true;
+  remover.join();
+  ASSERT_GT(appends, 100);
+  ASSERT_NO_FATAL_FAILURE(UnmountCleanWithoutOrphans(fs));
+}
+
+// At unmount the kernel lets go of every inode without a forget: an unlinked
+// file it still held (here through a lazy unmount) is deleted by the daemon
+// on its way out, not left as an orphan.
+TEST_F(FsckMountTest, UnlinkedFileHeldAtUnmountIsDeletedThen) {
+  MountedFs fs;
+  ASSERT_TRUE(fs.ok());
+  ASSERT_TRUE(WriteFile(fs.path("held"), std::string(8192, 'H')));
+  UniqueFd path(open(fs.path("held").c_str(), O_PATH | O_CLOEXEC));
+  ASSERT_TRUE(path.ok()) << strerror(errno);
+  ASSERT_EQ(unlink(fs.path("held").c_str()), 0) << strerror(errno);
+  ASSERT_EQ(umount2(fs.root().c_str(), MNT_DETACH), 0) << strerror(errno);
+  path = UniqueFd();  // the last reference: the connection ends, the daemon exits
+  ASSERT_NO_FATAL_FAILURE(UnmountCleanWithoutOrphans(fs));
 }
 
 TEST_F(FsckMountTest, UsageErrorsAreOneLine) {

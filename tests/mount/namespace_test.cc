@@ -275,6 +275,33 @@ TEST_F(NamespaceTest, UtimensatNanosecondsPersist) {
   EXPECT_GE(Ns(st.st_atim), before - int64_t{100'000'000});
 }
 
+// Times before 1970 keep their fraction of a second (tv_nsec stays in
+// [0, 1e9)), and times a filesystem cannot store are clamped, never wrapped
+// around: deferfs stores 1677 to 2262, ext4 1901 to 2446.
+TEST_F(NamespaceTest, TimesBefore1970AndOutOfRange) {
+  MakeFile(P("f"));
+  const timespec before_epoch{-2, 500'000'000}, long_ago{-300'000'000, 123'456'789};
+  timespec ts[2] = {before_epoch, long_ago};
+  ASSERT_EQ(utimensat(AT_FDCWD, P("f").c_str(), ts, 0), 0) << strerror(errno);
+  for (int pass = 0; pass < 2; pass++) {
+    struct stat st = Lstat(P("f"));
+    EXPECT_TRUE(Same(st.st_atim, before_epoch)) << st.st_atim.tv_sec << "." << st.st_atim.tv_nsec;
+    EXPECT_TRUE(Same(st.st_mtim, long_ago)) << st.st_mtim.tv_sec << "." << st.st_mtim.tv_nsec;
+    if (pass == 0) {
+      ASSERT_TRUE(Remount());
+    }
+  }
+
+  const timespec far_future{10'000'000'000, 0}, far_past{-10'000'000'000, 0};  // 2286, 1653
+  timespec out_of_range[2] = {far_past, far_future};
+  ASSERT_EQ(utimensat(AT_FDCWD, P("f").c_str(), out_of_range, 0), 0) << strerror(errno);
+  struct stat st = Lstat(P("f"));
+  EXPECT_GE(st.st_mtim.tv_sec, 9'223'372'036) << "wrapped around instead of clamped";  // 2262
+  EXPECT_LE(st.st_mtim.tv_sec, far_future.tv_sec);
+  EXPECT_GE(st.st_atim.tv_sec, far_past.tv_sec);
+  EXPECT_LT(st.st_atim.tv_sec, -2'000'000'000) << "wrapped around instead of clamped";  // before 1907
+}
+
 // ------------------------------------------------------------------- mknod
 
 TEST_F(NamespaceTest, MknodKindsPersist) {
@@ -778,7 +805,51 @@ TEST_F(NamespaceTest, StatfsGeometry) {
   EXPECT_GT(sv.f_blocks, 0u);
 }
 
+// df -i: the used inodes are the files that exist, not the numbers handed out.
+TEST_F(NamespaceTest, StatfsCountsTheInodesInUse) {
+  auto used = [&] {
+    struct statvfs sv{};
+    EXPECT_EQ(statvfs(P("").c_str(), &sv), 0) << strerror(errno);
+    return sv.f_files - sv.f_ffree;
+  };
+  const auto before = used();
+  for (int i = 0; i < 50; i++) MakeFile(P("f" + std::to_string(i)));
+  MakeDir(P("d"));
+  EXPECT_EQ(used(), before + 51);
+  for (int i = 0; i < 50; i++) ASSERT_EQ(unlink(P("f" + std::to_string(i)).c_str()), 0);
+  ASSERT_EQ(rmdir(P("d").c_str()), 0);
+  // An unlinked inode goes when the kernel lets go of it, just after.
+  EXPECT_TRUE(WaitUntil([&] { return used() == before; })) << used() << " in use, want " << before;
+  MakeFile(P("kept"));
+  ASSERT_TRUE(Remount());
+  EXPECT_EQ(used(), before + 1);
+}
+
 // ------------------------------------------------------------------ xattrs
+
+// cp -p and mv copy a file's mode by setting its POSIX ACL, and chmod only
+// if the filesystem refuses ACLs: the copy must keep the mode either way.
+TEST_F(NamespaceTest, CopiesKeepTheirModes) {
+  TempDir src("/tmp", "deferfs-cp");
+  ASSERT_FALSE(src.path().empty());
+  ASSERT_TRUE(RunCommand({"sh", "-c", "umask 022 && echo x > " + src / "f" + " && mkdir " + src / "d" +
+                                          " && chmod 0751 " + src / "d" + " && chmod 0644 " + src / "f"})
+                  .succeeded());
+  ASSERT_TRUE(RunCommand({"cp", "-p", src / "f", P("f")}).succeeded());
+  ASSERT_TRUE(RunCommand({"cp", "-a", src / "d", P("d")}).succeeded());
+  EXPECT_EQ(Lstat(P("f")).st_mode, S_IFREG | 0644u);
+  EXPECT_EQ(Lstat(P("d")).st_mode, S_IFDIR | 0751u);
+  if (reference()) return;  // ext4 stores ACLs; deferfs refuses them
+  // user::rw- group::r-- other::r-- (the kernel checks the format first).
+  const uint8_t acl[] = {2, 0, 0, 0,                                  // version
+                         0x01, 0, 6, 0, 0xff, 0xff, 0xff, 0xff,       // ACL_USER_OBJ
+                         0x04, 0, 4, 0, 0xff, 0xff, 0xff, 0xff,       // ACL_GROUP_OBJ
+                         0x20, 0, 4, 0, 0xff, 0xff, 0xff, 0xff};      // ACL_OTHER
+  EXPECT_EQ(Err(setxattr(P("f").c_str(), "system.posix_acl_access", acl, sizeof acl, 0)), EOPNOTSUPP);
+  EXPECT_EQ(Err(setxattr(P("d").c_str(), "system.posix_acl_default", acl, sizeof acl, 0)), EOPNOTSUPP);
+  EXPECT_EQ(Err(setxattr(P("f").c_str(), "other.name", "x", 1, 0)), EOPNOTSUPP);
+  EXPECT_EQ(Err(setxattr(P("f").c_str(), "user.", "x", 1, 0)), EINVAL);
+}
 
 TEST_F(NamespaceTest, XattrsPersist) {
   MakeFile(P("f"));

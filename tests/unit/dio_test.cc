@@ -983,7 +983,7 @@ TEST_P(DioEnospcTest, FullDeviceStaysUsable) {
 
   // Unlink: all of a comes back.
   fs_->Release(a);
-  ASSERT_TRUE(fs_->Unlink(kRootIno, "a").ok());
+  ASSERT_NO_FATAL_FAILURE(UnlinkIn(fs_.get(), "a"));
   EXPECT_EQ(StatFs().f_bfree, total - kMiB / kB);
   ASSERT_TRUE(fs_->Sync().ok());
   Model m;

@@ -584,7 +584,7 @@ TEST_P(FullDeviceTest, FreedSpaceIsUsableAtOnce) {
   // Unlink a (closed): everything of it is usable right away, by every
   // allocating path.
   fs_->Release(a);
-  ASSERT_TRUE(fs_->Unlink(kRootIno, "a").ok());
+  ASSERT_NO_FATAL_FAILURE(UnlinkIn(fs_.get(), "a"));
   const auto more = Bytes(4 * kMiB, 14);
   EXPECT_EQ(Write(b, kMiB, more), static_cast<ssize_t>(more.size())) << "space freed by unlink not usable at once";
   EXPECT_EQ(Write(b, 5 * kMiB + 10, std::vector<uint8_t>(100, 0x55)), 100) << "unaligned write";

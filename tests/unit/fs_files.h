@@ -31,4 +31,15 @@ inline Inode* OpenIn(Filesystem* fs, const std::string& name) {
   return inode;
 }
 
+// Unlinks the closed file `name`, and the kernel forgets it (as it does once
+// nothing holds the inode): the inode is deleted and its blocks are freed.
+inline void UnlinkIn(Filesystem* fs, const std::string& name) {
+  struct stat st;
+  Status s = fs->Lookup(kRootIno, name, &st);
+  if (s.ok()) s = fs->Unlink(kRootIno, name);
+  ASSERT_TRUE(s.ok()) << name << ": " << s.message();
+  const Forgotten all{st.st_ino, UINT64_MAX};
+  fs->Forget(std::span(&all, 1));
+}
+
 }  // namespace deferfs

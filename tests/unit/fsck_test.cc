@@ -325,7 +325,7 @@ TEST_F(FsckTest, OrphansAreNotesAndRepairFreesThem) {
   FsckReport r = Check();
   EXPECT_TRUE(r.errors.empty()) << Lines(r.errors);
   EXPECT_TRUE(r.clean());
-  EXPECT_TRUE(HasLine(r.notes, "ino " + std::to_string(f) + ": unlinked while open (orphan), 2 blocks"));
+  EXPECT_TRUE(HasLine(r.notes, "ino " + std::to_string(f) + ": unlinked while in use (orphan), 2 blocks"));
 
   FsckReport rep = Check(true);
   EXPECT_TRUE(HasLine(rep.repairs, "ino " + std::to_string(f) + ": freed the orphan"));
