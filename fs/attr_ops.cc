@@ -120,6 +120,7 @@ Filesystem::~Filesystem() {
   pollers_.clear();
   workqueue_.reset();
   std::lock_guard ns(ns_mu_);
+  if (opt_.read_only) return;
   MetaBatch b;
   std::vector<BlockRange> freed;  // the next mount rebuilds free space from the extents
   inodes_.ForEach([&](Inode* inode) {
@@ -128,7 +129,6 @@ Filesystem::~Filesystem() {
     if (inode->rec.nlink == 0 && inode->ino != kRootIno) Destroy(inode, &b, &freed);
     else if (inode->dirty) b.PutInode(inode->rec);
   });
-  if (opt_.read_only) return;
   if (!b.empty() && !shut_down()) (void)meta_->Commit(&b);
   (void)Sync();  // unmount is a durability point, pure overwrites included
 }
@@ -268,6 +268,8 @@ Status Filesystem::GetXattr(uint64_t ino, std::string_view name, std::string* va
   std::lock_guard ns(ns_mu_);
   Inode* inode;
   DEFERFS_RETURN_IF_ERROR(GetLocked(ino, &inode));
+  // ACLs stored by an older deferfs stay hidden (removexattr still clears them).
+  DEFERFS_RETURN_IF_ERROR(CheckXattrName(name));
   return meta_->GetXattr(ino, name, value);
 }
 
@@ -279,6 +281,7 @@ Status Filesystem::ListXattr(uint64_t ino, std::string* names) {
   DEFERFS_RETURN_IF_ERROR(meta_->ListXattrs(ino, &v));
   names->clear();
   for (const auto& n : v) {
+    if (!CheckXattrName(n).ok()) continue;
     names->append(n);
     names->push_back('\0');
   }

@@ -60,18 +60,18 @@
 namespace deferfs {
 
 // Who is asking: from the FUSE request context.
-// A kernel reference count to drop (FUSE forget).
-struct Forgotten {
-  uint64_t ino;
-  uint64_t nlookup;
-};
-
 struct Caller {
   uint32_t uid = 0;
   uint32_t gid = 0;
   uint32_t umask = 0;
   // Supplementary group membership, asked only when a rule needs it.
   std::function<bool(uint32_t gid)> in_group;
+};
+
+// Kernel lookup references to drop (FUSE forget).
+struct Forgotten {
+  uint64_t ino;
+  uint64_t nlookup;
 };
 
 // Attribute changes, as FUSE setattr carries them.

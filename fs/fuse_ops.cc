@@ -3,12 +3,14 @@
 #include <fcntl.h>
 #include <sys/xattr.h>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
 #include "fs/filesystem.h"
 #include "fs/fuse_io.h"
 #include "fs/stats_ioctl.h"
+#include "fs/task_work.h"
 
 namespace deferfs {
 namespace {
@@ -35,6 +37,13 @@ Caller CallerOf(fuse_req_t req) {
 
 void ReplyErr(fuse_req_t req, const Status& st) { fuse_reply_err(req, st.err()); }
 
+// The kernel never saw the entry (the request was interrupted): it holds no
+// lookup reference to forget, so drop the one the operation counted.
+void ForgetUnreplied(Filesystem* fs, uint64_t ino) {
+  const Forgotten one{ino, 1};
+  fs->Forget(std::span(&one, 1));
+}
+
 void ReplyEntry(fuse_req_t req, const Status& st, const struct stat& attr) {
   if (!st.ok()) return ReplyErr(req, st);
   fuse_entry_param e{};
@@ -42,7 +51,7 @@ void ReplyEntry(fuse_req_t req, const Status& st, const struct stat& attr) {
   e.attr = attr;
   e.attr_timeout = kAttrTimeout;
   e.entry_timeout = kEntryTimeout;
-  fuse_reply_entry(req, &e);
+  if (fuse_reply_entry(req, &e) != 0) ForgetUnreplied(Fs(req), attr.st_ino);
 }
 
 void ReplyAttr(fuse_req_t req, const Status& st, const struct stat& attr) {
@@ -98,13 +107,16 @@ void Forget(fuse_req_t req, fuse_ino_t ino, uint64_t nlookup) {
 }
 
 void ForgetMulti(fuse_req_t req, size_t count, fuse_forget_data* forgets) {
-  // Batches are small (the kernel sends at most a few dozen): a stack copy.
-  constexpr size_t kChunk = 64;
+  // A batch fills the receive buffer (thousands, after an rm -rf). Each
+  // chunk is one commit under the namespace lock; between chunks the worker
+  // runs its deferred completions, which would otherwise wait for the lot.
+  constexpr size_t kChunk = 32;
   for (size_t i = 0; i < count; i += kChunk) {
     Forgotten chunk[kChunk];
     const size_t n = std::min(kChunk, count - i);
     for (size_t k = 0; k < n; k++) chunk[k] = {forgets[i + k].ino, forgets[i + k].nlookup};
     Fs(req)->Forget(std::span(chunk, n));
+    TaskWork::Current()->RunPending();
   }
   fuse_reply_none(req);
 }
@@ -203,7 +215,10 @@ void Create(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode, fu
   e.entry_timeout = kEntryTimeout;
   Filesystem* fs = Fs(req);
   LiveGauges::Up(fs->gauges().open_files);
-  if (fuse_reply_create(req, &e, fi) != 0) ReleaseUnreplied(fs, inode);
+  if (fuse_reply_create(req, &e, fi) != 0) {
+    ReleaseUnreplied(fs, inode);
+    ForgetUnreplied(fs, st.st_ino);
+  }
 }
 
 void Release(fuse_req_t req, fuse_ino_t, fuse_file_info* fi) {

@@ -49,8 +49,8 @@ Status Filesystem::CheckName(std::string_view name) const {
 }
 
 Status Filesystem::GetLocked(uint64_t ino, Inode** out) {
-  // An inode is deleted only once the kernel forgot it, so it cannot ask;
-  // if it does, ESTALE makes it look the name up again.
+  // An inode is deleted only once the kernel forgot it (and leaves the table
+  // then), so it cannot ask: a safety check.
   Status st = inodes_.Get(ino, out);
   if (st.err() == ENOENT || (st.ok() && (*out)->deleted)) return Status::Error(ESTALE, "stale inode");
   return st;
@@ -92,6 +92,7 @@ Status Filesystem::Lookup(uint64_t parent, std::string_view name, struct stat* o
 
 void Filesystem::Forget(std::span<const Forgotten> forgets) {
   std::lock_guard ns(ns_mu_);
+  const bool may_delete = !shut_down() && !opt_.read_only;  // else orphans wait for the next mount
   MetaBatch b;
   std::vector<BlockRange> freed;
   std::vector<Inode*> gone;
@@ -100,12 +101,16 @@ void Filesystem::Forget(std::span<const Forgotten> forgets) {
     if (inode == nullptr) continue;
     inode->nlookup -= std::min(inode->nlookup, f.nlookup);
     if (inode->nlookup > 0) continue;
-    {
+    const bool was_deleted = inode->deleted;  // the same inode twice in one batch
+    if (may_delete) {
       std::lock_guard l(inode->mu);
       MaybeDestroy(inode, &b, &freed);
     }
-    if (inode->deleted) gone.push_back(inode);
-    else inodes_.MaybeEvict(inode);
+    if (inode->deleted) {
+      if (!was_deleted) gone.push_back(inode);
+    } else {
+      inodes_.MaybeEvict(inode);
+    }
   }
   if (b.empty()) return;
   if (Status st = Commit(&b); st.ok()) {

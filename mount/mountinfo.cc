@@ -55,6 +55,9 @@ bool IsFuse(const std::string& fstype) { return fstype == "fuse" || fstype.rfind
 // Mounts stacked on one path each have the one below as their parent; the
 // order of the lines does not tell (a mount moved on top with `mount --move`
 // keeps its older place), so walk down from the one nothing is stacked on.
+// Two such (a stack under a mount that a later mount on a parent hid, and
+// a new one on top of that): the table does not say which one the path
+// reaches, and the answer is "" (for the daemon: do not unmount by path).
 std::string TopDevice(const std::string& path, bool fuse_only) {
   std::vector<Entry> stack;
   for (Entry& e : Entries()) {
@@ -63,9 +66,11 @@ std::string TopDevice(const std::string& path, bool fuse_only) {
   auto below = [&](const Entry& e) {
     return std::find_if(stack.begin(), stack.end(), [&](const Entry& b) { return b.id == e.parent; });
   };
-  auto top = std::find_if(stack.begin(), stack.end(), [&](const Entry& e) {
+  auto is_top = [&](const Entry& e) {
     return std::none_of(stack.begin(), stack.end(), [&](const Entry& above) { return above.parent == e.id; });
-  });
+  };
+  if (std::count_if(stack.begin(), stack.end(), is_top) > 1) return "";
+  auto top = std::find_if(stack.begin(), stack.end(), is_top);
   // At most one step per mount: a malformed table cannot loop us.
   for (size_t steps = 0; top != stack.end() && steps < stack.size(); steps++, top = below(*top)) {
     if (!fuse_only || IsFuse(top->fstype)) return top->device;

@@ -17,7 +17,7 @@ std::string FuseDeviceAt(const std::string& mountpoint);
 std::string MountPathOf(const std::string& device);
 
 // The device of the topmost mount of any type on `path` (the only one an
-// unmount by path reaches), or "" if none.
+// unmount by path reaches), or "" if none or if mountinfo leaves it open.
 std::string TopDeviceAt(const std::string& path);
 
 // Where a deferfs serving `backing` is mounted, as this mount namespace

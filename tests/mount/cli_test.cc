@@ -456,6 +456,14 @@ TEST_F(CliTest, SignalledDaemonDoesNotUnmountAFilesystemOnTopOfIt) {
 TEST_F(CliTest, SignalledDaemonDoesNotUnmountAMountMovedOnTopOfIt) {
   const std::string img = tmp_ / "fs.img", older = tmp_ / "older";
   ASSERT_NO_FATAL_FAILURE(Mkfs(img));
+  // MS_MOVE refuses a mount under a shared one (systemd's default for /):
+  // both mounts go under a private bind of the test's directory.
+  ASSERT_EQ(mount(tmp_.path().c_str(), tmp_.path().c_str(), nullptr, MS_BIND, nullptr), 0) << strerror(errno);
+  struct Unbind {  // last: after the guards below unmounted what is inside
+    std::string path;
+    ~Unbind() { umount2(path.c_str(), MNT_DETACH); }
+  } unbind{tmp_.path()};
+  ASSERT_EQ(mount(nullptr, tmp_.path().c_str(), nullptr, MS_PRIVATE, nullptr), 0) << strerror(errno);
   ASSERT_EQ(mkdir(older.c_str(), 0755), 0);
   ASSERT_EQ(mount("deferfs-test", older.c_str(), "tmpfs", 0, "size=1m"), 0) << strerror(errno);
   MountGuard older_guard(older, "");

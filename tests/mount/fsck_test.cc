@@ -352,7 +352,11 @@ TEST_F(FsckMountTest, AppendsRacingUnlinksLeaveNothingBehind) {
   int appends = 0;
   for (auto end = std::chrono::steady_clock::now() + std::chrono::seconds(2); std::chrono::steady_clock::now() < end;) {
     UniqueFd fd(open(f.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644));
-    if (fd.ok() && write(fd.get(), "data\n", 5) == 5) appends++;
+    if (!fd.ok()) {
+      ADD_FAILURE() << "open with O_CREAT failed: " << strerror(errno);
+      break;
+    }
+    if (write(fd.get(), "data\n", 5) == 5) appends++;
   }
   stop = true;
   remover.join();

@@ -9,6 +9,7 @@
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -34,6 +35,12 @@
 namespace deferfs_test {
 
 // ------------------------------------------------------------ mount variants
+
+inline struct statvfs StatVfs(const std::string& path) {
+  struct statvfs sv{};
+  if (statvfs(path.c_str(), &sv) != 0) ADD_FAILURE() << "statvfs " << path << ": " << strerror(errno);
+  return sv;
+}
 
 inline const std::vector<std::string>& AllModes() {
   static const std::vector<std::string> modes = {"inline", "workqueue", "defer", "auto", "sync"};

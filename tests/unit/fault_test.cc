@@ -557,6 +557,26 @@ class FullDeviceTest : public FaultDioTest {
   uint64_t DeviceBytes() const override { return 20 * kMiB; }
 };
 
+// An unlinked inode lives while the kernel knows it or a file has it open:
+// here the kernel forgets it first, and the last close deletes it.
+TEST_P(FullDeviceTest, UnlinkedInodeGoesWhenTheLastOpenAndTheKernelLetGo) {
+  const uint64_t empty = FreeBlocks();
+  Inode* a = Create("a");  // open, and one kernel reference
+  ASSERT_NE(a, nullptr);
+  ASSERT_EQ(Write(a, 0, Bytes(kMiB, 1)), static_cast<ssize_t>(kMiB));
+  const uint64_t ino = a->rec.ino;
+  ASSERT_TRUE(fs_->Unlink(kRootIno, "a").ok());
+  const Forgotten all{ino, UINT64_MAX};
+  fs_->Forget(std::span(&all, 1));
+  struct stat st;
+  ASSERT_TRUE(fs_->GetAttr(ino, &st).ok()) << "deleted while open";
+  EXPECT_EQ(st.st_nlink, 0u);
+  EXPECT_EQ(FreeBlocks(), empty - kMiB / kB);
+  fs_->Release(a);
+  EXPECT_EQ(fs_->GetAttr(ino, &st).err(), ESTALE) << "still there after the last close";
+  EXPECT_EQ(FreeBlocks(), empty);
+}
+
 TEST_P(FullDeviceTest, FreedSpaceIsUsableAtOnce) {
   Inode* a = Create("a");
   Inode* b = Create("b");
