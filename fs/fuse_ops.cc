@@ -51,7 +51,8 @@ void ReplyEntry(fuse_req_t req, const Status& st, const struct stat& attr) {
   e.attr = attr;
   e.attr_timeout = kAttrTimeout;
   e.entry_timeout = kEntryTimeout;
-  if (fuse_reply_entry(req, &e) != 0) ForgetUnreplied(Fs(req), attr.st_ino);
+  Filesystem* fs = Fs(req);  // a reply frees req, sent or not
+  if (fuse_reply_entry(req, &e) != 0) ForgetUnreplied(fs, attr.st_ino);
 }
 
 void ReplyAttr(fuse_req_t req, const Status& st, const struct stat& attr) {
