@@ -270,10 +270,14 @@ TEST_P(FullDeviceTest, SpaceFreedByPunchOrUnlinkIsUsableAtOnce) {
   ASSERT_EQ(fallocate(fill.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, kMiB), 0) << strerror(errno);
   EXPECT_EQ(DirectPwrite(b.get(), mib, 0), 0) << "space freed by punch";
   fill.reset();
-  const uint64_t before_unlink = StatVfs(fs.root()).f_bavail;
+  auto free_bytes = [&] {
+    struct statvfs sv = StatVfs(fs.root());
+    return sv.f_bavail * sv.f_frsize;
+  };
+  const uint64_t before_unlink = free_bytes();
   ASSERT_EQ(unlink(fs.path("fill").c_str()), 0);
   // The blocks come back when the kernel forgets the inode, just after.
-  ASSERT_TRUE(WaitUntil([&] { return StatVfs(fs.root()).f_bavail * 4096 > before_unlink * 4096 + 4 * kMiB; }));
+  ASSERT_TRUE(WaitUntil([&] { return free_bytes() > before_unlink + 4 * kMiB; }));
   Data more(1024, 8);
   EXPECT_EQ(DirectPwrite(b.get(), more, kMiB), 0) << "space freed by unlink";
   {
