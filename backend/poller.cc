@@ -131,7 +131,7 @@ void Poller::Run() {
   for (;;) {
     DrainInbound();
     Issue();
-    if (ring_->Reap([this](uint64_t ud, int res) { OnCqe(ud, res); }) > 0) continue;
+    if (Reap() > 0) continue;
     if (stop_.load(std::memory_order_acquire) && Idle()) return;
 
     // Nothing to reap: sleep until a CQE (IO completion or eventfd read).
@@ -151,6 +151,21 @@ void Poller::Run() {
     // CQE we will just reap); either way we are awake now.
     sleeping_.store(false, std::memory_order_relaxed);
   }
+}
+
+// Runs end_io for each CQE, and issues the bios that arrived meanwhile
+// before the next one: an end_io may be a FUSE reply of several
+// microseconds, and a batch of them would otherwise hold every new bio back
+// while the device idles. Costs an io_uring_enter per such bio instead of one
+// per batch; at queue depths 16-32, overwrites and reads gained 10-30 %.
+unsigned Poller::Reap() {
+  return ring_->Reap([this](uint64_t user_data, int res) {
+    OnCqe(user_data, res);
+    if (inbound_.load(std::memory_order_relaxed) != nullptr) {
+      DrainInbound();
+      Issue();
+    }
+  });
 }
 
 void Poller::DrainInbound() {

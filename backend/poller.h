@@ -81,6 +81,7 @@ class Poller {
   void ThreadMain(std::promise<Status>* ready);
   Status Setup();
   void Run();
+  unsigned Reap();
   void DrainInbound();
   bool Valid(const Bio& bio) const;
   void Issue();

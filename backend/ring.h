@@ -53,18 +53,21 @@ class Ring {
     return io_uring_wait_cqe(&ring_, &cqe);
   }
 
-  // Calls fn(user_data, res) for every CQE available now, then releases them
-  // to the kernel in one store. fn may prepare new SQEs but must not reap.
+  // Calls fn(user_data, res) for every CQE available, including those posted
+  // while it runs, consuming each before its fn: fn may prepare and submit
+  // new SQEs (their CQEs find the room) but must not reap.
   template <class Fn>
   unsigned Reap(Fn&& fn) {
-    unsigned head;
     unsigned n = 0;
+    unsigned head;
     struct io_uring_cqe* cqe;
-    io_uring_for_each_cqe(&ring_, head, cqe) {
-      fn(cqe->user_data, cqe->res);
+    io_uring_for_each_cqe(&ring_, head, cqe) {  // re-reads the tail each step
+      const uint64_t user_data = cqe->user_data;
+      const int res = cqe->res;
+      io_uring_cq_advance(&ring_, 1);  // khead follows `head`
+      fn(user_data, res);
       ++n;
     }
-    io_uring_cq_advance(&ring_, n);
     return n;
   }
 

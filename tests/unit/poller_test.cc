@@ -437,6 +437,74 @@ TEST_F(PollerTest, SubmitFromEndIoIsServed) {
   EXPECT_EQ(poller_->stats().submitted, 100u);
 }
 
+TEST_F(PollerTest, BioFromEndIoIsIssuedBeforeTheNextCompletionRuns) {
+  // A bio that arrives while completions are run goes to the device before
+  // the next end_io: a batch of FUSE replies must not hold it back. The
+  // first end_io submits one and sleeps, so that the rest of the batch has
+  // completed (its CQEs are posted when the sleep returns); the next end_io
+  // must find it submitted. The batch is submitted by a starter bio's end_io
+  // so that it is issued whole.
+  OpenDevice(1 << 20);
+  StartPoller();
+  constexpr int kBatch = 8;
+  struct Probe {
+    Poller* poller;
+    Bio extra;
+    std::atomic<int> end_ios{0};
+    uint64_t batches_before = 0;
+    std::atomic<bool> checked{false}, issued_first{false};
+    std::vector<Bio>* batch = nullptr;
+    Waiter done;
+  } probe{poller_.get(), {}, {}, 0, {}, {}, nullptr, {}};
+  AlignedBuffer extra_buf(4096, align_);
+  probe.extra.op = Bio::Op::kRead;
+  probe.extra.buf = extra_buf.data();
+  probe.extra.len = 4096;
+  probe.extra.private_data = &probe;
+  probe.extra.end_io = [](Bio* b) { static_cast<Probe*>(b->private_data)->done.Done(); };
+  std::vector<AlignedBuffer> bufs;
+  std::vector<Bio> bios(kBatch);
+  for (int i = 0; i < kBatch; ++i) {
+    bufs.emplace_back(4096, align_);
+    bios[i].op = Bio::Op::kRead;
+    bios[i].dev_offset = static_cast<uint64_t>(i) * 4096;
+    bios[i].buf = bufs.back().data();
+    bios[i].len = 4096;
+    bios[i].private_data = &probe;
+    bios[i].end_io = [](Bio* b) {
+      auto* p = static_cast<Probe*>(b->private_data);
+      const int nth = p->end_ios.fetch_add(1) + 1;
+      if (nth == 1) {
+        p->batches_before = p->poller->stats().submit_batches;
+        p->poller->Submit(&p->extra);
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      } else if (nth == 2) {
+        p->issued_first = p->poller->stats().submit_batches > p->batches_before;
+        p->checked = true;
+      }
+      p->done.Done();
+    };
+  }
+  probe.batch = &bios;
+  Bio starter;
+  AlignedBuffer starter_buf(4096, align_);
+  starter.op = Bio::Op::kRead;
+  starter.buf = starter_buf.data();
+  starter.len = 4096;
+  starter.private_data = &probe;
+  starter.end_io = [](Bio* b) {
+    auto* p = static_cast<Probe*>(b->private_data);
+    for (Bio& bio : *p->batch) p->poller->Submit(&bio);
+  };
+  StopPollerAtExit stop_first(poller_);
+  poller_->Submit(&starter);
+  ASSERT_TRUE(probe.done.Wait(kBatch + 1));
+  ASSERT_TRUE(probe.checked.load());
+  EXPECT_TRUE(probe.issued_first.load());
+  for (const Bio& b : bios) EXPECT_EQ(b.result, 4096);
+  EXPECT_EQ(probe.extra.result, 4096);
+}
+
 TEST_F(PollerTest, CreateFailsCleanlyOnBadOptions) {
   OpenDevice(1 << 20);
   std::unique_ptr<Poller> p;
