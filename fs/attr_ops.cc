@@ -176,7 +176,7 @@ Status Filesystem::GetAttr(uint64_t ino, struct stat* out) {
 }
 
 Status Filesystem::SetAttr(uint64_t ino, const SetAttrRequest& req, struct stat* out) {
-  DEFERFS_RETURN_IF_ERROR(CheckLive());
+  DEFERFS_RETURN_IF_ERROR(CheckWritable());
   Inode* inode;
   {
     // The kernel holds the inode for the whole request: it stays cached
@@ -243,7 +243,7 @@ Status Filesystem::StatFs(struct statvfs* out) {
 }
 
 Status Filesystem::SetXattr(uint64_t ino, std::string_view name, std::string_view value, int flags) {
-  DEFERFS_RETURN_IF_ERROR(CheckLive());
+  DEFERFS_RETURN_IF_ERROR(CheckWritable());
   DEFERFS_RETURN_IF_ERROR(CheckXattrName(name));
   std::lock_guard ns(ns_mu_);
   Inode* inode;
@@ -289,7 +289,7 @@ Status Filesystem::ListXattr(uint64_t ino, std::string* names) {
 }
 
 Status Filesystem::RemoveXattr(uint64_t ino, std::string_view name) {
-  DEFERFS_RETURN_IF_ERROR(CheckLive());
+  DEFERFS_RETURN_IF_ERROR(CheckWritable());
   std::lock_guard ns(ns_mu_);
   Inode* inode;
   DEFERFS_RETURN_IF_ERROR(GetLocked(ino, &inode));

@@ -161,8 +161,9 @@ ssize_t Filesystem::ReadIter(Kiocb* iocb, IoBuffer* buf, size_t len, size_t* dat
 }
 
 ssize_t Filesystem::WriteIter(Kiocb* iocb, IoBuffer* buf, const uint8_t* data, size_t len) {
-  // Even a pure overwrite, which commits nothing: a shut-down fs takes no data.
-  if (shut_down()) return -EIO;
+  // Even a pure overwrite, which commits nothing: a shut-down or read-only
+  // fs takes no data.
+  if (opt_.read_only || shut_down()) [[unlikely]] return opt_.read_only ? -EROFS : -EIO;
   Inode* inode = iocb->inode;
   const uint64_t pos = iocb->pos;
   if (Aligned(pos) && Aligned(len) && Aligned(reinterpret_cast<uintptr_t>(data))) {
@@ -355,7 +356,7 @@ Status Filesystem::Fallocate(Inode* inode, int mode, uint64_t off, uint64_t len)
     return Status::Error(EOPNOTSUPP, "fallocate mode not supported");
   }
   if (len == 0 || off + len < off) return Status::Invalid("bad fallocate range");
-  DEFERFS_RETURN_IF_ERROR(CheckLive());
+  DEFERFS_RETURN_IF_ERROR(CheckWritable());
   const uint64_t end = off + len;
   const bool keep_size = (mode & FALLOC_FL_KEEP_SIZE) || kind == FALLOC_FL_PUNCH_HOLE;
 

@@ -91,7 +91,11 @@ struct FsOptions {
   unsigned ring_depth = 256;
   unsigned io_buffers = 128;  // 1 MiB + 4 KiB each, registered with every ring
   unsigned workers = 1;       // reported only: the worker loop lives in mount/
-  bool read_only = false;     // mounted ro: the kernel refuses writes; we commit nothing
+  bool read_only = false;     // mounted ro: every change fails with EROFS; we commit nothing
+  // Mounted sync: every write is O_SYNC and every commit a durability point.
+  bool sync = false;
+  // Mounted dirsync (or sync): a change to a directory is durable when it returns.
+  bool dirsync = false;
   // Seconds between background metadata commits (fs/journal_commit.h): the
   // most a crash can lose of what was never fsync'ed.
   unsigned commit_interval_s = 5;
@@ -180,6 +184,10 @@ class Filesystem {
   // change (and fsync) fails with EIO and reads keep working, so the store
   // never silently falls behind the device (XFS's shutdown). Sticky until unmount.
   bool shut_down() const { return shutdown_.load(std::memory_order_acquire); }
+  // Mounted ro. The kernel's ro flag alone does not hold: a remount by
+  // mount(2) can drop it without asking us, so every change checks this too.
+  bool read_only() const { return opt_.read_only; }
+  bool synchronous() const { return opt_.sync; }
 
   const Superblock& superblock() const { return sb_; }
   const Device& device() const { return *dev_; }
@@ -206,8 +214,11 @@ class Filesystem {
  private:
   Status Recover();
   Status Start();
-  // EIO once shut down: the first check of every operation that changes something.
+  // EIO once shut down.
   Status CheckLive() const;
+  // EROFS on a read-only mount, else CheckLive(): the first check of every
+  // operation that changes something.
+  Status CheckWritable() const;
   // For a failed metadata write: shuts down (logging once) and returns EIO.
   Status MetaFailed(const Status& st);
   // The write end_io the dio engine calls (fs/file_ops.cc): finished writes

@@ -189,6 +189,9 @@ void Link(fuse_req_t req, fuse_ino_t ino, fuse_ino_t newparent, const char* newn
 }
 
 void Open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
+  if (((fi->flags & O_ACCMODE) != O_RDONLY || (fi->flags & O_TRUNC)) && Fs(req)->read_only()) {
+    return ReplyErr(req, Status::Error(EROFS, "mounted read-only"));
+  }
   Inode* inode;
   Status s = Fs(req)->Open(ino, &inode);
   if (!s.ok()) return ReplyErr(req, s);

@@ -61,6 +61,11 @@ Status Filesystem::CheckLive() const {
   return Status::IoError("the filesystem was shut down after a metadata store failure");
 }
 
+Status Filesystem::CheckWritable() const {
+  if (opt_.read_only) return Status::Error(EROFS, "the filesystem is mounted read-only");
+  return CheckLive();
+}
+
 Status Filesystem::MetaFailed(const Status& st) {
   // The first failure wins the log line; whatever raced it is EIO as well.
   if (!shutdown_.exchange(true, std::memory_order_acq_rel)) {
@@ -72,8 +77,8 @@ Status Filesystem::MetaFailed(const Status& st) {
 }
 
 Status Filesystem::Commit(MetaBatch* b, bool sync) {
-  DEFERFS_RETURN_IF_ERROR(CheckLive());
-  Status st = meta_->Commit(b, sync);
+  DEFERFS_RETURN_IF_ERROR(CheckWritable());  // a store opened read-only would refuse it as a failure
+  Status st = meta_->Commit(b, sync || opt_.sync);
   return st.ok() ? st : MetaFailed(st);
 }
 
@@ -125,7 +130,7 @@ void Filesystem::Forget(std::span<const Forgotten> forgets) {
 
 Status Filesystem::CreateNode(const Caller& c, uint64_t parent_ino, std::string_view name, uint32_t mode,
                               uint64_t rdev, std::string_view target, struct stat* out) {
-  DEFERFS_RETURN_IF_ERROR(CheckLive());
+  DEFERFS_RETURN_IF_ERROR(CheckWritable());
   DEFERFS_RETURN_IF_ERROR(CheckName(name));
   if (S_ISLNK(mode) && target.size() > kSymlinkMax) return Status::Error(ENAMETOOLONG, "symlink target too long");
   std::lock_guard ns(ns_mu_);
@@ -176,7 +181,7 @@ Status Filesystem::CreateNode(const Caller& c, uint64_t parent_ino, std::string_
   b.PutInode(prec);
   b.PutNextIno(next_ino_ + 1);
   if (S_ISLNK(mode)) b.PutSymlink(rec.ino, target);
-  DEFERFS_RETURN_IF_ERROR(Commit(&b));
+  DEFERFS_RETURN_IF_ERROR(Commit(&b, opt_.dirsync));
 
   next_ino_++;
   live_inodes_++;
@@ -211,7 +216,7 @@ Status Filesystem::Create(const Caller& c, uint64_t parent, std::string_view nam
 }
 
 Status Filesystem::Link(uint64_t ino, uint64_t parent_ino, std::string_view name, struct stat* out) {
-  DEFERFS_RETURN_IF_ERROR(CheckLive());
+  DEFERFS_RETURN_IF_ERROR(CheckWritable());
   DEFERFS_RETURN_IF_ERROR(CheckName(name));
   std::lock_guard ns(ns_mu_);
   Inode *inode, *parent;
@@ -237,7 +242,7 @@ Status Filesystem::Link(uint64_t ino, uint64_t parent_ino, std::string_view name
   b.PutDirEntry(parent_ino, e);
   b.PutInode(prec);
   b.PutInode(rec);
-  DEFERFS_RETURN_IF_ERROR(Commit(&b));
+  DEFERFS_RETURN_IF_ERROR(Commit(&b, opt_.dirsync));
   parent->rec = prec;
   inode->rec = rec;
   inode->nlookup++;
@@ -289,7 +294,7 @@ Status Filesystem::Unlink(uint64_t parent, std::string_view name) { return Remov
 Status Filesystem::Rmdir(uint64_t parent, std::string_view name) { return RemoveEntry(parent, name, true); }
 
 Status Filesystem::RemoveEntry(uint64_t parent_ino, std::string_view name, bool rmdir) {
-  DEFERFS_RETURN_IF_ERROR(CheckLive());
+  DEFERFS_RETURN_IF_ERROR(CheckWritable());
   DEFERFS_RETURN_IF_ERROR(CheckName(name));
   std::lock_guard ns(ns_mu_);
   DirEntry e;
@@ -309,7 +314,7 @@ Status Filesystem::RemoveEntry(uint64_t parent_ino, std::string_view name, bool 
   MetaBatch b;
   std::vector<BlockRange> freed;
   DropLink(parent, e, victim, NowNs(), &b, &freed);
-  Status st = Commit(&b);
+  Status st = Commit(&b, opt_.dirsync);
   if (!st.ok()) {
     parent->rec = psave;
     victim->rec = vsave;
@@ -324,7 +329,7 @@ Status Filesystem::RemoveEntry(uint64_t parent_ino, std::string_view name, bool 
 
 Status Filesystem::Rename(uint64_t sp_ino, std::string_view sname, uint64_t dp_ino, std::string_view dname,
                           unsigned flags) {
-  DEFERFS_RETURN_IF_ERROR(CheckLive());
+  DEFERFS_RETURN_IF_ERROR(CheckWritable());
   DEFERFS_RETURN_IF_ERROR(CheckName(sname));
   DEFERFS_RETURN_IF_ERROR(CheckName(dname));
   if (flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE)) return Status::Invalid("unsupported rename flags");
@@ -410,7 +415,7 @@ Status Filesystem::Rename(uint64_t sp_ino, std::string_view sname, uint64_t dp_i
   b.PutInode(src->rec);
   if (dstn && !dstn->deleted) b.PutInode(dstn->rec);
 
-  Status st = Commit(&b);
+  Status st = Commit(&b, opt_.dirsync);
   if (!st.ok()) {
     sp->rec = sp_save;
     dp->rec = dp_save;

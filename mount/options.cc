@@ -86,6 +86,7 @@ Status ParseOne(std::string_view opt, MountOptions* o) {
   for (std::string_view f : kIgnored) {
     if (opt == f) return Status::Ok();
   }
+  if (opt == "remount") return Status::Invalid("remounting a deferfs is not supported: unmount and mount again");
   if (opt == "fault_inject") {
     o->fault_inject = true;
     return Status::Ok();
@@ -101,6 +102,9 @@ Status ParseOne(std::string_view opt, MountOptions* o) {
     if (opt != f) continue;
     if (opt == "ro") o->read_only = true;
     if (opt == "rw") o->read_only = false;
+    if (opt == "sync") o->sync = true;
+    if (opt == "async") o->sync = false;
+    if (opt == "dirsync") o->dirsync = true;
     if (opt != "default_permissions") o->fuse_opts.emplace_back(opt);  // always on: see mount
     return Status::Ok();
   }

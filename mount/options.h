@@ -34,6 +34,8 @@ struct MountOptions {
   FuseTransport transport = FuseTransport::kDev;
   unsigned uring_depth = 0;  // FUSE ring entries per kernel queue (per CPU); 0: derived
   bool read_only = false;
+  bool sync = false;     // `sync`: every write O_SYNC, every change durable on return
+  bool dirsync = false;  // `dirsync`: directory changes durable on return
   bool fault_inject = false;  // testing only: pollers fail tagged bios (backend/fault_inject.h)
   LogLevel log_level = LogLevel::kInfo;
   // Options for libfuse/the kernel mount (allow_other, ro, fsname=...), in order.

@@ -312,7 +312,8 @@ TEST_F(CliTest, MountRejectsBadOptions) {
   const auto meta = TreeState(img + ".meta");
   const std::vector<std::pair<std::string, std::string>> cases{
       {"bogus=1", "bogus"},          {"workers=0", "workers"},   {"workers=abc", "workers"},
-      {"completion=fast", "completion"}, {"workers=", "workers"}, {"allow_other,bogus", "bogus"}};
+      {"completion=fast", "completion"}, {"workers=", "workers"}, {"allow_other,bogus", "bogus"},
+      {"remount", "unmount and mount again"}};
   for (const auto& [opt, mention] : cases) {
     SCOPED_TRACE("-o " + opt);
     EXPECT_TRUE(IsCliError(MountBg(img, {"-o", opt}), mention));

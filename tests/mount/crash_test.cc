@@ -24,6 +24,7 @@
 #include <signal.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
+#include <sys/xattr.h>
 #include <unistd.h>
 
 #include <cinttypes>
@@ -505,6 +506,65 @@ TEST(CrashTimestampTest, OSyncOverwriteMakesItsMtimeDurable) {
   std::vector<uint8_t> data = ReadAllDirect(path);
   ASSERT_EQ(data.size(), kBlock);
   EXPECT_EQ(data[100], 'b');
+}
+
+// `dirsync`: every change to a directory is durable when the call returns,
+// with no fsync and the background commit far away.
+TEST(SyncMountTest, DirsyncMakesDirectoryChangesDurable) {
+  MountConfig cfg;
+  cfg.options = {"dirsync", "commit=300"};
+  MountedFs fs(cfg);
+  ASSERT_TRUE(fs.ok());
+  ASSERT_EQ(mkdir(fs.path("d").c_str(), 0755), 0);
+  ASSERT_EQ(mkdir(fs.path("gone").c_str(), 0755), 0);
+  {
+    UniqueFd fd(open(fs.path("d/f").c_str(), O_CREAT | O_WRONLY | O_CLOEXEC, 0644));
+    ASSERT_TRUE(fd.ok()) << strerror(errno);
+  }
+  ASSERT_EQ(rename(fs.path("d/f").c_str(), fs.path("d/g").c_str()), 0);
+  ASSERT_EQ(link(fs.path("d/g").c_str(), fs.path("h").c_str()), 0);
+  ASSERT_EQ(symlink("d/g", fs.path("s").c_str()), 0);
+  ASSERT_EQ(rmdir(fs.path("gone").c_str()), 0);
+  ASSERT_TRUE(fs.Crash());
+  ASSERT_TRUE(fs.Mount());
+  struct stat st{};
+  ASSERT_EQ(stat(fs.path("d/g").c_str(), &st), 0) << strerror(errno);
+  EXPECT_EQ(st.st_nlink, 2u);
+  EXPECT_EQ(Err(access(fs.path("d/f").c_str(), F_OK)), ENOENT);
+  EXPECT_EQ(stat(fs.path("h").c_str(), &st), 0);
+  char target[16] = {};
+  EXPECT_EQ(readlink(fs.path("s").c_str(), target, sizeof(target) - 1), 3);
+  EXPECT_STREQ(target, "d/g");
+  EXPECT_EQ(Err(access(fs.path("gone").c_str(), F_OK)), ENOENT);
+}
+
+// `sync`: writes are O_SYNC (the kernel does not say so for a direct_io
+// file) and every change is durable on return: data, mode, xattr, names.
+TEST(SyncMountTest, SyncMakesWritesAndChangesDurable) {
+  MountConfig cfg;
+  cfg.options = {"sync", "commit=300"};
+  MountedFs fs(cfg);
+  ASSERT_TRUE(fs.ok());
+  const std::string path = fs.path("f");
+  AlignedBuf buf(kBlock);
+  std::memset(buf.data(), 's', kBlock);
+  {
+    UniqueFd fd(open(path.c_str(), O_CREAT | O_RDWR | O_DIRECT | O_CLOEXEC, 0644));
+    ASSERT_TRUE(fd.ok()) << strerror(errno);
+    ASSERT_EQ(PwriteFull(fd.get(), buf.data(), kBlock, 0), 0);
+  }
+  ASSERT_EQ(chmod(path.c_str(), 0600), 0);
+  ASSERT_EQ(setxattr(path.c_str(), "user.k", "v", 1, 0), 0);
+  ASSERT_TRUE(fs.Crash());
+  ASSERT_TRUE(fs.Mount());
+  struct stat st{};
+  ASSERT_EQ(stat(path.c_str(), &st), 0) << strerror(errno);
+  EXPECT_EQ(st.st_mode & 07777, 0600u);
+  char v[4] = {};
+  EXPECT_EQ(getxattr(path.c_str(), "user.k", v, sizeof(v)), 1);
+  std::vector<uint8_t> data = ReadAllDirect(path);
+  ASSERT_EQ(data.size(), kBlock);
+  EXPECT_EQ(data[100], 's');
 }
 
 // The ordering as `deferfs stats` counts it: commits stay in memory until a

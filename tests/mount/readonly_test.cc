@@ -2,10 +2,12 @@
 // the daemon writes nothing: not a commit (the next read-write mount sees the
 // same tree), not a byte of the metadata directory.
 #include <fcntl.h>
+#include <sys/mount.h>
 #include <sys/stat.h>
 #include <sys/xattr.h>
 #include <unistd.h>
 
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -143,6 +145,63 @@ TEST(ReadOnlyMountTest, RefusesChangesWithErofsAndServesReads) {
   EXPECT_EQ(after.st_mtim.tv_sec, before.st_mtim.tv_sec);
   EXPECT_EQ(after.st_mtim.tv_nsec, before.st_mtim.tv_nsec);
   EXPECT_EQ(after.st_ctim.tv_nsec, before.st_ctim.tv_nsec);
+}
+
+// The kernel's ro flag is not ours to trust: mount(2) with MS_REMOUNT (as
+// `mount -i -o remount,rw`) drops it without asking the daemon. The daemon
+// still refuses every change, and does not shut down over it.
+TEST(ReadOnlyMountTest, RemountedReadWriteBehindItsBackStillRefusesChanges) {
+  if (getenv("DEFERFS_TEST_DIR") != nullptr) GTEST_SKIP() << "needs deferfs itself";
+  TempDir tmp;
+  const std::string img = tmp / "fs.img";
+  RunResult mkfs = RunDeferfs({"mkfs", img, "--size", "64M"});
+  ASSERT_TRUE(mkfs.succeeded()) << mkfs.Describe();
+  const std::string data(4096, 'a');
+  {
+    MountedFs rw(MountConfig::Existing(img));
+    ASSERT_TRUE(rw.ok());
+    UniqueFd fd(open(rw.path("f").c_str(), O_CREAT | O_RDWR, 0644));
+    ASSERT_TRUE(fd.ok()) << strerror(errno);
+    ASSERT_EQ(pwrite(fd.get(), data.data(), data.size(), 0), 4096);
+    ASSERT_EQ(fsync(fd.get()), 0);
+  }
+
+  const std::string mnt = tmp / "mnt";
+  ASSERT_EQ(mkdir(mnt.c_str(), 0755), 0);
+  {
+    BackgroundMount ro(img, mnt, "ro");
+    ASSERT_TRUE(ro.ok());
+    ASSERT_EQ(mount(nullptr, mnt.c_str(), nullptr, MS_REMOUNT, nullptr), 0) << strerror(errno);
+    const std::string f = ro.path("f");
+    EXPECT_EQ(Err(open(f.c_str(), O_RDWR | O_DIRECT)), EROFS);
+    EXPECT_EQ(Err(open(f.c_str(), O_WRONLY)), EROFS);
+    EXPECT_EQ(Err(open(f.c_str(), O_RDONLY | O_TRUNC)), EROFS);
+    EXPECT_EQ(Err(open(ro.path("new").c_str(), O_CREAT | O_WRONLY, 0644)), EROFS);
+    EXPECT_EQ(Err(mkdir(ro.path("d").c_str(), 0755)), EROFS);
+    EXPECT_EQ(Err(mknod(ro.path("p").c_str(), S_IFIFO | 0644, 0)), EROFS);
+    EXPECT_EQ(Err(symlink("f", ro.path("s").c_str())), EROFS);
+    EXPECT_EQ(Err(link(f.c_str(), ro.path("h").c_str())), EROFS);
+    EXPECT_EQ(Err(rename(f.c_str(), ro.path("g").c_str())), EROFS);
+    EXPECT_EQ(Err(chmod(f.c_str(), 0600)), EROFS);
+    EXPECT_EQ(Err(truncate(f.c_str(), 0)), EROFS);
+    EXPECT_EQ(Err(setxattr(f.c_str(), "user.k", "v", 1, 0)), EROFS);
+    EXPECT_EQ(Err(removexattr(f.c_str(), "user.k")), EROFS);
+    EXPECT_EQ(Err(unlink(f.c_str())), EROFS);
+    // Reads go on: the refusals did not shut the filesystem down.
+    UniqueFd fd(open(f.c_str(), O_RDONLY));
+    ASSERT_TRUE(fd.ok()) << strerror(errno);
+    std::string back(4096, '\0');
+    EXPECT_EQ(pread(fd.get(), back.data(), back.size(), 0), 4096);
+    EXPECT_EQ(back, data);
+  }
+
+  MountedFs rw(MountConfig::Existing(img));
+  ASSERT_TRUE(rw.ok());
+  std::ifstream in(rw.path("f"), std::ios::binary);
+  std::ostringstream bytes;
+  bytes << in.rdbuf();
+  EXPECT_EQ(bytes.str(), data);
+  EXPECT_EQ(Err(access(rw.path("g").c_str(), F_OK)), ENOENT);
 }
 
 }  // namespace
