@@ -332,13 +332,17 @@ Status Filesystem::TruncateLocked(Inode* inode, uint64_t size, int64_t now) {
   if (size < old && !Aligned(size)) DEFERFS_RETURN_IF_ERROR(ZeroPartialBlock(inode, size, RoundUp(size)));
   std::lock_guard l(inode->mu);
   ExtentDelta delta;
-  if (size < old) {
+  if (size <= old) {
+    // Also to the same size, as ext4: blocks preallocated past EOF (KEEP_SIZE)
+    // go. The block holding EOF stays.
     uint64_t first = RoundUp(size) >> kBlockShift;
     inode->extents.Punch(first, UINT64_MAX - first, &delta);
   }
   InodeRecord rec = inode->rec;
   rec.size = size;
-  if (size != old) rec.mtime_ns = rec.ctime_ns = now;
+  // Even to the same size (open O_TRUNC, ftruncate), as ext4: the kernel
+  // leaves that mtime to us. An explicit one in the same SETATTR wins after.
+  rec.mtime_ns = rec.ctime_ns = now;
   MetaBatch b;
   ApplyDelta(inode->ino, delta, &b);
   b.PutInode(rec);
@@ -359,12 +363,40 @@ Status Filesystem::Fallocate(Inode* inode, int mode, uint64_t off, uint64_t len)
   DEFERFS_RETURN_IF_ERROR(CheckWritable());
   const uint64_t end = off + len;
   const bool keep_size = (mode & FALLOC_FL_KEEP_SIZE) || kind == FALLOC_FL_PUNCH_HOLE;
+  // Whole blocks: preallocation covers partial edge blocks; punch and zero
+  // leave those to ZeroPartialBlock.
+  const uint64_t first = (kind == 0 ? RoundDown(off) : RoundUp(off)) >> kBlockShift;
+  const uint64_t last = (kind == 0 ? RoundUp(end) : RoundDown(end)) >> kBlockShift;
 
   inode->iolock.Lock();
   inode_dio_wait(inode);
   Status st;
+  // All or nothing (on a full device nothing is left half-done): the blocks
+  // are taken before the file changes, and go straight back to the allocator
+  // if the call fails, since no commit ever referenced them.
+  std::vector<Extent> fresh;
+  if (kind != FALLOC_FL_PUNCH_HOLE) {
+    std::lock_guard l(inode->mu);
+    uint64_t goal = inode->extents.last_pblk_hint();
+    for (uint64_t b = first; b < last;) {
+      Extent e;
+      uint64_t hole = last - b;  // zero range: all of it, punched below
+      if (kind == 0 && inode->extents.Find(b, &e, &hole)) {
+        b += e.len;
+        continue;
+      }
+      BlockRange r;
+      const uint64_t want = std::min(hole, last - b);
+      st = alloc_->Allocate(goal, want, &r);
+      if (st.err() == ENOSPC && ReclaimFreedBlocks()) st = alloc_->Allocate(goal, want, &r);
+      if (!st.ok()) break;
+      fresh.push_back(Extent{b, r.len, r.start, ExtentState::kUnwritten});  // reads as zeros
+      goal = r.start + r.len;
+      b += r.len;
+    }
+  }
   // Punch and zero: partial blocks at the edges are zeroed in place.
-  if (kind != 0) {
+  if (st.ok() && kind != 0) {
     uint64_t head_end = std::min(end, RoundUp(off));
     if (!Aligned(off)) st = ZeroPartialBlock(inode, off, head_end);
     if (st.ok() && !Aligned(end) && RoundDown(end) >= RoundUp(off)) st = ZeroPartialBlock(inode, RoundDown(end), end);
@@ -373,44 +405,26 @@ Status Filesystem::Fallocate(Inode* inode, int mode, uint64_t off, uint64_t len)
     std::lock_guard l(inode->mu);
     inode->DropRmwBlock();  // punched or zeroed blocks read as zeros now
     ExtentDelta delta;
-    const uint64_t first = (kind == 0 ? RoundDown(off) : RoundUp(off)) >> kBlockShift;
-    const uint64_t last = (kind == 0 ? RoundUp(end) : RoundDown(end)) >> kBlockShift;
     if (kind != 0 && last > first) inode->extents.Punch(first, last - first, &delta);
-    if (kind != FALLOC_FL_PUNCH_HOLE) {
-      // Preallocate: every hole becomes unwritten blocks (reads as zeros).
-      for (uint64_t b = first; b < last && st.ok();) {
-        Extent e;
-        uint64_t hole;
-        if (inode->extents.Find(b, &e, &hole)) {
-          b += e.len;
-          continue;
-        }
-        BlockRange r;
-        uint64_t want = std::min(hole, last - b);
-        st = alloc_->Allocate(inode->extents.last_pblk_hint(), want, &r);
-        if (st.err() == ENOSPC && ReclaimFreedBlocks()) st = alloc_->Allocate(inode->extents.last_pblk_hint(), want, &r);
-        if (!st.ok()) break;
-        inode->extents.Insert(Extent{b, r.len, r.start, ExtentState::kUnwritten}, &delta);
-        b += r.len;
-      }
-    }
-    // What was allocated stays, even when the device filled up midway (as ext4).
+    for (const Extent& e : fresh) inode->extents.Insert(e, &delta);
+    // Mapped now: if the commit fails, the filesystem shuts down and the next
+    // mount rebuilds free space from what was committed.
+    fresh.clear();
     InodeRecord rec = inode->rec;
-    if (st.ok() && !keep_size && end > rec.size) rec.size = end;
+    if (!keep_size && end > rec.size) rec.size = end;
     rec.ctime_ns = NowNs();
     if (kind != 0 || rec.size != inode->rec.size) rec.mtime_ns = rec.ctime_ns;
     MetaBatch b;
     ApplyDelta(inode->ino, delta, &b);
     b.PutInode(rec);
-    Status cst = CommitInode(inode, &b);
-    if (cst.ok()) {
+    st = CommitInode(inode, &b);
+    if (st.ok()) {
       inode->rec = rec;
       inode->dirty = false;
       FreeBlocksLater(delta.freed);
-    } else if (st.ok()) {
-      st = cst;
     }
   }
+  for (const Extent& e : fresh) alloc_->Free({e.pblk, e.len});
   inode->iolock.Unlock();
   return st;
 }

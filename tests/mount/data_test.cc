@@ -735,6 +735,43 @@ TEST_P(DataTest, EnospcLeavesTheFileSystemUsable) {
   EXPECT_LE(used, keep.size() + after_want.size() + kMiB) << "space leaked across the remount";
 }
 
+// The shakedown's scenarios through the kernel: a truncate to the same size
+// frees a KEEP_SIZE preallocation past EOF (as ext4), and a fallocate larger
+// than the free space fails keeping nothing; fsck finds the store clean.
+TEST(PreallocationTest, TruncateFreesItAndEnospcKeepsNone) {
+  MountConfig cfg;
+  cfg.size = 32 * kMiB;
+  MountedFs fs(cfg);
+  ASSERT_TRUE(fs.ok());
+  auto blocks = [](const std::string& p) {
+    struct stat st{};
+    EXPECT_EQ(stat(p.c_str(), &st), 0) << p << ": " << strerror(errno);
+    return static_cast<uint64_t>(st.st_blocks);
+  };
+  const std::string k = fs.path("k");
+  {
+    UniqueFd fd = OpenOrFail(k, O_RDWR | O_CREAT);
+    ASSERT_EQ(PwriteFull(fd.get(), "hello", 5, 0), 0);
+    ASSERT_EQ(fallocate(fd.get(), FALLOC_FL_KEEP_SIZE, 0, 8 * kMiB), 0) << strerror(errno);
+  }
+  EXPECT_EQ(blocks(k), 8 * kMiB / 512);
+  ASSERT_EQ(truncate(k.c_str(), 5), 0) << strerror(errno);
+  EXPECT_EQ(blocks(k), kBlock / 512) << "the preallocation past EOF stayed";
+  EXPECT_TRUE(BufferedFileIs(k, {'h', 'e', 'l', 'l', 'o'}));
+  if (fs.reference_mode()) return;  // the rest needs a small deferfs
+
+  const uint64_t free0 = StatVfs(fs.path("")).f_bfree;
+  {
+    UniqueFd fd = OpenOrFail(fs.path("fa"), O_RDWR | O_CREAT);
+    EXPECT_EQ(Err(fallocate(fd.get(), 0, 0, 100 * kMiB)), ENOSPC);
+  }
+  EXPECT_EQ(blocks(fs.path("fa")), 0u) << "the failed fallocate kept blocks";
+  EXPECT_EQ(StatVfs(fs.path("")).f_bfree, free0) << "the failed fallocate kept space";
+  ASSERT_TRUE(fs.Unmount());
+  RunResult fsck = RunDeferfs({"fsck", fs.backing()});
+  EXPECT_TRUE(fsck.succeeded()) << fsck.Describe();
+}
+
 // -------------------------------------------------- unlink of an open file
 
 TEST_P(DataTest, UnlinkedOpenFileIsFreedAtLastClose) {

@@ -1046,6 +1046,42 @@ TEST_F(NamespaceTest, ChmodUpdatesCtimeOnly) {
   EXPECT_TRUE(Same(after_chown.st_ctim, Lstat(P("f")).st_ctim));  // ctime persists too
 }
 
+// A truncate to the same size is a change too, as on ext4: the kernel sends
+// open(O_TRUNC) and ftruncate's SETATTR without a time and leaves mtime to
+// the server.
+TEST_F(NamespaceTest, TruncateToTheSameSizeUpdatesMtime) {
+  MakeFile(P("f"));
+  const timespec past{1'000'000'000, 5};
+  auto expect_mtime_moves = [&](const char* what, off_t size, const std::function<void()>& op) {
+    SCOPED_TRACE(what);
+    timespec ts[2] = {past, past};
+    ASSERT_EQ(utimensat(AT_FDCWD, P("f").c_str(), ts, 0), 0) << strerror(errno);
+    const struct stat before = Lstat(P("f"));
+    ASSERT_TRUE(Same(past, before.st_mtim));
+    Tick();
+    op();
+    const struct stat after = Lstat(P("f"));
+    EXPECT_EQ(after.st_size, size);
+    EXPECT_TRUE(Later(past, after.st_mtim)) << "mtime";
+    EXPECT_TRUE(Later(before.st_ctim, after.st_ctim)) << "ctime";
+    EXPECT_TRUE(Same(past, after.st_atim)) << "atime";
+  };
+  expect_mtime_moves("open O_TRUNC of an empty file", 0, [&] {
+    UniqueFd fd(open(P("f").c_str(), O_WRONLY | O_TRUNC | O_CLOEXEC));
+    ASSERT_TRUE(fd.ok()) << strerror(errno);
+  });
+  ASSERT_EQ(truncate(P("f").c_str(), 3), 0);
+  expect_mtime_moves("ftruncate", 3, [&] {
+    UniqueFd fd(open(P("f").c_str(), O_WRONLY | O_CLOEXEC));
+    ASSERT_TRUE(fd.ok()) << strerror(errno);
+    ASSERT_EQ(ftruncate(fd.get(), 3), 0) << strerror(errno);
+  });
+  expect_mtime_moves("truncate by path", 3, [&] { ASSERT_EQ(truncate(P("f").c_str(), 3), 0) << strerror(errno); });
+  const struct stat last = Lstat(P("f"));
+  ASSERT_TRUE(Remount());
+  EXPECT_TRUE(Same(last.st_mtim, Lstat(P("f")).st_mtim)) << "after remount";
+}
+
 TEST_F(NamespaceTest, LinkAndUnlinkUpdateTargetCtime) {
   MakeFile(P("f"));
   const timespec past{1'000'000'000, 5};

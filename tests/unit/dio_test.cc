@@ -30,6 +30,7 @@
 #include "backend/metadata.h"
 #include "backend/superblock.h"
 #include "fs/filesystem.h"
+#include "fs/fsck.h"
 #include "tests/unit/fs_files.h"
 #include "tests/unit/temp_dir.h"
 
@@ -300,32 +301,55 @@ class DioTest : public testing::Test {
     ASSERT_NO_FATAL_FAILURE(Mount());
   }
 
+  // Opens and locks the backing, reads its superblock and opens the store
+  // paired with it: for a mount, or offline for fsck.
+  static void OpenStore(const FsPaths& p, bool for_fsck, std::unique_ptr<Device>* dev, Superblock* sb,
+                        std::unique_ptr<MetaStore>* meta) {
+    Status st = Device::Open(p.backing, dev);
+    if (st.ok()) st = (*dev)->LockExclusive();
+    ASSERT_TRUE(st.ok()) << st.message();
+    AlignedBuffer sbuf(kSuperblockBytes, 4096);
+    ASSERT_TRUE((*dev)->ReadSync(0, sbuf.data(), kSuperblockBytes).ok());
+    st = DecodeSuperblock(sbuf.bytes(), p.backing, sb);
+    ASSERT_TRUE(st.ok()) << st.message();
+    st = for_fsck ? MetaStore::OpenForFsck(p.meta, sb->uuid, meta) : MetaStore::Open(p.meta, sb->uuid, meta);
+    ASSERT_TRUE(st.ok()) << st.message();
+  }
+
   // Opens everything from the files, as `deferfs mount` does.
   void MountFrom(const FsPaths& p, std::unique_ptr<Filesystem>* out) {
     std::unique_ptr<Device> dev;
-    Status st = Device::Open(p.backing, &dev);
-    if (st.ok()) st = dev->LockExclusive();
-    ASSERT_TRUE(st.ok()) << st.message();
-    AlignedBuffer sbuf(kSuperblockBytes, 4096);
-    ASSERT_TRUE(dev->ReadSync(0, sbuf.data(), kSuperblockBytes).ok());
     Superblock sb;
-    st = DecodeSuperblock(sbuf.bytes(), p.backing, &sb);
-    ASSERT_TRUE(st.ok()) << st.message();
     std::unique_ptr<MetaStore> meta;
-    st = MetaStore::Open(p.meta, sb.uuid, &meta);
-    ASSERT_TRUE(st.ok()) << st.message();
+    ASSERT_NO_FATAL_FAILURE(OpenStore(p, /*for_fsck=*/false, &dev, &sb, &meta));
     FsOptions opt;
     opt.completion = mode_;
     opt.pollers = 2;
     opt.cthreads = 2;
     opt.ring_depth = 64;
     opt.io_buffers = 24;
-    st = Filesystem::Mount(std::move(dev), std::move(meta), sb, opt, out);
+    Status st = Filesystem::Mount(std::move(dev), std::move(meta), sb, opt, out);
     ASSERT_TRUE(st.ok()) << st.message();
   }
   void Mount() { MountFrom(paths_, &fs_); }
   void Remount() {
     fs_.reset();
+    ASSERT_NO_FATAL_FAILURE(Mount());
+  }
+  // Unmounts, checks the store offline as `deferfs fsck` does, mounts again.
+  void RemountExpectingFsckClean() {
+    fs_.reset();
+    {
+      std::unique_ptr<Device> dev;
+      Superblock sb;
+      std::unique_ptr<MetaStore> meta;
+      ASSERT_NO_FATAL_FAILURE(OpenStore(paths_, /*for_fsck=*/true, &dev, &sb, &meta));
+      FsckReport r;
+      ASSERT_TRUE(Fsck(sb, dev->size(), meta.get(), FsckOptions{}, &r).ok());
+      std::string lines;
+      for (const std::string& e : r.errors) lines += "  " + e + "\n";
+      EXPECT_TRUE(r.clean()) << "fsck:\n" << lines;
+    }
     ASSERT_NO_FATAL_FAILURE(Mount());
   }
 
@@ -925,6 +949,136 @@ TEST_F(DioTest, StatsReportDropsHistogramsThatDoNotFit) {
     none.erase(from, none.find("]}", from) + 1 - from);
   }
   EXPECT_EQ(fs_->StatsJson(false, none.size() + 1), none) << "room for the summaries only";
+}
+
+// ---------------------------------------------------------------------------
+// Truncate and fallocate at the edges ext4 defines.
+
+int64_t Ns(const timespec& ts) { return int64_t{ts.tv_sec} * 1'000'000'000 + ts.tv_nsec; }
+
+// Every truncate is a change, to the same size too (open O_TRUNC of an empty
+// file, ftruncate): the kernel leaves their mtime to the server.
+TEST_F(DioTest, TruncateToTheSameSizeUpdatesMtime) {
+  ASSERT_NO_FATAL_FAILURE(Format(CompletionMode::kAuto));
+  Inode* f = Create("f");
+  ASSERT_NE(f, nullptr);
+  const timespec past{1'000'000'000, 5};
+  auto set_times = [&](uint32_t valid, uint64_t size) {
+    SetAttrRequest req;
+    req.valid = valid | SetAttrRequest::kMtime;
+    req.attr.st_size = static_cast<off_t>(size);
+    req.attr.st_mtim = past;
+    struct stat st;
+    return fs_->SetAttr(f->ino, req, &st);
+  };
+  for (uint64_t size : {uint64_t{0}, uint64_t{3}, uint64_t{2 * kB}}) {
+    SCOPED_TRACE(size);
+    ASSERT_TRUE(Truncate(f, size).ok());
+    ASSERT_TRUE(set_times(0, size).ok());
+    ASSERT_TRUE(Truncate(f, size).ok());
+    const struct stat st = Stat(f);
+    EXPECT_EQ(static_cast<uint64_t>(st.st_size), size);
+    EXPECT_GT(Ns(st.st_mtim), Ns(past)) << "mtime did not move";
+    EXPECT_GT(Ns(st.st_ctim), Ns(past));
+  }
+  // An explicit mtime in the same request wins.
+  ASSERT_TRUE(set_times(SetAttrRequest::kSize, 2 * kB).ok());
+  EXPECT_EQ(Ns(Stat(f).st_mtim), Ns(past));
+  ASSERT_TRUE(Truncate(f, 2 * kB).ok());
+  const int64_t mtime = Ns(Stat(f).st_mtim);
+  EXPECT_GT(mtime, Ns(past));
+  fs_->Release(f);
+  ASSERT_NO_FATAL_FAILURE(Remount());
+  f = Open("f");
+  ASSERT_NE(f, nullptr);
+  EXPECT_EQ(Ns(Stat(f).st_mtim), mtime) << "not persisted";
+  fs_->Release(f);
+}
+
+// Blocks preallocated past EOF (KEEP_SIZE) go with any truncate that does not
+// grow the file, to the same size too (as ext4); the block holding EOF stays.
+TEST_F(DioTest, TruncateFreesBlocksPreallocatedPastEof) {
+  ASSERT_NO_FATAL_FAILURE(Format(CompletionMode::kAuto));
+  const uint64_t free0 = StatFs().f_bfree;
+  Inode* f = Create("f");
+  ASSERT_NE(f, nullptr);
+  Io x = io();
+  const std::vector<uint8_t> hello{'h', 'e', 'l', 'l', 'o'};
+  ASSERT_EQ(x.Write(f, 0, hello), 5);
+  Model m;
+  m.Write(0, hello);
+  ASSERT_TRUE(fs_->Fallocate(f, FALLOC_FL_KEEP_SIZE, 0, 8 * kMiB).ok());
+  EXPECT_EQ(Stat(f).st_blocks, static_cast<blkcnt_t>(8 * kMiB / 512));
+
+  ASSERT_TRUE(Truncate(f, 5).ok());
+  EXPECT_EQ(Stat(f).st_blocks, static_cast<blkcnt_t>(kB / 512)) << "the preallocation past EOF stayed";
+  EXPECT_EQ(StatFs().f_bfree, free0 - 1);
+  ExpectContents(f, m);
+
+  // Growing keeps a preallocation past the new EOF; the same size again,
+  // block-aligned, frees it.
+  ASSERT_TRUE(fs_->Fallocate(f, FALLOC_FL_KEEP_SIZE, kMiB, 8 * kMiB).ok());
+  ASSERT_TRUE(Truncate(f, 2 * kB).ok());
+  EXPECT_EQ(Stat(f).st_blocks, static_cast<blkcnt_t>((kB + 8 * kMiB) / 512));
+  ASSERT_TRUE(Truncate(f, 2 * kB).ok());
+  EXPECT_EQ(Stat(f).st_blocks, static_cast<blkcnt_t>(kB / 512));
+  m.Truncate(2 * kB);
+  ExpectContents(f, m);
+  fs_->Release(f);
+
+  ASSERT_NO_FATAL_FAILURE(RemountExpectingFsckClean());
+  EXPECT_EQ(StatFs().f_bfree, free0 - 1);
+  f = Open("f");
+  ASSERT_NE(f, nullptr);
+  ExpectContents(f, m);
+  fs_->Release(f);
+}
+
+// A fallocate that runs out of space leaves the file as it was: no block of
+// its own kept, the size, times and older blocks untouched, the space free.
+TEST_F(DioTest, FallocateEnospcLeavesTheFileAsItWas) {
+  ASSERT_NO_FATAL_FAILURE(Format(CompletionMode::kAuto, 20 * kMiB));
+  Inode* f = Create("f");
+  ASSERT_NE(f, nullptr);
+  std::mt19937_64 rng(8);
+  const auto data = RandomBytes(rng, 64 * kB);
+  ASSERT_EQ(io().Write(f, 0, data), static_cast<ssize_t>(data.size()));
+  ASSERT_TRUE(fs_->Fallocate(f, FALLOC_FL_KEEP_SIZE, kMiB, kMiB).ok());
+  Model m;
+  m.Write(0, data);
+  const struct stat before = Stat(f);
+  const uint64_t free_before = StatFs().f_bfree;
+  ASSERT_GT(free_before, 0u);
+  ASSERT_LT(free_before * kB, 100 * kMiB);
+
+  auto expect_unchanged = [&](const char* what) {
+    SCOPED_TRACE(what);
+    const struct stat st = Stat(f);
+    EXPECT_EQ(st.st_size, before.st_size);
+    EXPECT_EQ(st.st_blocks, before.st_blocks) << "blocks kept";
+    EXPECT_EQ(Ns(st.st_mtim), Ns(before.st_mtim));
+    EXPECT_EQ(Ns(st.st_ctim), Ns(before.st_ctim));
+    EXPECT_EQ(StatFs().f_bfree, free_before) << "space not given back";
+    ExpectContents(f, m);
+  };
+  EXPECT_EQ(fs_->Fallocate(f, 0, 0, 100 * kMiB).err(), ENOSPC);
+  expect_unchanged("mode 0");
+  EXPECT_EQ(fs_->Fallocate(f, FALLOC_FL_KEEP_SIZE, 4 * kMiB, 100 * kMiB).err(), ENOSPC);
+  expect_unchanged("keep size");
+  EXPECT_EQ(fs_->Fallocate(f, FALLOC_FL_ZERO_RANGE, 100, 100 * kMiB).err(), ENOSPC);
+  expect_unchanged("zero range");
+
+  // All of it is free: a fallocate of exactly that much fits.
+  ASSERT_TRUE(fs_->Fallocate(f, 0, 2 * kMiB, free_before * kB).ok());
+  EXPECT_EQ(StatFs().f_bfree, 0u);
+  m.Truncate(2 * kMiB + free_before * kB);
+  fs_->Release(f);
+  ASSERT_NO_FATAL_FAILURE(RemountExpectingFsckClean());
+  EXPECT_EQ(StatFs().f_bfree, 0u);
+  f = Open("f");
+  ASSERT_NE(f, nullptr);
+  ExpectContents(f, m);
+  fs_->Release(f);
 }
 
 // ---------------------------------------------------------------------------
