@@ -240,6 +240,28 @@ TEST_F(CliTest, MkfsForceReformats) {
   EXPECT_EQ(Err(lstat(fs.path("old-file").c_str(), &st)), ENOENT) << "the old tree survived --force";
 }
 
+// mkfs --force with --meta elsewhere: the replaced filesystem's metadata in
+// its default place (BACKING.meta) goes too, since it belongs to nothing
+// now; a store of another filesystem found there stays.
+TEST_F(CliTest, MkfsForceRemovesOnlyTheReplacedFilesystemsMetadata) {
+  const std::string img = tmp_ / "fs.img", meta = tmp_ / "meta";
+  ASSERT_NO_FATAL_FAILURE(Mkfs(img));
+  RunResult r = RunDeferfs({"mkfs", img, "--force", "--meta", meta});
+  ASSERT_TRUE(r.succeeded()) << r.Describe();
+  EXPECT_FALSE(Exists(img + ".meta")) << "the replaced filesystem's metadata was left behind";
+
+  ASSERT_NO_FATAL_FAILURE(Mkfs(tmp_ / "other.img"));
+  ASSERT_EQ(rename((tmp_ / "other.img.meta").c_str(), (img + ".meta").c_str()), 0) << strerror(errno);
+  const auto other = TreeState(img + ".meta");
+  r = RunDeferfs({"mkfs", img, "--force", "--meta", meta});
+  ASSERT_TRUE(r.succeeded()) << r.Describe();
+  EXPECT_EQ(TreeState(img + ".meta"), other) << "another filesystem's metadata was touched";
+  MountConfig cfg = MountConfig::Existing(img);
+  cfg.meta = meta;
+  MountedFs fs(cfg);
+  EXPECT_TRUE(fs.ok());
+}
+
 TEST_F(CliTest, MountOfMissingBacking) {
   const std::string img = tmp_ / "absent.img";
   EXPECT_TRUE(IsCliError(MountBg(img)));
