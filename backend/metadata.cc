@@ -328,12 +328,7 @@ Status CheckPairing(rocksdb::DB* db, const std::string& dir, const Uuid& uuid) {
 Status MetaStore::OpenReadWrite(const std::string& dir, const Uuid& uuid, std::unique_ptr<MetaStore>* out) {
   // Check the pairing read-only first: opening read-write replays and
   // rewrites the log, and a store that is not ours must stay untouched.
-  {
-    std::unique_ptr<rocksdb::DB> ro;
-    DEFERFS_RETURN_IF_ERROR(OpenStoreReadOnly(dir, DbOptions(), &ro));
-    DEFERFS_RETURN_IF_ERROR(CheckPairing(ro.get(), dir, uuid));
-    ro->Close().PermitUncheckedError();
-  }
+  DEFERFS_RETURN_IF_ERROR(CheckPaired(dir, uuid));
   std::unique_ptr<MetaStore> store;
   rocksdb::Status s = OpenOrdered(dir, /*create=*/false, &store);
   if (s.IsIOError() && s.ToString().find("lock") != std::string::npos) {
@@ -342,6 +337,16 @@ Status MetaStore::OpenReadWrite(const std::string& dir, const Uuid& uuid, std::u
   if (!s.ok()) return Status::IoError("cannot open metadata directory " + dir + ": " + s.ToString());
   *out = std::move(store);
   return Status::Ok();
+}
+
+Status MetaStore::CheckPaired(const std::string& dir, const Uuid& uuid) {
+  rocksdb::Options o = DbOptions();
+  o.info_log = NewRocksLogger();  // no LOG file: a store that is not ours stays as it was
+  std::unique_ptr<rocksdb::DB> db;
+  DEFERFS_RETURN_IF_ERROR(OpenStoreReadOnly(dir, o, &db));
+  Status s = CheckPairing(db.get(), dir, uuid);
+  db->Close().PermitUncheckedError();
+  return s;
 }
 
 Status MetaStore::Open(const std::string& dir, const Uuid& uuid, std::unique_ptr<MetaStore>* out) {

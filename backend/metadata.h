@@ -128,6 +128,9 @@ class MetaStore {
   static Status OpenReadOnly(const std::string& dir, const Uuid& uuid, std::unique_ptr<MetaStore>* out);
   // True if `dir` holds a deferfs store for `uuid` (used by mkfs --force checks).
   static bool Exists(const std::string& dir);
+  // Whether `dir` is the store of the filesystem `uuid`, by the checks Open
+  // makes (a store, with the pairing record for `uuid`); writes nothing.
+  static Status CheckPaired(const std::string& dir, const Uuid& uuid);
 
   Status GetInode(uint64_t ino, InodeRecord* rec);
   // Adds to `b` the deletion of inode `ino` and of everything keyed by it

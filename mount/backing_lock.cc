@@ -1,10 +1,15 @@
 #include "mount/backing_lock.h"
 
+#include <dirent.h>
 #include <fcntl.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <memory>
 #include <thread>
 
 #include "mount/mountinfo.h"
@@ -28,6 +33,49 @@ bool ServedElsewhere(const Device& dev) {
   return fcntl(dev.fd(), F_OFD_GETLK, &l) == 0 && l.l_type != F_UNLCK;
 }
 
+struct CloseDir {
+  void operator()(DIR* d) const { closedir(d); }
+};
+using UniqueDir = std::unique_ptr<DIR, CloseDir>;
+
+// Whether a live process has the file that holds the served mark in its file
+// table. A daemon killed by SIGKILL leaves it to the kernel, which closes it
+// only once io_uring has torn the dead daemon's rings down in the background
+// (they hold the backing as a registered file): until then the mark stands
+// with no process, and no mount, behind it. /proc/PID/fdinfo/FD lists the
+// locks on each open file ("lock: 2: OFDLCK ADVISORY WRITE -1 fe:00:1234 0
+// 0", device numbers in hex); nothing is stat()ed, which could hang on a FUSE
+// file. Processes in a PID namespace this one does not see are not found.
+bool MarkHolderLives(const Device& dev) {
+  struct stat st;
+  if (fstat(dev.fd(), &st) != 0) return true;  // cannot tell: take the mark at its word
+  char inode[64];
+  std::snprintf(inode, sizeof(inode), " %02x:%02x:%llu ", major(st.st_dev), minor(st.st_dev),
+                static_cast<unsigned long long>(st.st_ino));
+  UniqueDir proc(opendir("/proc"));
+  if (!proc) return true;
+  const std::string self = std::to_string(getpid());
+  while (const dirent* p = readdir(proc.get())) {
+    if (p->d_name[0] < '1' || p->d_name[0] > '9' || self == p->d_name) continue;
+    UniqueDir fds(opendir(("/proc/" + std::string(p->d_name) + "/fdinfo").c_str()));
+    if (!fds) continue;  // exited meanwhile, or not ours to look into
+    while (const dirent* f = readdir(fds.get())) {
+      if (f->d_name[0] == '.') continue;
+      UniqueFd info(openat(dirfd(fds.get()), f->d_name, O_RDONLY | O_CLOEXEC));
+      char buf[4096];
+      const ssize_t n = info.valid() ? read(info.get(), buf, sizeof(buf) - 1) : -1;
+      if (n <= 0) continue;
+      buf[n] = '\0';
+      for (const char* l = std::strstr(buf, "OFDLCK"); l != nullptr; l = std::strstr(l + 1, "OFDLCK")) {
+        const char* eol = std::strchr(l, '\n');
+        const char* at = std::strstr(l, inode);
+        if (at != nullptr && (eol == nullptr || at < eol)) return true;
+      }
+    }
+  }
+  return false;
+}
+
 }  // namespace
 
 Status LockBacking(Device* dev, const std::string& backing, std::chrono::milliseconds patience) {
@@ -37,13 +85,19 @@ Status LockBacking(Device* dev, const std::string& backing, std::chrono::millise
   for (;;) {
     Status s = dev->LockExclusive();
     if (s.ok() || s.err() != EBUSY) return s;
-    if (ServedElsewhere(*dev)) {
+    // The served mark with no mount here and no live process behind it is a
+    // killed daemon's, about to go with its last file: waited for. Still
+    // there at the deadline, it is taken for a mount out of sight.
+    const bool served = ServedElsewhere(*dev);
+    const bool past = std::chrono::steady_clock::now() >= deadline;
+    if (served) {
       const std::string at = DeferfsMountOf(backing);
-      return Status::Error(EBUSY, backing + (at.empty() ? " is mounted (where this process cannot see it)"
-                                                        : " is mounted at " + at) +
-                                      ": unmount it first");
+      if (!at.empty()) return Status::Error(EBUSY, backing + " is mounted at " + at + ": unmount it first");
+      if (past || MarkHolderLives(*dev)) {
+        return Status::Error(EBUSY, backing + " is mounted (where this process cannot see it): unmount it first");
+      }
     }
-    if (std::chrono::steady_clock::now() >= deadline) {
+    if (past) {
       return Status::Error(EBUSY, backing + " is in use by another deferfs process (an fsck or mkfs, or a " +
                                       "daemon still finishing its unmount): wait for it to exit ('fuser -v " +
                                       backing + "' shows it)");

@@ -21,7 +21,10 @@ inline constexpr std::chrono::seconds kBackingLockNotice{1};
 // when this mount namespace shows it. Held otherwise, the holder is a daemon
 // still finishing after its unmount (umount returns before the daemon has
 // closed its metadata), an fsck or an mkfs: waited for, so that
-// `umount && mount` works.
+// `umount && mount` works. So is a mark that neither a mount here nor a live
+// process stands behind: a daemon killed by SIGKILL leaves its file, mark and
+// all, to the kernel for a moment; still there at the deadline, it is
+// refused as a mount out of sight.
 Status LockBacking(Device* dev, const std::string& backing,
                    std::chrono::milliseconds patience = kBackingLockPatience);
 

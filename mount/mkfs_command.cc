@@ -1,7 +1,8 @@
 // deferfs mkfs: writes a superblock and creates the paired metadata store.
 // Order keeps failures harmless: the new store is built in a temporary
 // directory, then the superblock is written and flushed, then the store is
-// moved into place. Before the superblock write nothing existing has changed.
+// moved into place, and last an overwritten filesystem's metadata removed.
+// Before the superblock write nothing existing has changed.
 #include <fcntl.h>
 #include <linux/falloc.h>
 #include <linux/fs.h>
@@ -9,6 +10,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <charconv>
 #include <cstring>
 #include <filesystem>
@@ -43,6 +45,17 @@ bool ParseSize(const std::string& s, uint64_t* out) {
 void RemoveAll(const std::string& dir) {
   std::error_code ec;
   std::filesystem::remove_all(dir, ec);
+}
+
+// Whether `path` is `dir` or inside it; true when either cannot be resolved
+// (the caller then keeps `dir`).
+bool Within(const std::string& path, const std::string& dir) {
+  std::error_code ec;
+  const std::filesystem::path p = std::filesystem::canonical(path, ec);
+  if (ec) return true;
+  const std::filesystem::path d = std::filesystem::canonical(dir, ec);
+  if (ec) return true;
+  return std::mismatch(d.begin(), d.end(), p.begin(), p.end()).first == d.end();
 }
 
 // Tells the device (BLKDISCARD) or the file system under a backing file
@@ -112,11 +125,19 @@ int MkfsCommand(const MkfsArgs& args) {
     return Fail(s.message());
   }
   AlignedBuffer sbuf(kSuperblockBytes, std::max<uint32_t>(dev->dio_align(), 4096));
+  // The metadata directory of the deferfs being overwritten, where it is
+  // found by default; "" if none (or its superblock no longer says which).
+  std::string replaced_meta;
+  Uuid replaced_uuid{};
   if (!created) {
     s = dev->ReadSync(0, sbuf.data(), kSuperblockBytes);
     if (!s.ok()) return Fail(s.message());
     if (HasSuperblockMagic(sbuf.bytes()) && !force) {
       return Fail(backing + " already holds a deferfs filesystem: pass --force to overwrite it");
+    }
+    if (Superblock old; HasSuperblockMagic(sbuf.bytes()) && DecodeSuperblock(sbuf.bytes(), backing, &old).ok()) {
+      replaced_uuid = old.uuid;
+      replaced_meta = DefaultMetaDir(backing, dev->is_block_device(), UuidToString(old.uuid));
     }
   }
   uint64_t dev_bytes = have_size ? size : dev->size();
@@ -178,6 +199,22 @@ int MkfsCommand(const MkfsArgs& args) {
 
   std::printf("deferfs: formatted %s: %llu MiB, uuid %s, metadata in %s\n", backing.c_str(),
               static_cast<unsigned long long>(dev_bytes >> 20), UuidToString(sb.uuid).c_str(), meta_dir.c_str());
+  // The overwritten filesystem's metadata is nobody's now, and under
+  // /var/lib/deferfs nothing else would ever remove it. Only after the new
+  // filesystem is complete, and only a store paired with the old UUID that
+  // does not hold the new one: a directory there that is not its metadata
+  // stays. A store it was given with meta= elsewhere cannot be known, and
+  // stays too.
+  if (!replaced_meta.empty() && !Within(meta_dir, replaced_meta) &&
+      MetaStore::CheckPaired(replaced_meta, replaced_uuid).ok()) {
+    std::filesystem::remove_all(replaced_meta, ec);
+    if (ec) {
+      std::fprintf(stderr, "deferfs: cannot remove %s, the metadata of the overwritten filesystem: %s: remove it by hand\n",
+                   replaced_meta.c_str(), ec.message().c_str());
+    } else {
+      std::printf("deferfs: removed %s, the metadata of the overwritten filesystem\n", replaced_meta.c_str());
+    }
+  }
   return 0;
 }
 

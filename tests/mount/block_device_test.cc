@@ -27,14 +27,17 @@ class LoopDevice {
   std::string dev_;
 };
 
+// A sparse 128 MiB file for a loop device.
+void MakeImage(const std::string& img) {
+  UniqueFd fd(open(img.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600));
+  ASSERT_TRUE(fd.ok());
+  ASSERT_EQ(ftruncate(fd.get(), 128 << 20), 0);
+}
+
 TEST(BlockDeviceTest, FormatsMountsAndKeepsDataOnALoopDevice) {
   TempDir tmp;
   const std::string img = tmp / "img";
-  {
-    UniqueFd fd(open(img.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600));
-    ASSERT_TRUE(fd.ok());
-    ASSERT_EQ(ftruncate(fd.get(), 128 << 20), 0);
-  }
+  ASSERT_NO_FATAL_FAILURE(MakeImage(img));
   LoopDevice loop(img);
   if (loop.path().empty()) GTEST_SKIP() << "no loop devices on this machine";
   const std::string meta = tmp / "meta";
@@ -60,6 +63,48 @@ TEST(BlockDeviceTest, FormatsMountsAndKeepsDataOnALoopDevice) {
     ASSERT_TRUE(ok);
     EXPECT_TRUE(SameBytes(data, back));
   }
+}
+
+// The metadata directory `deferfs mkfs` printed it made ("metadata in DIR").
+std::string MetaDirOf(const RunResult& mkfs) {
+  const std::string tag = "metadata in ";
+  const size_t at = mkfs.out.find(tag);
+  if (at == std::string::npos) return "";
+  const std::string rest = mkfs.out.substr(at + tag.size());
+  return rest.substr(0, rest.find('\n'));
+}
+
+// mkfs --force over a deferfs on a block device removes the replaced
+// filesystem's metadata directory (/var/lib/deferfs/UUID), which nothing
+// else would ever remove; the new filesystem mounts.
+TEST(BlockDeviceTest, ForcedMkfsRemovesTheReplacedFilesystemsMetadata) {
+  TempDir tmp;
+  const std::string img = tmp / "img";
+  ASSERT_NO_FATAL_FAILURE(MakeImage(img));
+  LoopDevice loop(img);
+  if (loop.path().empty()) GTEST_SKIP() << "no loop devices on this machine";
+  std::vector<std::string> made;  // under /var/lib/deferfs: removed at the end whatever happens
+  struct Cleanup {
+    std::vector<std::string>* dirs;
+    ~Cleanup() {
+      for (const std::string& d : *dirs) RunCommand({"rm", "-rf", d});
+    }
+  } cleanup{&made};
+
+  RunResult first = RunDeferfs({"mkfs", loop.path()});
+  ASSERT_TRUE(first.succeeded()) << first.Describe();
+  made.push_back(MetaDirOf(first));
+  ASSERT_EQ(made[0].rfind("/var/lib/deferfs/", 0), 0u) << first.Describe();
+  RunResult second = RunDeferfs({"mkfs", "--force", loop.path()});
+  ASSERT_TRUE(second.succeeded()) << second.Describe();
+  made.push_back(MetaDirOf(second));
+  ASSERT_NE(made[1], made[0]) << second.Describe();
+  EXPECT_EQ(access(made[0].c_str(), F_OK), -1) << "the replaced filesystem's metadata " << made[0] << " is left";
+
+  MountedFs fs(MountConfig::Existing(loop.path()));
+  ASSERT_TRUE(fs.ok());
+  UniqueFd fd(open(fs.path("f").c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644));
+  EXPECT_TRUE(fd.ok()) << strerror(errno);
 }
 
 }  // namespace

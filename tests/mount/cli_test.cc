@@ -32,6 +32,7 @@
 #include <gtest/gtest.h>
 
 #include "tests/mount/cli_error.h"
+#include "tests/mount/io_helpers.h"
 #include "tests/mount/mounted_fs.h"
 
 namespace deferfs_test {
@@ -108,6 +109,16 @@ pid_t FlockHolder(const std::string& p) {
     }
   }
   return -1;
+}
+
+// True once `pid` has exited: gone, or a zombie (its files closed either way).
+bool Exited(pid_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
+  std::string line;
+  if (!std::getline(in, line)) return true;
+  const size_t paren = line.rfind(')');  // "pid (comm) STATE ..."
+  if (paren == std::string::npos || paren + 2 >= line.size()) return true;
+  return line[paren + 2] == 'Z' || line[paren + 2] == 'X';
 }
 
 // Cleans up after `deferfs mount` runs that daemonized (on purpose or by
@@ -227,6 +238,28 @@ TEST_F(CliTest, MkfsForceReformats) {
   ASSERT_TRUE(fs.ok());
   struct stat st{};
   EXPECT_EQ(Err(lstat(fs.path("old-file").c_str(), &st)), ENOENT) << "the old tree survived --force";
+}
+
+// mkfs --force with --meta elsewhere: the replaced filesystem's metadata in
+// its default place (BACKING.meta) goes too, since it belongs to nothing
+// now; a store of another filesystem found there stays.
+TEST_F(CliTest, MkfsForceRemovesOnlyTheReplacedFilesystemsMetadata) {
+  const std::string img = tmp_ / "fs.img", meta = tmp_ / "meta";
+  ASSERT_NO_FATAL_FAILURE(Mkfs(img));
+  RunResult r = RunDeferfs({"mkfs", img, "--force", "--meta", meta});
+  ASSERT_TRUE(r.succeeded()) << r.Describe();
+  EXPECT_FALSE(Exists(img + ".meta")) << "the replaced filesystem's metadata was left behind";
+
+  ASSERT_NO_FATAL_FAILURE(Mkfs(tmp_ / "other.img"));
+  ASSERT_EQ(rename((tmp_ / "other.img.meta").c_str(), (img + ".meta").c_str()), 0) << strerror(errno);
+  const auto other = TreeState(img + ".meta");
+  r = RunDeferfs({"mkfs", img, "--force", "--meta", meta});
+  ASSERT_TRUE(r.succeeded()) << r.Describe();
+  EXPECT_EQ(TreeState(img + ".meta"), other) << "another filesystem's metadata was touched";
+  MountConfig cfg = MountConfig::Existing(img);
+  cfg.meta = meta;
+  MountedFs fs(cfg);
+  EXPECT_TRUE(fs.ok());
 }
 
 TEST_F(CliTest, MountOfMissingBacking) {
@@ -510,6 +543,41 @@ TEST_F(CliTest, CommandsWaitForAHolderThatIsNotMounted) {
       << "the command did not wait, or did not say so: " << r.Describe();
 }
 
+// A daemon killed by SIGKILL leaves its backing locked, served mark and all,
+// for a moment after it is gone: the kernel tears its io_uring rings down in
+// the background, and they hold the backing as a registered file. A mount
+// right after the dead mount's umount waits for that, as for a daemon still
+// finishing its unmount, instead of refusing the backing as mounted where it
+// cannot see. The window is short (0.1-0.3 s): several rounds, each mounting
+// at once, make meeting it near certain.
+TEST_F(CliTest, MountRightAfterAKilledDaemonsUnmountWaitsForItsFiles) {
+  const std::string img = tmp_ / "fs.img";
+  ASSERT_NO_FATAL_FAILURE(Mkfs(img));
+  MountGuard guard(mnt_, img);
+  guard.expect_mounted(true);
+  AlignedBuf buf(1 << 20);
+  RunResult m = MountBg(img);
+  ASSERT_TRUE(m.succeeded()) << m.Describe();
+  constexpr int kRounds = 5;
+  for (int i = 0; i < kRounds; i++) {
+    SCOPED_TRACE("round " + std::to_string(i));
+    {  // IO through the daemon's rings before it dies
+      UniqueFd fd(open((mnt_ + "/f" + std::to_string(i)).c_str(), O_CREAT | O_WRONLY | O_DIRECT, 0644));
+      ASSERT_TRUE(fd.ok()) << strerror(errno);
+      ASSERT_EQ(pwrite(fd.get(), buf.data(), buf.size(), 0), 1 << 20) << strerror(errno);
+    }
+    const pid_t daemon = FlockHolder(img);
+    ASSERT_GT(daemon, 0);
+    ASSERT_EQ(kill(daemon, SIGKILL), 0) << strerror(errno);
+    ASSERT_TRUE(WaitUntil([&] { return Exited(daemon); })) << "the killed daemon did not exit";
+    ASSERT_EQ(umount(mnt_.c_str()), 0) << strerror(errno);
+    m = MountBg(img);
+    ASSERT_TRUE(m.succeeded()) << m.Describe();
+  }
+  ASSERT_EQ(umount(mnt_.c_str()), 0) << strerror(errno);
+  guard.expect_mounted(false);
+}
+
 // A mounted backing is refused at once, also when the mount table does not
 // show which one it is (a mount with its own fsname=): the daemon's mark on
 // the backing says so, not the mount table.
@@ -523,6 +591,26 @@ TEST_F(CliTest, MountedBackingIsRefusedWhateverItsSourceName) {
   EXPECT_FALSE(IsMounted(mnt_));
   EXPECT_TRUE(IsCliError(RunDeferfs({"fsck", fs.backing()}, 30s), "is mounted"));
   EXPECT_TRUE(fs.Unmount());
+}
+
+// A backing mounted in another mount namespace (a container's; here one
+// made by unshare) is refused at once, though this namespace shows no mount
+// of it: a live process holds the daemon's served mark.
+TEST_F(CliTest, BackingMountedInAnotherMountNamespaceIsRefused) {
+  const std::string img = tmp_ / "fs.img";
+  ASSERT_NO_FATAL_FAILURE(Mkfs(img));
+  MountGuard guard(mnt_, img);  // kills the daemon if the test does not stop it
+  RunResult u = RunCommand({"unshare", "--mount", "--propagation", "private", DEFERFS_BIN, "mount", img, mnt_}, 30s);
+  ASSERT_TRUE(u.succeeded()) << u.Describe();
+  ASSERT_FALSE(IsMounted(mnt_)) << "the mount is visible here: no namespace of its own";
+  const pid_t daemon = FlockHolder(img);
+  ASSERT_GT(daemon, 0);
+  // One line: refused without the wait (which says so after a second).
+  EXPECT_TRUE(IsCliError(RunDeferfs({"mount", img, mnt_}, 30s), "is mounted (where this process cannot see it)"));
+  EXPECT_FALSE(IsMounted(mnt_));
+  EXPECT_TRUE(IsCliError(RunDeferfs({"fsck", img}, 30s), "is mounted"));
+  ASSERT_EQ(kill(daemon, SIGTERM), 0) << strerror(errno);  // unmounts in its namespace
+  EXPECT_TRUE(WaitUntil([&] { return TryFlock(img) == 0; })) << "the signalled daemon did not exit";
 }
 
 TEST_F(CliTest, SecondMountOfSameBackingFails) {
