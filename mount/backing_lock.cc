@@ -87,13 +87,16 @@ Status LockBacking(Device* dev, const std::string& backing, std::chrono::millise
     if (s.ok() || s.err() != EBUSY) return s;
     // The served mark with no mount here and no live process behind it is a
     // killed daemon's, about to go with its last file: waited for. Still
-    // there at the deadline, it is taken for a mount out of sight.
+    // there at the deadline, it is taken for a mount out of sight. A live
+    // holder gets a moment's grace: a daemon the kernel just unmounted holds
+    // its mark until it notices.
     const bool served = ServedElsewhere(*dev);
-    const bool past = std::chrono::steady_clock::now() >= deadline;
+    const auto now = std::chrono::steady_clock::now();
+    const bool past = now >= deadline;
     if (served) {
       const std::string at = DeferfsMountOf(backing);
       if (!at.empty()) return Status::Error(EBUSY, backing + " is mounted at " + at + ": unmount it first");
-      if (past || MarkHolderLives(*dev)) {
+      if (past || (now - start >= kServedGrace && MarkHolderLives(*dev))) {
         return Status::Error(EBUSY, backing + " is mounted (where this process cannot see it): unmount it first");
       }
     }

@@ -15,10 +15,14 @@ namespace deferfs {
 // and after how long of it it says so on stderr (one line).
 inline constexpr std::chrono::seconds kBackingLockPatience{10};
 inline constexpr std::chrono::seconds kBackingLockNotice{1};
+// How long a served mark that no visible mount explains is waited for before
+// it counts as a mount out of sight: below the notice, so the refusal stays
+// one line.
+inline constexpr std::chrono::milliseconds kServedGrace{500};
 
 // Locks `dev`, opened from `backing`; blocks up to `patience`. Held by a
-// mounted deferfs (see MarkServed): refused at once, naming the mountpoint
-// when this mount namespace shows it. Held otherwise, the holder is a daemon
+// mounted deferfs (see MarkServed): refused, naming the mountpoint when this
+// mount namespace shows it (at once), else after kServedGrace. Held otherwise, the holder is a daemon
 // still finishing after its unmount (umount returns before the daemon has
 // closed its metadata), an fsck or an mkfs: waited for, so that
 // `umount && mount` works. So is a mark that neither a mount here nor a live

@@ -237,6 +237,9 @@ int MountCommand(const MountArgs& args) {
       LogInfo("%s: unmounting %s", strsignal(static_cast<int>(si.ssi_signo)), mountpoint.c_str());
     }
   }
+  // Unmounted by the kernel: no longer served, and a command that wants the
+  // backing now waits for the rest instead of refusing it as mounted.
+  if (pfds[1].revents & POLLIN) UnmarkServed(fs->device());
   fuse_session_exit(se);
   pool->Stop();
   // An unmount goes by path and reaches only the topmost mount there: with
@@ -267,8 +270,7 @@ int MountCommand(const MountArgs& args) {
       rc = 1;
     }
   }
-  // Not mounted any more: a command that wants the backing now waits for
-  // the rest (the last commit, closing the store) instead of refusing.
+  // Not mounted any more (after a signal: unmounted just above).
   UnmarkServed(fs->device());
   // A poller may still be inside the Wake() of a worker's TaskWork for the
   // last completion it ran: the workers' TaskWorks outlive the pollers.
