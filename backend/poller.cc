@@ -156,8 +156,8 @@ void Poller::Run() {
 // Runs end_io for each CQE, and issues the bios that arrived meanwhile
 // before the next one: an end_io may be a FUSE reply of several
 // microseconds, and a batch of them would otherwise hold every new bio back
-// while the device idles. Costs an io_uring_enter per such bio instead of one
-// per batch; at queue depths 16-32, overwrites and reads gained 10-30 %.
+// while the device idles. Costs an io_uring_enter per such turn instead of
+// one per batch (README, "New bios between completions").
 unsigned Poller::Reap() {
   return ring_->Reap([this](uint64_t user_data, int res) {
     OnCqe(user_data, res);

@@ -199,14 +199,20 @@ int MkfsCommand(const MkfsArgs& args) {
 
   std::printf("deferfs: formatted %s: %llu MiB, uuid %s, metadata in %s\n", backing.c_str(),
               static_cast<unsigned long long>(dev_bytes >> 20), UuidToString(sb.uuid).c_str(), meta_dir.c_str());
-  // The overwritten filesystem's metadata is nobody's now, and under
-  // /var/lib/deferfs nothing else would ever remove it. Only after the new
+  // The overwritten filesystem's metadata is nobody's now. Only after the new
   // filesystem is complete, and only a store paired with the old UUID that
   // does not hold the new one: a directory there that is not its metadata
   // stays. A store it was given with meta= elsewhere cannot be known, and
-  // stays too.
+  // stays too. A block device's is only named, not removed: a clone or a
+  // snapshot of the device has the same UUID and shares that directory.
   if (!replaced_meta.empty() && !Within(meta_dir, replaced_meta) &&
       MetaStore::CheckPaired(replaced_meta, replaced_uuid).ok()) {
+    if (dev->is_block_device()) {
+      std::printf("deferfs: %s, the metadata of the overwritten filesystem, is left in place: remove it "
+                  "unless another device (a clone or snapshot) holds that filesystem\n",
+                  replaced_meta.c_str());
+      return 0;
+    }
     std::filesystem::remove_all(replaced_meta, ec);
     if (ec) {
       std::fprintf(stderr, "deferfs: cannot remove %s, the metadata of the overwritten filesystem: %s: remove it by hand\n",

@@ -237,8 +237,9 @@ int MountCommand(const MountArgs& args) {
       LogInfo("%s: unmounting %s", strsignal(static_cast<int>(si.ssi_signo)), mountpoint.c_str());
     }
   }
-  // Unmounted by the kernel: no longer served, and a command that wants the
-  // backing now waits for the rest instead of refusing it as mounted.
+  // Unmounted by the kernel (or the connection failed): serving is over, and
+  // a command that wants the backing now waits for the rest instead of
+  // refusing it as mounted.
   if (pfds[1].revents & POLLIN) UnmarkServed(fs->device());
   fuse_session_exit(se);
   pool->Stop();

@@ -74,10 +74,10 @@ std::string MetaDirOf(const RunResult& mkfs) {
   return rest.substr(0, rest.find('\n'));
 }
 
-// mkfs --force over a deferfs on a block device removes the replaced
-// filesystem's metadata directory (/var/lib/deferfs/UUID), which nothing
-// else would ever remove; the new filesystem mounts.
-TEST(BlockDeviceTest, ForcedMkfsRemovesTheReplacedFilesystemsMetadata) {
+// mkfs --force over a deferfs on a block device names the replaced
+// filesystem's metadata directory (/var/lib/deferfs/UUID) and leaves it: a
+// clone or snapshot of the device shares it. The new filesystem mounts.
+TEST(BlockDeviceTest, ForcedMkfsNamesTheReplacedFilesystemsMetadata) {
   TempDir tmp;
   const std::string img = tmp / "img";
   ASSERT_NO_FATAL_FAILURE(MakeImage(img));
@@ -99,7 +99,9 @@ TEST(BlockDeviceTest, ForcedMkfsRemovesTheReplacedFilesystemsMetadata) {
   ASSERT_TRUE(second.succeeded()) << second.Describe();
   made.push_back(MetaDirOf(second));
   ASSERT_NE(made[1], made[0]) << second.Describe();
-  EXPECT_EQ(access(made[0].c_str(), F_OK), -1) << "the replaced filesystem's metadata " << made[0] << " is left";
+  EXPECT_EQ(access(made[0].c_str(), F_OK), 0) << "the replaced filesystem's metadata " << made[0] << " is gone";
+  EXPECT_NE(second.out.find(made[0] + ", the metadata of the overwritten filesystem, is left in place"), std::string::npos)
+      << second.Describe();
 
   MountedFs fs(MountConfig::Existing(loop.path()));
   ASSERT_TRUE(fs.ok());

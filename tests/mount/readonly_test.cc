@@ -187,9 +187,11 @@ TEST(ReadOnlyMountTest, RemountedReadWriteBehindItsBackStillRefusesChanges) {
     EXPECT_EQ(Err(setxattr(f.c_str(), "user.k", "v", 1, 0)), EROFS);
     EXPECT_EQ(Err(removexattr(f.c_str(), "user.k")), EROFS);
     EXPECT_EQ(Err(unlink(f.c_str())), EROFS);
-    // Reads go on: the refusals did not shut the filesystem down.
+    // The refusals did not shut the filesystem down (reads would survive
+    // that; fsync would not).
     UniqueFd fd(open(f.c_str(), O_RDONLY));
     ASSERT_TRUE(fd.ok()) << strerror(errno);
+    EXPECT_EQ(fsync(fd.get()), 0) << strerror(errno);
     std::string back(4096, '\0');
     EXPECT_EQ(pread(fd.get(), back.data(), back.size(), 0), 4096);
     EXPECT_EQ(back, data);
