@@ -189,7 +189,8 @@ void Link(fuse_req_t req, fuse_ino_t ino, fuse_ino_t newparent, const char* newn
 }
 
 void Open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
-  if (((fi->flags & O_ACCMODE) != O_RDONLY || (fi->flags & O_TRUNC)) && Fs(req)->read_only()) {
+  // (O_TRUNC comes as a SETATTR: ATOMIC_O_TRUNC is off, see Init.)
+  if ((fi->flags & O_ACCMODE) != O_RDONLY && Fs(req)->read_only()) {
     return ReplyErr(req, Status::Error(EROFS, "mounted read-only"));
   }
   Inode* inode;

@@ -470,6 +470,19 @@ TEST_P(CrashTest, SigkillAtRandomMomentsKeepsWhatWasPromised) {
   }
 }
 
+// Writes one block of `fill` at offset 0 of `path` (created) with O_DIRECT,
+// then fsyncs if asked.
+void WriteBlockDirect(const std::string& path, char fill, bool fsync_after) {
+  AlignedBuf buf(kBlock);
+  std::memset(buf.data(), fill, kBlock);
+  UniqueFd fd(open(path.c_str(), O_CREAT | O_RDWR | O_DIRECT | O_CLOEXEC, 0644));
+  ASSERT_TRUE(fd.ok()) << strerror(errno);
+  ASSERT_EQ(PwriteFull(fd.get(), buf.data(), kBlock, 0), 0);
+  if (fsync_after) {
+    ASSERT_EQ(fsync(fd.get()), 0);
+  }
+}
+
 // O_SYNC (unlike O_DSYNC) promises the timestamps too: a pure overwrite's
 // new mtime must survive a crash that comes before any background commit.
 TEST(CrashTimestampTest, OSyncOverwriteMakesItsMtimeDurable) {
@@ -478,14 +491,8 @@ TEST(CrashTimestampTest, OSyncOverwriteMakesItsMtimeDurable) {
   MountedFs fs(cfg);
   ASSERT_TRUE(fs.ok());
   const std::string path = fs.path("f");
+  ASSERT_NO_FATAL_FAILURE(WriteBlockDirect(path, 'a', /*fsync_after=*/true));
   AlignedBuf buf(kBlock);
-  std::memset(buf.data(), 'a', kBlock);
-  {
-    UniqueFd fd(open(path.c_str(), O_CREAT | O_RDWR | O_DIRECT | O_CLOEXEC, 0644));
-    ASSERT_TRUE(fd.ok()) << strerror(errno);
-    ASSERT_EQ(PwriteFull(fd.get(), buf.data(), kBlock, 0), 0);
-    ASSERT_EQ(fsync(fd.get()), 0);
-  }
   struct stat before{}, after{}, recovered{};
   ASSERT_EQ(stat(path.c_str(), &before), 0);
   std::this_thread::sleep_for(20ms);  // so the overwrite's mtime differs
@@ -546,13 +553,7 @@ TEST(SyncMountTest, SyncMakesWritesAndChangesDurable) {
   MountedFs fs(cfg);
   ASSERT_TRUE(fs.ok());
   const std::string path = fs.path("f");
-  AlignedBuf buf(kBlock);
-  std::memset(buf.data(), 's', kBlock);
-  {
-    UniqueFd fd(open(path.c_str(), O_CREAT | O_RDWR | O_DIRECT | O_CLOEXEC, 0644));
-    ASSERT_TRUE(fd.ok()) << strerror(errno);
-    ASSERT_EQ(PwriteFull(fd.get(), buf.data(), kBlock, 0), 0);
-  }
+  ASSERT_NO_FATAL_FAILURE(WriteBlockDirect(path, 's', /*fsync_after=*/false));
   ASSERT_EQ(chmod(path.c_str(), 0600), 0);
   ASSERT_EQ(setxattr(path.c_str(), "user.k", "v", 1, 0), 0);
   ASSERT_TRUE(fs.Crash());
