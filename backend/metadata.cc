@@ -4,8 +4,12 @@
 #include <rocksdb/env.h>
 #include <rocksdb/options.h>
 #include <rocksdb/write_batch.h>
+#include <pthread.h>
+#include <sys/resource.h>
+#include <unistd.h>
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
@@ -248,6 +252,14 @@ MetaStore::MetaStore(Private, std::shared_ptr<DataBarrier> barrier, std::unique_
     : barrier_(std::move(barrier)), env_(std::move(env)), db_(std::move(db)) {}
 
 MetaStore::~MetaStore() {
+  if (writer_.joinable()) {
+    {
+      std::lock_guard l(deferred_mu_);
+      writer_stop_ = true;
+    }
+    deferred_cv_.notify_one();
+    writer_.join();
+  }
   if (!db_) return;
   (void)SyncWal();
   db_->Close().PermitUncheckedError();
@@ -306,16 +318,24 @@ Status OpenStoreReadOnly(const std::string& dir, const rocksdb::Options& o, std:
   return Status::Ok();
 }
 
-// Whether the store `db` (in `dir`) is a deferfs store paired with `uuid`.
-Status CheckPairing(rocksdb::DB* db, const std::string& dir, const Uuid& uuid) {
+// The UUID of the filesystem whose store `db` is; false if it is no deferfs store.
+bool ReadPairing(rocksdb::DB* db, Uuid* uuid) {
   std::string pairing;
   rocksdb::Status s = db->Get(rocksdb::ReadOptions(), Key(kPairing), &pairing);
-  if (!s.ok() || pairing.size() != sizeof(kPairingMagic) + uuid.size() + 4 ||
+  if (!s.ok() || pairing.size() != sizeof(kPairingMagic) + uuid->size() + 4 ||
       std::memcmp(pairing.data(), kPairingMagic, sizeof(kPairingMagic)) != 0) {
+    return false;
+  }
+  std::memcpy(uuid->data(), pairing.data() + sizeof(kPairingMagic), uuid->size());
+  return true;
+}
+
+// Whether the store `db` (in `dir`) is a deferfs store paired with `uuid`.
+Status CheckPairing(rocksdb::DB* db, const std::string& dir, const Uuid& uuid) {
+  Uuid have;
+  if (!ReadPairing(db, &have)) {
     return Status::Invalid(dir + " is not a deferfs metadata directory: pass the right -o meta=DIR");
   }
-  Uuid have;
-  std::memcpy(have.data(), pairing.data() + sizeof(kPairingMagic), have.size());
   if (have != uuid) {
     return Status::Invalid("metadata directory " + dir + " belongs to another filesystem (uuid " + UuidToString(have) +
                            ", backing device has " + UuidToString(uuid) + "): pass the right -o meta=DIR");
@@ -347,6 +367,17 @@ Status MetaStore::CheckPaired(const std::string& dir, const Uuid& uuid) {
   Status s = CheckPairing(db.get(), dir, uuid);
   db->Close().PermitUncheckedError();
   return s;
+}
+
+bool MetaStore::IsStore(const std::string& dir) {
+  rocksdb::Options o = DbOptions();
+  o.info_log = NewRocksLogger();
+  std::unique_ptr<rocksdb::DB> db;
+  if (!OpenStoreReadOnly(dir, o, &db).ok()) return false;
+  Uuid any;
+  const bool ours = ReadPairing(db.get(), &any);
+  db->Close().PermitUncheckedError();
+  return ours;
 }
 
 Status MetaStore::Open(const std::string& dir, const Uuid& uuid, std::unique_ptr<MetaStore>* out) {
@@ -396,6 +427,7 @@ Status MetaStore::LoadInodeCounter(const std::string& dir) {
 }
 
 Status MetaStore::GetInode(uint64_t ino, InodeRecord* rec) {
+  DEFERFS_RETURN_IF_ERROR(ApplyDeferred());
   std::string v;
   DEFERFS_RETURN_IF_ERROR(FromRocks(db_->Get(rocksdb::ReadOptions(), Key(kInode, ino), &v), "inode " + std::to_string(ino)));
   return DecodeInode(ino, v, rec);
@@ -511,15 +543,18 @@ Status ScanExtents(rocksdb::DB* db, const std::string& prefix,
 }  // namespace
 
 Status MetaStore::ForEachExtent(uint64_t ino, const std::function<void(const ExtentRecord&)>& fn) {
+  DEFERFS_RETURN_IF_ERROR(ApplyDeferred());
   return ScanExtents(db_.get(), Key(kExtent, ino), [&](uint64_t, const ExtentRecord& e) { fn(e); }, nullptr);
 }
 
 Status MetaStore::ForEachExtentAll(const std::function<void(uint64_t, const ExtentRecord&)>& fn,
                                    const CorruptFn& on_corrupt) {
+  DEFERFS_RETURN_IF_ERROR(ApplyDeferred());
   return ScanExtents(db_.get(), Key(kExtent), fn, on_corrupt);
 }
 
 Status MetaStore::ForEachInode(const std::function<void(const InodeRecord&)>& fn, const CorruptFn& on_corrupt) {
+  DEFERFS_RETURN_IF_ERROR(ApplyDeferred());
   std::string prefix = Key(kInode);
   Status inner;
   Status st = Scan(db_.get(), prefix, prefix, [&](const rocksdb::Slice& k, const rocksdb::Slice& v) {
@@ -622,10 +657,12 @@ void MetaStore::DeleteInode(uint64_t ino, MetaBatch* b) {
   // A file of very many extents takes one range tombstone instead: rare, and
   // cheaper than a batch of that many keys built under the namespace lock.
   constexpr size_t kMaxPointDeletes = 4096;
+  const Status applied = ApplyDeferred();  // the scans must see deferred extents (else: a range tombstone)
   for (char prefix : {kXattr, kExtent}) {
     const std::string p = Key(prefix, ino);
     std::vector<std::string> keys;
-    Status st = Scan(db_.get(), p, p, [&](const rocksdb::Slice& k, const rocksdb::Slice&) {
+    Status st = applied;
+    if (st.ok()) st = Scan(db_.get(), p, p, [&](const rocksdb::Slice& k, const rocksdb::Slice&) {
       keys.push_back(k.ToString());
       return keys.size() <= kMaxPointDeletes;
     });
@@ -649,14 +686,97 @@ Status MetaStore::Commit(MetaBatch* batch, bool sync) {
     // (no IO), so RocksDB's group commit would gain nothing, and its leader
     // reading other threads' batches is synchronized where TSan cannot see.
     std::lock_guard l(commit_mu_);
+    DEFERFS_RETURN_IF_ERROR(ApplyDeferredLocked());
     DEFERFS_RETURN_IF_ERROR(FromRocks(db_->Write(rocksdb::WriteOptions(), batch->wb_.get()), "commit"));
   }
   commits_.fetch_add(1, std::memory_order_acq_rel);
   return sync ? SyncWal() : Status::Ok();
 }
 
+Status MetaStore::CommitDeferred(MetaBatch* batch) {
+  if (read_only_) return Status::Error(EROFS, "the metadata store is open read-only");
+  struct Append : rocksdb::WriteBatch::Handler {
+    std::vector<DeferredOp>* ops;
+    void Put(const rocksdb::Slice& k, const rocksdb::Slice& v) override { ops->push_back({k.ToString(), v.ToString(), false}); }
+    void Delete(const rocksdb::Slice& k) override { ops->push_back({k.ToString(), {}, true}); }
+  } append;
+  // Armed now, as Commit() does: a device flush from here on (an fsync's)
+  // covers the data these changes make reachable, whenever they land.
+  if (!batch->data_durable_) barrier_->Arm();
+  size_t held;
+  {
+    std::lock_guard l(deferred_mu_);
+    if (!deferred_error_.ok()) return deferred_error_;
+    // Only puts and point deletes: anything else is a caller's bug, refused
+    // whole rather than landed in part or out of order.
+    const size_t before = deferred_.size();
+    append.ops = &deferred_;
+    if (rocksdb::Status s = batch->wb_->Iterate(&append); !s.ok()) {
+      deferred_.resize(before);
+      return FromRocks(s, "deferred commit");
+    }
+    held = deferred_.size();
+    deferred_ops_.fetch_add(held - before, std::memory_order_relaxed);
+    if (!writer_.joinable()) writer_ = std::thread([this] { DeferredWriterMain(); });
+  }
+  commits_.fetch_add(1, std::memory_order_acq_rel);  // for SyncWal(): it writes them first
+  if (held >= kDeferredMaxOps) return ApplyDeferred();
+  if (held >= kDeferredOps) deferred_cv_.notify_one();
+  return Status::Ok();
+}
+
+void MetaStore::DeferredWriterMain() {
+  pthread_setname_np(pthread_self(), "deferfs-meta");
+  // Background work: the request path (workers, pollers, the application)
+  // goes first when they contend for a CPU. Best effort.
+  (void)setpriority(PRIO_PROCESS, static_cast<id_t>(gettid()), 10);
+  std::unique_lock l(deferred_mu_);
+  for (;;) {
+    deferred_cv_.wait(l, [this] { return writer_stop_ || deferred_.size() >= kDeferredOps; });
+    if (writer_stop_) return;
+    l.unlock();
+    (void)ApplyDeferred();  // a failure stays in deferred_error_ for the next caller
+    l.lock();
+  }
+}
+
+Status MetaStore::ApplyDeferred() {
+  // Nothing unwritten, none being written: no lock. (A failure shows at the
+  // next Commit().)
+  if (deferred_ops_.load(std::memory_order_acquire) == 0) return Status::Ok();
+  std::lock_guard l(commit_mu_);
+  return ApplyDeferredLocked();
+}
+
+// Takes the held changes and writes them. commit_mu_ keeps them in order with
+// every other write; appends go on meanwhile, into a fresh vector.
+Status MetaStore::ApplyDeferredLocked() {
+  std::vector<DeferredOp> ops;
+  {
+    std::lock_guard l(deferred_mu_);
+    if (deferred_.empty() || !deferred_error_.ok()) return deferred_error_;
+    ops.swap(deferred_);
+  }
+  // Stable: of several changes to one key, the last in commit order wins.
+  std::stable_sort(ops.begin(), ops.end(), [](const DeferredOp& a, const DeferredOp& b) { return a.key < b.key; });
+  rocksdb::WriteBatch wb;
+  rocksdb::Status s;
+  for (size_t i = 0; i < ops.size() && s.ok(); ++i) {
+    if (i + 1 < ops.size() && ops[i + 1].key == ops[i].key) continue;
+    s = ops[i].del ? wb.Delete(ops[i].key) : wb.Put(ops[i].key, ops[i].value);
+  }
+  if (s.ok()) s = db_->Write(rocksdb::WriteOptions(), &wb);  // each batch armed the barrier
+  // Only now: a reader that sees 0 must find them in RocksDB.
+  deferred_ops_.fetch_sub(ops.size(), std::memory_order_release);
+  if (s.ok()) return Status::Ok();
+  std::lock_guard l(deferred_mu_);
+  deferred_error_ = FromRocks(s, "deferred commit");
+  return deferred_error_;
+}
+
 Status MetaStore::SyncWal() {
   if (read_only_) return Status::Ok();  // nothing was written
+  DEFERFS_RETURN_IF_ERROR(ApplyDeferred());
   std::lock_guard l(sync_mu_);
   // Counted after their Write() returned, so all of `upto` is in the buffer.
   const uint64_t upto = commits_.load(std::memory_order_acquire);

@@ -5,12 +5,14 @@
 #pragma once
 
 #include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <vector>
 
 #include "backend/data_barrier.h"
@@ -131,6 +133,8 @@ class MetaStore {
   // Whether `dir` is the store of the filesystem `uuid`, by the checks Open
   // makes (a store, with the pairing record for `uuid`); writes nothing.
   static Status CheckPaired(const std::string& dir, const Uuid& uuid);
+  // Whether `dir` is a deferfs metadata store, of any filesystem. Reads only.
+  static bool IsStore(const std::string& dir);
 
   Status GetInode(uint64_t ino, InodeRecord* rec);
   // Adds to `b` the deletion of inode `ino` and of everything keyed by it
@@ -180,6 +184,19 @@ class MetaStore {
   // DataBarrier. A crash keeps a prefix of the commits: everything up to the
   // last SyncWal() at least. sync=true is Commit then SyncWal.
   Status Commit(MetaBatch* batch, bool sync = false);
+  // Commit for batches that may reach RocksDB later: held in memory and
+  // written, sorted by key, as one batch before the next Commit(), SyncWal()
+  // or read of inodes or extents, or by the store's own thread once
+  // kDeferredOps changes are held. So every commit still lands in order,
+  // random keys turn into nearly sequential memtable inserts (RocksDB's
+  // skiplist reuses the previous insert's position), and the caller (a
+  // write's end_io) does not pay for them. A deferred batch that fails to
+  // land fails every later Commit(), CommitDeferred() and SyncWal().
+  Status CommitDeferred(MetaBatch* batch);
+  static constexpr size_t kDeferredOps = 32768;
+  // Held beyond this (the thread cannot keep up), CommitDeferred() writes
+  // them itself.
+  static constexpr size_t kDeferredMaxOps = 4 * kDeferredOps;
   // Makes every committed batch durable; cheap when nothing was committed
   // since the last call.
   Status SyncWal();
@@ -190,11 +207,22 @@ class MetaStore {
   // For `deferfs stats`: batches committed, and WAL write-outs with fsync.
   uint64_t commits() const { return commits_.load(std::memory_order_relaxed); }
   uint64_t wal_syncs() const { return wal_syncs_.load(std::memory_order_relaxed); }
+  // Changes CommitDeferred() took that are not in RocksDB yet.
+  size_t deferred_ops() const { return deferred_ops_.load(std::memory_order_relaxed); }
 
  private:
   Status LookupAt(const rocksdb::ReadOptions& ro, uint64_t dir, std::string_view name, DirEntry* e);
   static Status OpenReadWrite(const std::string& dir, const Uuid& uuid, std::unique_ptr<MetaStore>* out);
   Status LoadInodeCounter(const std::string& dir);
+  // Writes the deferred changes, if any (commit_mu_ held, or taken).
+  Status ApplyDeferred();
+  Status ApplyDeferredLocked();
+  void DeferredWriterMain();
+
+  struct DeferredOp {
+    std::string key, value;
+    bool del;
+  };
 
   std::shared_ptr<DataBarrier> barrier_;
   std::unique_ptr<rocksdb::Env> env_;  // the ordered file system; outlives db_
@@ -203,7 +231,14 @@ class MetaStore {
   std::atomic<uint64_t> commits_{0};  // Commit()s that returned
   std::atomic<uint64_t> synced_{0};   // commits_ covered by the last SyncWal()
   std::atomic<uint64_t> wal_syncs_{0};
-  std::mutex commit_mu_;              // one Write() at a time
+  std::mutex commit_mu_;              // one Write() at a time (taken before deferred_mu_)
+  std::mutex deferred_mu_;            // guards deferred_, deferred_error_, writer_*
+  std::condition_variable deferred_cv_;
+  std::vector<DeferredOp> deferred_;  // in commit order
+  std::atomic<size_t> deferred_ops_{0};  // held or being written: not yet readable from RocksDB
+  Status deferred_error_;
+  bool writer_stop_ = false;
+  std::thread writer_;  // started by the first CommitDeferred()
   std::mutex sync_mu_;                // one SyncWal() at a time
   uint64_t next_ino_ = kRootIno + 1;
 };

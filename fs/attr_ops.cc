@@ -310,6 +310,7 @@ Status Filesystem::Sync() {
   // Data first, then the metadata that makes it reachable (see DESIGN.md);
   // after that, blocks freed before the sync are safe to reuse.
   DEFERFS_RETURN_IF_ERROR(CheckLive());
+  if (opt_.read_only) return Status::Ok();  // this mount wrote nothing to make durable
   DEFERFS_RETURN_IF_ERROR(meta_->barrier().Flush());
   return SyncMeta();
 }

@@ -68,8 +68,14 @@ Status Filesystem::SyncMeta() {
   return Status::Ok();
 }
 
-Status Filesystem::CommitInode(Inode* inode, MetaBatch* b, bool sync) {
-  DEFERFS_RETURN_IF_ERROR(Commit(b, sync));
+Status Filesystem::CommitInode(Inode* inode, MetaBatch* b, bool sync, bool may_defer) {
+  if (may_defer && !sync && !opt_.sync) {
+    DEFERFS_RETURN_IF_ERROR(CheckWritable());
+    Status st = meta_->CommitDeferred(b);
+    if (!st.ok()) return MetaFailed(st);
+  } else {
+    DEFERFS_RETURN_IF_ERROR(Commit(b, sync));
+  }
   // A synced commit makes everything before it in the WAL durable too. An
   // unsynced one is read against the epoch after it landed: conservative.
   inode->meta_epoch = sync ? 0 : wal_epoch_.load(std::memory_order_acquire);
@@ -284,7 +290,7 @@ int Filesystem::WriteEndIo(std::span<Dio* const> dios) {
       ApplyDelta(inode->ino, delta, &b);
       b.PutInode(rec);
       if (any_dsync && all_dsync) b.set_data_durable();  // all FUA: no device flush owed
-      Status st = CommitInode(inode, &b, any_dsync);
+      Status st = CommitInode(inode, &b, any_dsync, /*may_defer=*/true);
       if (st.ok()) {
         inode->rec = rec;
         inode->dirty = false;
@@ -377,8 +383,24 @@ Status Filesystem::Fallocate(Inode* inode, int mode, uint64_t off, uint64_t len)
   std::vector<Extent> fresh;
   if (kind != FALLOC_FL_PUNCH_HOLE) {
     std::lock_guard l(inode->mu);
+    // Counted first: a request that cannot fit fails without taking, for a
+    // moment, every free block from other writers.
+    uint64_t need = last - first;
+    for (uint64_t b = first; kind == 0 && b < last;) {
+      Extent e;
+      uint64_t hole = last - b;
+      if (inode->extents.Find(b, &e, &hole)) {
+        need -= std::min(e.len, last - b);
+        b += e.len;
+      } else {
+        b += std::min(hole, last - b);
+      }
+    }
+    if (need > alloc_->free_blocks() && !(ReclaimFreedBlocks() && need <= alloc_->free_blocks())) {
+      st = Status::NoSpace("not enough free space for the fallocate");
+    }
     uint64_t goal = inode->extents.last_pblk_hint();
-    for (uint64_t b = first; b < last;) {
+    for (uint64_t b = first; st.ok() && b < last;) {
       Extent e;
       uint64_t hole = last - b;  // zero range: all of it, punched below
       if (kind == 0 && inode->extents.Find(b, &e, &hole)) {

@@ -132,7 +132,8 @@ std::string Filesystem::StatsJson(bool reset, size_t max_bytes) {
   auto gauge = [](const std::atomic<int64_t>& g) { return std::to_string(g.load(std::memory_order_relaxed)); };
   out += ",\"live\":{\"fuse_requests\":" + gauge(gauges_.fuse_requests) +
          ",\"request_buffers\":" + gauge(gauges_.request_buffers) + ",\"open_files\":" + gauge(gauges_.open_files) +
-         ",\"inodes_cached\":" + std::to_string(inodes) + "}";
+         ",\"inodes_cached\":" + std::to_string(inodes) +
+         ",\"metadata_deferred\":" + std::to_string(meta_->deferred_ops()) + "}";
   const std::pair<const char*, const LatencyHistogram*> paths[] = {{"read_device", &d.read_device},
                                                                     {"read_reply", &d.read_reply},
                                                                     {"write_device", &d.write_device},

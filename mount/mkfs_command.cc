@@ -157,9 +157,17 @@ int MkfsCommand(const MkfsArgs& args) {
   sb.created_ns = NowNs();
   if (meta_dir.empty()) meta_dir = DefaultMetaDir(backing, dev->is_block_device(), UuidToString(sb.uuid));
   std::error_code ec;
-  if (std::filesystem::exists(meta_dir, ec) && !force) {
-    undo_create();
-    return Fail("metadata directory " + meta_dir + " already exists: pass --force to replace it, or --meta DIR");
+  if (std::filesystem::exists(meta_dir, ec)) {
+    if (!force) {
+      undo_create();
+      return Fail("metadata directory " + meta_dir + " already exists: pass --force to replace it, or --meta DIR");
+    }
+    // --force replaces metadata, nothing else that a mistyped --meta names.
+    if (!std::filesystem::is_empty(meta_dir, ec) && !MetaStore::IsStore(meta_dir)) {
+      undo_create();
+      return Fail(meta_dir + " exists and is not deferfs metadata, so --force does not replace it: pass another "
+                  "--meta DIR, or remove it first");
+    }
   }
   std::filesystem::path meta_path(meta_dir);
   if (meta_path.has_parent_path()) std::filesystem::create_directories(meta_path.parent_path(), ec);

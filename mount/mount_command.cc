@@ -4,6 +4,7 @@
 // next line, and every error still reaches the terminal as one line.
 #include <fcntl.h>
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
 #include <sys/mount.h>
 #include <sys/signalfd.h>
@@ -53,6 +54,37 @@ class Reporter {
   int fd_;
 };
 
+// Confines this process, before it has any other thread, to `cpus`: every
+// thread started later (workers, pollers, RocksDB's) inherits the mask.
+Status ConfineToCpus(const std::vector<unsigned>& cpus) {
+  cpu_set_t allowed;
+  if (sched_getaffinity(0, sizeof(allowed), &allowed) != 0) {
+    return Status::Error(errno, std::string("cpus=: cannot read this process's CPUs: ") + strerror(errno));
+  }
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  std::string missing, usable;
+  for (unsigned c : cpus) {
+    CPU_SET(c, &set);
+    if (!CPU_ISSET(c, &allowed)) missing += (missing.empty() ? "" : ",") + std::to_string(c);
+  }
+  for (unsigned c = 0; c < CPU_SETSIZE; ++c) {  // as ranges: "0-3,8"
+    if (!CPU_ISSET(c, &allowed)) continue;
+    unsigned last = c;
+    while (last + 1 < CPU_SETSIZE && CPU_ISSET(last + 1, &allowed)) ++last;
+    usable += (usable.empty() ? "" : ",") + std::to_string(c) + (last > c ? "-" + std::to_string(last) : "");
+    c = last;
+  }
+  if (!missing.empty()) {
+    return Status::Invalid("bad mount option cpus=: CPU " + missing + " is not one this process may run on (" +
+                           usable + "): choose among those");
+  }
+  if (sched_setaffinity(0, sizeof(set), &set) != 0) {
+    return Status::Error(errno, std::string("cpus=: cannot set the daemon's CPUs: ") + strerror(errno));
+  }
+  return Status::Ok();
+}
+
 // Parent side of the daemon handshake: EOF with no message means success.
 int WaitForChild(int pipe_fd, pid_t child) {
   std::string msg;
@@ -88,6 +120,9 @@ int MountCommand(const MountArgs& args) {
   std::string backing = args.backing;
   std::string mountpoint = args.mountpoint;
 
+  if (!opts.cpus.empty()) {
+    if (Status c = ConfineToCpus(opts.cpus); !c.ok()) return Fail(c.message());
+  }
   if (opts.transport == FuseTransport::kUring && !FuseUring::KernelEnabled()) {
     return Fail("transport=uring: this kernel's FUSE over io_uring is off or absent (it needs Linux 6.14+ and, as "
                 "root, 'echo Y > /sys/module/fuse/parameters/enable_uring'): switch it on or mount with transport=dev");

@@ -3,6 +3,9 @@
 #include <fuse_opt.h>
 #include <unistd.h>
 
+#include <sched.h>
+
+#include <algorithm>
 #include <charconv>
 #include <cstring>
 #include <string_view>
@@ -44,6 +47,32 @@ Status BadValue(std::string_view opt, const std::string& want) {
   return Status::Invalid("bad mount option '" + std::string(opt) + "': " + want);
 }
 
+bool ParseUnsigned(std::string_view s, unsigned* v) {
+  auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), *v);
+  return !s.empty() && ec == std::errc() && p == s.data() + s.size();
+}
+
+// "0-1:4" -> {0, 1, 4}. ':' joins the ranges: ',' already separates options.
+bool ParseCpuList(std::string_view list, std::vector<unsigned>* cpus) {
+  cpus->clear();
+  while (!list.empty()) {
+    const size_t colon = list.find(':');
+    const std::string_view range = list.substr(0, colon);
+    list = colon == std::string_view::npos ? std::string_view() : list.substr(colon + 1);
+    if (colon != std::string_view::npos && list.empty()) return false;  // a trailing ':'
+    const size_t dash = range.find('-');
+    unsigned first, last;
+    if (!ParseUnsigned(range.substr(0, dash), &first)) return false;
+    last = first;
+    if (dash != std::string_view::npos && !ParseUnsigned(range.substr(dash + 1), &last)) return false;
+    if (last < first || last >= CPU_SETSIZE) return false;
+    for (unsigned c = first; c <= last; ++c) cpus->push_back(c);
+  }
+  std::sort(cpus->begin(), cpus->end());
+  cpus->erase(std::unique(cpus->begin(), cpus->end()), cpus->end());
+  return !cpus->empty();
+}
+
 Status ParseOne(std::string_view opt, MountOptions* o) {
   size_t eq = opt.find('=');
   std::string_view key = opt.substr(0, eq);
@@ -53,10 +82,9 @@ Status ParseOne(std::string_view opt, MountOptions* o) {
   for (const NumberOpt& n : kNumbers) {
     if (key != n.key) continue;
     unsigned v = 0;
-    auto [p, ec] = std::from_chars(val.data(), val.data() + val.size(), v);
     std::string want = std::string(n.key) + " takes a whole number from " + std::to_string(n.min) + " to " +
                        std::to_string(n.max);
-    if (!has_val || ec != std::errc() || p != val.data() + val.size() || v < n.min || v > n.max) {
+    if (!has_val || !ParseUnsigned(val, &v) || v < n.min || v > n.max) {
       return BadValue(opt, want);
     }
     if (key == "ring_depth" && (v & (v - 1)) != 0) return BadValue(opt, "ring_depth must be a power of two");
@@ -77,6 +105,12 @@ Status ParseOne(std::string_view opt, MountOptions* o) {
       }
     }
     return BadValue(opt, "transport is dev or uring");
+  }
+  if (key == "cpus") {
+    if (!has_val || !ParseCpuList(val, &o->cpus)) {
+      return BadValue(opt, "cpus takes CPU numbers and ranges joined by ':', e.g. cpus=1 or cpus=0-3:8");
+    }
+    return Status::Ok();
   }
   if (key == "meta") {
     if (!has_val || val.empty()) return BadValue(opt, "meta takes the metadata directory's path");
@@ -155,12 +189,14 @@ unsigned DefaultWorkers() {
 }
 
 std::string MountOptions::Describe() const {
+  std::string cpu_list;
+  for (unsigned c : cpus) cpu_list += (cpu_list.empty() ? ",cpus=" : ":") + std::to_string(c);
   return "completion=" + std::string(CompletionModeName(completion)) + ",workers=" + std::to_string(workers) +
          ",pollers=" + std::to_string(pollers) + ",cthreads=" + std::to_string(cthreads) +
          ",ring_depth=" + std::to_string(ring_depth) + ",commit=" + std::to_string(commit) +
          ",transport=" + std::string(FuseTransportName(transport)) +
          (uring_depth ? ",uring_depth=" + std::to_string(uring_depth) : std::string()) +
-         (read_only ? ",ro" : ",rw") +
+         cpu_list + (read_only ? ",ro" : ",rw") +
          ",loglevel=" + LogLevelName(log_level) + (fault_inject ? ",fault_inject" : "");
 }
 
@@ -177,6 +213,8 @@ std::string MountOptionsHelp() {
          "                     echo Y > /sys/module/fuse/parameters/enable_uring)\n"
          "  uring_depth=N      FUSE ring slots per kernel queue (one per possible CPU), 1-256 (default\n"
          "                     32, fewer beyond 8 possible CPUs); each keeps an IO buffer (1 MiB + 4 KiB)\n"
+         "  cpus=LIST          CPUs every daemon thread may run on: numbers and ranges joined by ':'\n"
+         "                     (cpus=1, cpus=0-3:8; default: any the scheduler picks)\n"
          "  commit=SECONDS     background metadata commit interval, 1-300 (default 5): the most a\n"
          "                     crash loses of what was not fsync'ed\n"
          "  meta=DIR           metadata directory (default BACKING.meta, /var/lib/deferfs/UUID for a block device)\n"

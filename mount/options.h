@@ -36,6 +36,9 @@ struct MountOptions {
   bool read_only = false;
   bool sync = false;     // `sync`: every write O_SYNC, every change durable on return
   bool dirsync = false;  // `dirsync`: directory changes durable on return
+  // CPUs every daemon thread may run on (`cpus=0-1:4`); empty: any the
+  // mounting process may use. Sorted, no duplicates.
+  std::vector<unsigned> cpus;
   bool fault_inject = false;  // testing only: pollers fail tagged bios (backend/fault_inject.h)
   LogLevel log_level = LogLevel::kInfo;
   // Options for libfuse/the kernel mount (allow_other, ro, fsname=...), in order.

@@ -8,7 +8,7 @@
 # plot.png} and prints the Markdown tables.
 #   scripts/run.sh [--quick | --goals] [--modes "defer workqueue ..."] [--jobs "randread ..."]
 #                  [--qds "1 16"] [--repeat N] [--no-reference] [--transports "dev uring"]
-#                  [--backing PATH] [--size SIZE] [--runtime SECONDS]
+#                  [--backing PATH] [--size SIZE] [--runtime SECONDS] [--options "cpus=1,..."]
 # Default: the five modes, every job, queue depths 1-32, 3 s per run, once
 # (about ten minutes); --quick: queue depths 1 and 16 at 2 s (about 2½);
 # --goals: what issue 5's goals compare (workqueue, defer and auto; allocating
@@ -18,6 +18,7 @@
 # time; the tables then show medians and the spread. --transports "dev uring"
 # mounts each mode twice, the second time with FUSE over io_uring (target
 # MODE_uring; the kernel's switch is turned on for the run and put back after).
+# --options adds deferfs mount options (-o) to every mode's mount.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,6 +29,7 @@ runtime=3
 repeat=1
 reference=1
 transports=dev
+extra_opts=
 backing=/var/tmp/deferfs/bench.img
 size=4G
 while (($#)); do
@@ -41,6 +43,7 @@ while (($#)); do
     --repeat) repeat=$2; shift 2 ;;
     --no-reference) reference=0; shift ;;
     --transports) transports=$2; shift 2 ;;
+    --options) extra_opts=$2; shift 2 ;;
     --backing) backing=$2; shift 2 ;;
     --size) size=$2; shift 2 ;;
     --runtime) runtime=$2; shift 2 ;;
@@ -66,6 +69,10 @@ scripts/setup.sh
 bin=$PWD/build/deferfs
 out=results/$(date +%Y%m%d-%H%M%S)
 mkdir -p "$out/json"
+if [ -n "$extra_opts" ]; then
+  echo "== every mode mounted with -o $extra_opts"
+  echo "$extra_opts" >"$out/mount-options.txt"
+fi
 mnt=$(mktemp -d /tmp/deferfs-bench.XXXXXX)
 ptmnt=$(mktemp -d /tmp/deferfs-bench-passthrough.XXXXXX)
 ptbin=$(mktemp -d /tmp/deferfs-bench-bin.XXXXXX)
@@ -191,6 +198,7 @@ for ((rep = 1; rep <= repeat; rep++)); do
     mode=${mode_list[$(( (i + rep - 1) % nmodes ))]}
     opts="completion=${mode%_uring}"
     [[ $mode == *_uring ]] && opts+=",transport=uring"
+    [ -n "$extra_opts" ] && opts+=",$extra_opts"
     echo "== $opts ($((++n))/$total)"
     "$bin" mkfs "$backing" --force >/dev/null
     "$bin" mount "$backing" "$mnt" -o "$opts"

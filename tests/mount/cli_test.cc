@@ -262,6 +262,33 @@ TEST_F(CliTest, MkfsForceRemovesOnlyTheReplacedFilesystemsMetadata) {
   EXPECT_TRUE(fs.ok());
 }
 
+// --force replaces metadata only: a mistyped --meta naming someone's
+// directory gets an error, and neither it nor the backing changes. An empty
+// directory, or another filesystem's store, is replaced.
+TEST_F(CliTest, MkfsForceReplacesOnlyMetadataAtTheMetaPath) {
+  const std::string img = tmp_ / "fs.img", docs = tmp_ / "docs";
+  ASSERT_NO_FATAL_FAILURE(Mkfs(img));
+  const std::string head = ReadHead(img);
+  ASSERT_EQ(mkdir(docs.c_str(), 0755), 0) << strerror(errno);
+  ASSERT_NO_FATAL_FAILURE(MakeSparse(docs + "/thesis.txt", 64, "chapter"));
+  const auto before = TreeState(docs);
+  EXPECT_TRUE(IsCliError(RunDeferfs({"mkfs", img, "--force", "--meta", docs}), "is not deferfs metadata"));
+  EXPECT_EQ(TreeState(docs), before);
+  EXPECT_EQ(ReadHead(img), head) << "the backing was reformatted all the same";
+
+  const std::string empty = tmp_ / "empty";
+  ASSERT_EQ(mkdir(empty.c_str(), 0755), 0) << strerror(errno);
+  RunResult r = RunDeferfs({"mkfs", img, "--force", "--meta", empty});
+  ASSERT_TRUE(r.succeeded()) << r.Describe();
+  ASSERT_NO_FATAL_FAILURE(Mkfs(tmp_ / "other.img"));
+  r = RunDeferfs({"mkfs", img, "--force", "--meta", tmp_ / "other.img.meta"});
+  ASSERT_TRUE(r.succeeded()) << r.Describe();
+  MountConfig cfg = MountConfig::Existing(img);
+  cfg.meta = tmp_ / "other.img.meta";
+  MountedFs fs(cfg);
+  EXPECT_TRUE(fs.ok());
+}
+
 TEST_F(CliTest, MountOfMissingBacking) {
   const std::string img = tmp_ / "absent.img";
   EXPECT_TRUE(IsCliError(MountBg(img)));
@@ -346,7 +373,8 @@ TEST_F(CliTest, MountRejectsBadOptions) {
   const std::vector<std::pair<std::string, std::string>> cases{
       {"bogus=1", "bogus"},          {"workers=0", "workers"},   {"workers=abc", "workers"},
       {"completion=fast", "completion"}, {"workers=", "workers"}, {"allow_other,bogus", "bogus"},
-      {"remount", "unmount and mount again"}};
+      {"remount", "unmount and mount again"}, {"cpus=", "cpus"}, {"cpus=2-1", "cpus"}, {"cpus=0:", "cpus"},
+      {"cpus=1024", "cpus"}, {"cpus=1023", "choose among those"}};
   for (const auto& [opt, mention] : cases) {
     SCOPED_TRACE("-o " + opt);
     EXPECT_TRUE(IsCliError(MountBg(img, {"-o", opt}), mention));

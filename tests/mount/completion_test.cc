@@ -2,17 +2,22 @@
 // shows that each mode runs completions where DESIGN.md says it does; the
 // kernel's 6.6 self-deadlock (async writes in flight, then a drain from the
 // same submitter) is reproduced in every mode and must not hang; the mount
-// log and the stats report name the mode and thread counts.
+// log and the stats report name the mode and thread counts; cpus= confines
+// every daemon thread.
 #include <fcntl.h>
 #include <liburing.h>
+#include <sched.h>
 #include <linux/falloc.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <cstring>
+#include <filesystem>
+#include <fstream>
 #include <optional>
 #include <random>
 #include <regex>
+#include <set>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -267,6 +272,59 @@ TEST_P(CompletionTest, DrainsWithWritesInFlightDoNotHang) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Modes, CompletionTest, ::testing::ValuesIn(EveryMode(2, 1, 1)), VariantName());
+// Each thread of the daemon: name -> its Cpus_allowed_list.
+std::vector<std::pair<std::string, std::string>> ThreadCpus(pid_t pid) {
+  std::vector<std::pair<std::string, std::string>> out;
+  const std::string dir = "/proc/" + std::to_string(pid) + "/task";
+  for (const auto& t : std::filesystem::directory_iterator(dir)) {
+    std::ifstream status(t.path() / "status");
+    std::string line, name, cpus;
+    while (std::getline(status, line)) {
+      if (line.starts_with("Name:\t")) name = line.substr(6);
+      if (line.starts_with("Cpus_allowed_list:\t")) cpus = line.substr(19);
+    }
+    out.emplace_back(name, cpus);
+  }
+  return out;
+}
+
+// cpus= confines every daemon thread, the ones started after the mount
+// (workers, pollers, the completion thread, RocksDB's) included, and IO works.
+TEST(CpusOptionTest, EveryDaemonThreadRunsOnTheChosenCpus) {
+  if (const char* d = getenv("DEFERFS_TEST_DIR"); d != nullptr && *d != '\0') GTEST_SKIP() << "needs deferfs itself";
+  cpu_set_t allowed;
+  ASSERT_EQ(sched_getaffinity(0, sizeof(allowed), &allowed), 0);
+  int last = -1;
+  for (int c = 0; c < CPU_SETSIZE; ++c) {
+    if (CPU_ISSET(c, &allowed)) last = c;
+  }
+  ASSERT_GE(CPU_COUNT(&allowed), 2) << "needs two CPUs to tell a confined daemon from a free one";
+  const std::string cpu = std::to_string(last);
+  for (const bool confined : {true, false}) {
+    SCOPED_TRACE(confined ? "cpus=" + cpu : "no cpus=");
+    MountConfig cfg;
+    cfg.options = {"completion=workqueue", "workers=2"};
+    if (confined) cfg.options.push_back("cpus=" + cpu);
+    MountedFs fs(cfg);
+    ASSERT_TRUE(fs.ok());
+    RunResult r = RunFio("rw", fs.path("f"), {"--rw=randrw", "--bs=4k", "--direct=1", "--ioengine=io_uring",
+                                              "--iodepth=8", "--size=4m", "--verify=crc32c"});
+    ASSERT_TRUE(FioSucceeded(r, fs));
+    const auto threads = ThreadCpus(fs.daemon_pid());
+    std::set<std::string> names;
+    for (const auto& [name, cpus] : threads) {
+      names.insert(name);
+      if (confined) {
+        EXPECT_EQ(cpus, cpu) << name;
+      } else {
+        EXPECT_NE(cpus, cpu) << name;
+      }
+    }
+    for (const char* want : {"deferfs-worker", "deferfs-poller", "deferfs-cthread"}) EXPECT_TRUE(names.count(want)) << want;
+    EXPECT_TRUE(fs.Unmount());
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(OneOfEach, CompletionTest, ::testing::ValuesIn(EveryMode(1, 1, 1)), VariantName());
 INSTANTIATE_TEST_SUITE_P(Wide, CompletionTest, ::testing::ValuesIn(EveryMode(4, 2, 2)), VariantName());
 

@@ -588,9 +588,11 @@ TEST(DurabilityPointTest, FlushesAndWalSyncsAreWhereTheyBelong) {
   EXPECT_GE(delta(s0, s1, "metadata.commits"), 1u) << s1.raw();
   EXPECT_EQ(delta(s0, s1, "metadata.wal_syncs"), 0u) << "a plain write must not sync the WAL";
   EXPECT_EQ(delta(s0, s1, "metadata.device_flushes"), 0u);
+  EXPECT_GE(s1["live.metadata_deferred"], 1u) << "the write's extent changes are held for the next sync";
 
   ASSERT_EQ(fsync(fd.get()), 0);
   Stats s2 = Stats::Read(fs);
+  EXPECT_EQ(s2["live.metadata_deferred"], 0u) << "fsync lands them";
   EXPECT_EQ(delta(s1, s2, "metadata.wal_syncs"), 1u) << s2.raw();
   EXPECT_EQ(delta(s1, s2, "metadata.device_flushes"), 1u) << "one flush covers data and barrier";
 

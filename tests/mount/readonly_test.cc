@@ -98,7 +98,11 @@ TEST(ReadOnlyMountTest, RefusesChangesWithErofsAndServesReads) {
       ASSERT_TRUE(fd.ok()) << strerror(errno);
       EXPECT_EQ(pread(fd.get(), buf, sizeof(buf), 0), 5);
       EXPECT_STREQ(buf, "hello");
+      EXPECT_EQ(fsync(fd.get()), 0) << strerror(errno);
     }
+    RunResult stats = RunDeferfs({"stats", mnt, "--json"});
+    EXPECT_NE(stats.out.find("\"device_flushes\":0"), std::string::npos)
+        << "an fsync on a read-only mount flushed the backing device: " << stats.Describe();
     EXPECT_EQ(Err(open(f.c_str(), O_WRONLY)), EROFS);
     EXPECT_EQ(Err(open(f.c_str(), O_RDWR)), EROFS);
     EXPECT_EQ(Err(open(f.c_str(), O_RDONLY | O_TRUNC)), EROFS);

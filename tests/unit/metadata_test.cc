@@ -704,6 +704,90 @@ TEST_F(MetaStoreTest, ConcurrentReaderSeesWholeBatchesOnly) {
   EXPECT_EQ(Orphans(*store_).size(), kBatches * kPerBatch);
 }
 
+// ---- Deferred commits (a write's end_io) ----
+
+// Deferred batches land before every later commit and read, in commit order:
+// a key's last change wins, whichever way the sort put the keys.
+TEST_F(MetaStoreTest, DeferredCommitsLandInCommitOrder) {
+  auto extent = [](uint64_t lblk, uint64_t len, uint8_t state) {
+    return ExtentRecord{.lblk = lblk, .len = len, .pblk = 1000 + lblk, .state = state};
+  };
+  auto deferred = [&](const std::function<void(MetaBatch&)>& fill) {
+    MetaBatch b;
+    fill(b);
+    return store_->CommitDeferred(&b);
+  };
+  InodeRecord rec{.ino = 5, .mode = S_IFREG | 0644, .nlink = 1, .size = 4096};
+  ASSERT_OK(deferred([&](MetaBatch& b) {
+    b.PutExtent(5, extent(9, 1, 0));
+    b.PutExtent(5, extent(3, 6, 0));
+    b.PutInode(rec);
+  }));
+  rec.size = 8192;
+  ASSERT_OK(deferred([&](MetaBatch& b) {
+    b.DeleteExtent(5, 9);
+    b.PutExtent(5, extent(3, 2, 1));
+    b.PutExtent(5, extent(5, 4, 0));
+    b.PutInode(rec);
+  }));
+  // A read sees them, merged.
+  EXPECT_EQ(Fields(Extents(*store_, 5)), Fields(std::vector<ExtentRecord>{extent(3, 2, 1), extent(5, 4, 0)}));
+  InodeRecord got;
+  ASSERT_OK(store_->GetInode(5, &got));
+  EXPECT_EQ(got.size, 8192u);
+
+  // A commit after deferred ones overrides them, and a deferred one after it
+  // overrides the commit.
+  ASSERT_OK(deferred([&](MetaBatch& b) { b.PutExtent(5, extent(20, 1, 0)); }));
+  ASSERT_OK(Apply([&](MetaBatch& b) {
+    b.PutExtent(5, extent(20, 1, 1));
+    b.DeleteExtent(5, 5);
+  }));
+  ASSERT_OK(deferred([&](MetaBatch& b) { b.PutExtent(5, extent(3, 2, 0)); }));
+  CheckLiveAndReopened([&] {
+    EXPECT_EQ(Fields(Extents(*store_, 5)), Fields(std::vector<ExtentRecord>{extent(3, 2, 0), extent(20, 1, 1)}));
+    InodeRecord r;
+    ASSERT_OK(store_->GetInode(5, &r));
+    EXPECT_EQ(r.size, 8192u);
+  });
+}
+
+// Held changes are written by SyncWal (the durability point) and by the
+// store itself once kDeferredOps are held, not only by reads.
+TEST_F(MetaStoreTest, DeferredCommitsAreWrittenBySyncWalAndWhenManyAreHeld) {
+  MetaBatch b;
+  b.PutExtent(5, ExtentRecord{.lblk = 0, .len = 1, .pblk = 7, .state = 0});
+  ASSERT_OK(store_->CommitDeferred(&b));
+  ASSERT_OK(store_->SyncWal());
+  const uint64_t before = store_->wal_syncs();
+  EXPECT_EQ(store_->deferred_ops(), 0u);
+  for (size_t i = 0; i < MetaStore::kDeferredOps; ++i) {
+    MetaBatch one;
+    one.PutExtent(6, ExtentRecord{.lblk = i, .len = 1, .pblk = 100 + i, .state = 0});
+    ASSERT_OK(store_->CommitDeferred(&one));
+  }
+  // The store's own thread writes them, with no read or sync to ask.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (store_->deferred_ops() != 0 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  EXPECT_EQ(store_->deferred_ops(), 0u);
+  EXPECT_EQ(store_->wal_syncs(), before);
+  ASSERT_NO_FATAL_FAILURE(Reopen());
+  EXPECT_EQ(Extents(*store_, 5).size(), 1u);
+  EXPECT_EQ(Extents(*store_, 6).size(), MetaStore::kDeferredOps);
+}
+
+// DeleteInode must see extents still held, or they would outlive the inode.
+TEST_F(MetaStoreTest, DeleteInodeSeesDeferredExtents) {
+  ASSERT_OK(Apply([&](MetaBatch& b) { PutEverything(b, 5); }));
+  MetaBatch held;
+  held.PutExtent(5, ExtentRecord{.lblk = 1 << 20, .len = 1, .pblk = 9, .state = 1});
+  ASSERT_OK(store_->CommitDeferred(&held));
+  ASSERT_OK(Apply([&](MetaBatch& b) { store_->DeleteInode(5, &b); }));
+  CheckLiveAndReopened([&] { ExpectNothing(*store_, 5); });
+}
+
 TEST_F(MetaStoreTest, DeleteInodeRemovesOnlyThatInode) {
   // Middle inos where ino+1 carries into higher bytes, and a plain one.
   const uint64_t kVictims[] = {1000, 0xff, 0xffffffff, 0x00ffffffffffffff};
