@@ -4,15 +4,16 @@
 #include <rocksdb/env.h>
 #include <rocksdb/options.h>
 #include <rocksdb/write_batch.h>
+#include <fcntl.h>
 #include <pthread.h>
-#include <sys/resource.h>
-#include <unistd.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
+#include <utility>
 
 #include "backend/rocksdb_logger.h"
 
@@ -380,10 +381,24 @@ bool MetaStore::IsStore(const std::string& dir) {
   return ours;
 }
 
+bool MetaStore::InUse(const std::string& dir) {
+  const int fd = ::open((std::filesystem::path(dir) / "LOCK").c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return false;  // no LOCK file: never opened read-write
+  // RocksDB holds a POSIX write lock on the whole file while the store is open.
+  struct flock l = {};
+  l.l_type = F_WRLCK;
+  l.l_whence = SEEK_SET;
+  const bool held = fcntl(fd, F_GETLK, &l) == 0 && l.l_type != F_UNLCK;
+  ::close(fd);
+  return held;
+}
+
 Status MetaStore::Open(const std::string& dir, const Uuid& uuid, std::unique_ptr<MetaStore>* out) {
   std::unique_ptr<MetaStore> store;
   DEFERFS_RETURN_IF_ERROR(OpenReadWrite(dir, uuid, &store));
   DEFERFS_RETURN_IF_ERROR(store->LoadInodeCounter(dir));
+  // The thread that writes deferred commits: a mounted store's only.
+  store->writer_ = std::thread([raw = store.get()] { raw->DeferredWriterMain(); });
   *out = std::move(store);
   return Status::Ok();
 }
@@ -689,7 +704,8 @@ Status MetaStore::Commit(MetaBatch* batch, bool sync) {
     DEFERFS_RETURN_IF_ERROR(ApplyDeferredLocked());
     DEFERFS_RETURN_IF_ERROR(FromRocks(db_->Write(rocksdb::WriteOptions(), batch->wb_.get()), "commit"));
   }
-  commits_.fetch_add(1, std::memory_order_acq_rel);
+  landed_.fetch_add(1, std::memory_order_acq_rel);
+  commits_.fetch_add(1, std::memory_order_relaxed);
   return sync ? SyncWal() : Status::Ok();
 }
 
@@ -716,23 +732,25 @@ Status MetaStore::CommitDeferred(MetaBatch* batch) {
       return FromRocks(s, "deferred commit");
     }
     held = deferred_.size();
+    ++deferred_batches_;
     deferred_ops_.fetch_add(held - before, std::memory_order_relaxed);
-    if (!writer_.joinable()) writer_ = std::thread([this] { DeferredWriterMain(); });
   }
-  commits_.fetch_add(1, std::memory_order_acq_rel);  // for SyncWal(): it writes them first
-  if (held >= kDeferredMaxOps) return ApplyDeferred();
+  commits_.fetch_add(1, std::memory_order_relaxed);
+  // Without the thread (a store not opened by Open()), or when it cannot
+  // keep up, the caller writes them.
+  if (held >= kDeferredMaxOps || (held >= kDeferredOps && !writer_.joinable())) return ApplyDeferred();
   if (held >= kDeferredOps) deferred_cv_.notify_one();
   return Status::Ok();
 }
 
 void MetaStore::DeferredWriterMain() {
   pthread_setname_np(pthread_self(), "deferfs-meta");
-  // Background work: the request path (workers, pollers, the application)
-  // goes first when they contend for a CPU. Best effort.
-  (void)setpriority(PRIO_PROCESS, static_cast<id_t>(gettid()), 10);
   std::unique_lock l(deferred_mu_);
   for (;;) {
-    deferred_cv_.wait(l, [this] { return writer_stop_ || deferred_.size() >= kDeferredOps; });
+    // After a failure nothing is written again: wait for the stop.
+    deferred_cv_.wait(l, [this] {
+      return writer_stop_ || (deferred_.size() >= kDeferredOps && deferred_error_.ok());
+    });
     if (writer_stop_) return;
     l.unlock();
     (void)ApplyDeferred();  // a failure stays in deferred_error_ for the next caller
@@ -741,8 +759,8 @@ void MetaStore::DeferredWriterMain() {
 }
 
 Status MetaStore::ApplyDeferred() {
-  // Nothing unwritten, none being written: no lock. (A failure shows at the
-  // next Commit().)
+  // Nothing held, nothing being written, no failure (a failed write-out
+  // never counts its changes off): no lock.
   if (deferred_ops_.load(std::memory_order_acquire) == 0) return Status::Ok();
   std::lock_guard l(commit_mu_);
   return ApplyDeferredLocked();
@@ -752,10 +770,12 @@ Status MetaStore::ApplyDeferred() {
 // every other write; appends go on meanwhile, into a fresh vector.
 Status MetaStore::ApplyDeferredLocked() {
   std::vector<DeferredOp> ops;
+  uint64_t batches;
   {
     std::lock_guard l(deferred_mu_);
     if (deferred_.empty() || !deferred_error_.ok()) return deferred_error_;
     ops.swap(deferred_);
+    batches = std::exchange(deferred_batches_, 0);
   }
   // Stable: of several changes to one key, the last in commit order wins.
   std::stable_sort(ops.begin(), ops.end(), [](const DeferredOp& a, const DeferredOp& b) { return a.key < b.key; });
@@ -766,9 +786,14 @@ Status MetaStore::ApplyDeferredLocked() {
     s = ops[i].del ? wb.Delete(ops[i].key) : wb.Put(ops[i].key, ops[i].value);
   }
   if (s.ok()) s = db_->Write(rocksdb::WriteOptions(), &wb);  // each batch armed the barrier
-  // Only now: a reader that sees 0 must find them in RocksDB.
-  deferred_ops_.fetch_sub(ops.size(), std::memory_order_release);
-  if (s.ok()) return Status::Ok();
+  if (s.ok()) {
+    // Counted only now, when they are in the WAL buffer: SyncWal() takes
+    // the count as what its write-out covers. And a reader that sees 0
+    // must find them in RocksDB.
+    landed_.fetch_add(batches, std::memory_order_acq_rel);
+    deferred_ops_.fetch_sub(ops.size(), std::memory_order_release);
+    return Status::Ok();
+  }
   std::lock_guard l(deferred_mu_);
   deferred_error_ = FromRocks(s, "deferred commit");
   return deferred_error_;
@@ -779,7 +804,7 @@ Status MetaStore::SyncWal() {
   DEFERFS_RETURN_IF_ERROR(ApplyDeferred());
   std::lock_guard l(sync_mu_);
   // Counted after their Write() returned, so all of `upto` is in the buffer.
-  const uint64_t upto = commits_.load(std::memory_order_acquire);
+  const uint64_t upto = landed_.load(std::memory_order_acquire);
   if (upto == synced_.load(std::memory_order_relaxed)) return Status::Ok();
   DEFERFS_RETURN_IF_ERROR(FromRocks(db_->FlushWAL(/*sync=*/true), "wal sync"));
   synced_.store(upto, std::memory_order_relaxed);

@@ -135,6 +135,8 @@ class MetaStore {
   static Status CheckPaired(const std::string& dir, const Uuid& uuid);
   // Whether `dir` is a deferfs metadata store, of any filesystem. Reads only.
   static bool IsStore(const std::string& dir);
+  // Whether a process has the store in `dir` open read-write (RocksDB's LOCK).
+  static bool InUse(const std::string& dir);
 
   Status GetInode(uint64_t ino, InodeRecord* rec);
   // Adds to `b` the deletion of inode `ino` and of everything keyed by it
@@ -187,11 +189,13 @@ class MetaStore {
   // Commit for batches that may reach RocksDB later: held in memory and
   // written, sorted by key, as one batch before the next Commit(), SyncWal()
   // or read of inodes or extents, or by the store's own thread once
-  // kDeferredOps changes are held. So every commit still lands in order,
+  // kDeferredOps changes are held (a store from Open(); else the caller
+  // does). So every commit still lands in order,
   // random keys turn into nearly sequential memtable inserts (RocksDB's
   // skiplist reuses the previous insert's position), and the caller (a
   // write's end_io) does not pay for them. A deferred batch that fails to
-  // land fails every later Commit(), CommitDeferred() and SyncWal().
+  // land fails every later Commit(), CommitDeferred(), SyncWal() and read
+  // that would have needed it.
   Status CommitDeferred(MetaBatch* batch);
   static constexpr size_t kDeferredOps = 32768;
   // Held beyond this (the thread cannot keep up), CommitDeferred() writes
@@ -228,17 +232,19 @@ class MetaStore {
   std::unique_ptr<rocksdb::Env> env_;  // the ordered file system; outlives db_
   std::unique_ptr<rocksdb::DB> db_;
   bool read_only_ = false;           // OpenReadOnly: Commit() refuses
-  std::atomic<uint64_t> commits_{0};  // Commit()s that returned
-  std::atomic<uint64_t> synced_{0};   // commits_ covered by the last SyncWal()
+  std::atomic<uint64_t> commits_{0};  // batches taken by Commit() and CommitDeferred()
+  std::atomic<uint64_t> landed_{0};   // of those, the ones in RocksDB (the WAL buffer)
+  std::atomic<uint64_t> synced_{0};   // landed_ covered by the last SyncWal()
   std::atomic<uint64_t> wal_syncs_{0};
   std::mutex commit_mu_;              // one Write() at a time (taken before deferred_mu_)
   std::mutex deferred_mu_;            // guards deferred_, deferred_error_, writer_*
   std::condition_variable deferred_cv_;
   std::vector<DeferredOp> deferred_;  // in commit order
+  uint64_t deferred_batches_ = 0;     // the batches deferred_ holds
   std::atomic<size_t> deferred_ops_{0};  // held or being written: not yet readable from RocksDB
   Status deferred_error_;
   bool writer_stop_ = false;
-  std::thread writer_;  // started by the first CommitDeferred()
+  std::thread writer_;  // Open()'s stores only
   std::mutex sync_mu_;                // one SyncWal() at a time
   uint64_t next_ino_ = kRootIno + 1;
 };

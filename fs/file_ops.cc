@@ -385,7 +385,7 @@ Status Filesystem::Fallocate(Inode* inode, int mode, uint64_t off, uint64_t len)
     std::lock_guard l(inode->mu);
     // Counted first: a request that cannot fit fails without taking, for a
     // moment, every free block from other writers.
-    uint64_t need = last - first;
+    uint64_t need = last > first ? last - first : 0;  // zero range within a block: none
     for (uint64_t b = first; kind == 0 && b < last;) {
       Extent e;
       uint64_t hole = last - b;

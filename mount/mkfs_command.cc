@@ -163,10 +163,18 @@ int MkfsCommand(const MkfsArgs& args) {
       return Fail("metadata directory " + meta_dir + " already exists: pass --force to replace it, or --meta DIR");
     }
     // --force replaces metadata, nothing else that a mistyped --meta names.
-    if (!std::filesystem::is_empty(meta_dir, ec) && !MetaStore::IsStore(meta_dir)) {
+    std::string refusal;
+    const bool empty = std::filesystem::is_directory(meta_dir, ec) && std::filesystem::is_empty(meta_dir, ec);
+    if (ec) {
+      refusal = "cannot look into " + meta_dir + " (" + ec.message() + ")";
+    } else if (!empty && !MetaStore::IsStore(meta_dir)) {
+      refusal = meta_dir + " exists and is not deferfs metadata";
+    } else if (!empty && MetaStore::InUse(meta_dir)) {
+      refusal = meta_dir + " is the metadata of a mounted deferfs";
+    }
+    if (!refusal.empty()) {
       undo_create();
-      return Fail(meta_dir + " exists and is not deferfs metadata, so --force does not replace it: pass another "
-                  "--meta DIR, or remove it first");
+      return Fail(refusal + ", so --force does not replace it: pass another --meta DIR, or remove it first");
     }
   }
   std::filesystem::path meta_path(meta_dir);

@@ -108,7 +108,8 @@ Status ParseOne(std::string_view opt, MountOptions* o) {
   }
   if (key == "cpus") {
     if (!has_val || !ParseCpuList(val, &o->cpus)) {
-      return BadValue(opt, "cpus takes CPU numbers and ranges joined by ':', e.g. cpus=1 or cpus=0-3:8");
+      return BadValue(opt, "cpus takes CPU numbers (0-" + std::to_string(CPU_SETSIZE - 1) +
+                               ") and ranges joined by ':', e.g. cpus=1 or cpus=0-3:8");
     }
     return Status::Ok();
   }
@@ -188,9 +189,19 @@ unsigned DefaultWorkers() {
   return cpus >= 4 ? static_cast<unsigned>(cpus / 2) : 1;
 }
 
+std::string CpuListText(const std::vector<unsigned>& cpus) {
+  std::string out;
+  for (size_t i = 0; i < cpus.size();) {
+    size_t j = i;
+    while (j + 1 < cpus.size() && cpus[j + 1] == cpus[j] + 1) ++j;
+    out += (out.empty() ? "" : ":") + std::to_string(cpus[i]) + (j > i ? "-" + std::to_string(cpus[j]) : "");
+    i = j + 1;
+  }
+  return out;
+}
+
 std::string MountOptions::Describe() const {
-  std::string cpu_list;
-  for (unsigned c : cpus) cpu_list += (cpu_list.empty() ? ",cpus=" : ":") + std::to_string(c);
+  const std::string cpu_list = cpus.empty() ? "" : ",cpus=" + CpuListText(cpus);
   return "completion=" + std::string(CompletionModeName(completion)) + ",workers=" + std::to_string(workers) +
          ",pollers=" + std::to_string(pollers) + ",cthreads=" + std::to_string(cthreads) +
          ",ring_depth=" + std::to_string(ring_depth) + ",commit=" + std::to_string(commit) +

@@ -48,6 +48,9 @@ struct MountOptions {
   std::string Describe() const;
 };
 
+// A CPU list as cpus= takes it: {0, 1, 2, 3, 8} -> "0-3:8".
+std::string CpuListText(const std::vector<unsigned>& cpus);
+
 // The -o options with their meaning and default, for `deferfs mount --help`.
 std::string MountOptionsHelp();
 

@@ -263,8 +263,9 @@ TEST_F(CliTest, MkfsForceRemovesOnlyTheReplacedFilesystemsMetadata) {
 }
 
 // --force replaces metadata only: a mistyped --meta naming someone's
-// directory gets an error, and neither it nor the backing changes. An empty
-// directory, or another filesystem's store, is replaced.
+// directory, or a mounted filesystem's store, gets an error, and neither it
+// nor the backing changes. An empty directory, or an unmounted filesystem's
+// store, is replaced.
 TEST_F(CliTest, MkfsForceReplacesOnlyMetadataAtTheMetaPath) {
   const std::string img = tmp_ / "fs.img", docs = tmp_ / "docs";
   ASSERT_NO_FATAL_FAILURE(Mkfs(img));
@@ -281,6 +282,17 @@ TEST_F(CliTest, MkfsForceReplacesOnlyMetadataAtTheMetaPath) {
   RunResult r = RunDeferfs({"mkfs", img, "--force", "--meta", empty});
   ASSERT_TRUE(r.succeeded()) << r.Describe();
   ASSERT_NO_FATAL_FAILURE(Mkfs(tmp_ / "other.img"));
+  {
+    MountedFs other(MountConfig::Existing(tmp_ / "other.img"));
+    ASSERT_TRUE(other.ok());
+    EXPECT_TRUE(IsCliError(RunDeferfs({"mkfs", img, "--force", "--meta", tmp_ / "other.img.meta"}),
+                           "metadata of a mounted deferfs"));
+    // Still there and in use: a change and its fsync go through.
+    EXPECT_TRUE(Exists(tmp_ / "other.img.meta/CURRENT"));
+    UniqueFd fd(open(other.path("f").c_str(), O_CREAT | O_WRONLY | O_CLOEXEC, 0644));
+    ASSERT_TRUE(fd.ok()) << strerror(errno);
+    EXPECT_EQ(fsync(fd.get()), 0) << strerror(errno);
+  }
   r = RunDeferfs({"mkfs", img, "--force", "--meta", tmp_ / "other.img.meta"});
   ASSERT_TRUE(r.succeeded()) << r.Describe();
   MountConfig cfg = MountConfig::Existing(img);
@@ -374,7 +386,7 @@ TEST_F(CliTest, MountRejectsBadOptions) {
       {"bogus=1", "bogus"},          {"workers=0", "workers"},   {"workers=abc", "workers"},
       {"completion=fast", "completion"}, {"workers=", "workers"}, {"allow_other,bogus", "bogus"},
       {"remount", "unmount and mount again"}, {"cpus=", "cpus"}, {"cpus=2-1", "cpus"}, {"cpus=0:", "cpus"},
-      {"cpus=1024", "cpus"}, {"cpus=1023", "choose among those"}};
+      {"cpus=1024", "cpus"}, {"cpus=1023", "choose among"}};
   for (const auto& [opt, mention] : cases) {
     SCOPED_TRACE("-o " + opt);
     EXPECT_TRUE(IsCliError(MountBg(img, {"-o", opt}), mention));

@@ -290,6 +290,7 @@ std::vector<std::pair<std::string, std::string>> ThreadCpus(pid_t pid) {
 
 // cpus= confines every daemon thread, the ones started after the mount
 // (workers, pollers, the completion thread, RocksDB's) included, and IO works.
+// io_uring's kernel workers (iou-wrk) follow the cpuset, not the daemon.
 TEST(CpusOptionTest, EveryDaemonThreadRunsOnTheChosenCpus) {
   if (const char* d = getenv("DEFERFS_TEST_DIR"); d != nullptr && *d != '\0') GTEST_SKIP() << "needs deferfs itself";
   cpu_set_t allowed;
@@ -298,7 +299,7 @@ TEST(CpusOptionTest, EveryDaemonThreadRunsOnTheChosenCpus) {
   for (int c = 0; c < CPU_SETSIZE; ++c) {
     if (CPU_ISSET(c, &allowed)) last = c;
   }
-  ASSERT_GE(CPU_COUNT(&allowed), 2) << "needs two CPUs to tell a confined daemon from a free one";
+  if (CPU_COUNT(&allowed) < 2) GTEST_SKIP() << "needs two CPUs to tell a confined daemon from a free one";
   const std::string cpu = std::to_string(last);
   for (const bool confined : {true, false}) {
     SCOPED_TRACE(confined ? "cpus=" + cpu : "no cpus=");
@@ -314,6 +315,7 @@ TEST(CpusOptionTest, EveryDaemonThreadRunsOnTheChosenCpus) {
     std::set<std::string> names;
     for (const auto& [name, cpus] : threads) {
       names.insert(name);
+      if (name.starts_with("iou-")) continue;
       if (confined) {
         EXPECT_EQ(cpus, cpu) << name;
       } else {

@@ -1078,6 +1078,11 @@ TEST_F(DioTest, FallocateEnospcLeavesTheFileAsItWas) {
   f = Open("f");
   ASSERT_NE(f, nullptr);
   ExpectContents(f, m);
+  // A zero range inside one block needs no block: it zeroes in place, full
+  // device or not.
+  ASSERT_TRUE(fs_->Fallocate(f, FALLOC_FL_ZERO_RANGE, 100, 200).ok());
+  m.Zero(100, 200);
+  ExpectContents(f, m);
   fs_->Release(f);
 }
 
