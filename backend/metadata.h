@@ -190,12 +190,12 @@ class MetaStore {
   // written, sorted by key, as one batch before the next Commit(), SyncWal()
   // or read of inodes or extents, or by the store's own thread once
   // kDeferredOps changes are held (a store from Open(); else the caller
-  // does). So every commit still lands in order,
-  // random keys turn into nearly sequential memtable inserts (RocksDB's
+  // does). So every commit still lands in order, random keys turn into
+  // nearly sequential memtable inserts (RocksDB's
   // skiplist reuses the previous insert's position), and the caller (a
   // write's end_io) does not pay for them. A deferred batch that fails to
-  // land fails every later Commit(), CommitDeferred(), SyncWal() and read
-  // that would have needed it.
+  // land fails every later Commit(), CommitDeferred(), SyncWal(), and
+  // every later read of inodes or extents.
   Status CommitDeferred(MetaBatch* batch);
   static constexpr size_t kDeferredOps = 32768;
   // Held beyond this (the thread cannot keep up), CommitDeferred() writes
@@ -237,7 +237,7 @@ class MetaStore {
   std::atomic<uint64_t> synced_{0};   // landed_ covered by the last SyncWal()
   std::atomic<uint64_t> wal_syncs_{0};
   std::mutex commit_mu_;              // one Write() at a time (taken before deferred_mu_)
-  std::mutex deferred_mu_;            // guards deferred_, deferred_error_, writer_*
+  std::mutex deferred_mu_;            // guards deferred_*, writer_stop_
   std::condition_variable deferred_cv_;
   std::vector<DeferredOp> deferred_;  // in commit order
   uint64_t deferred_batches_ = 0;     // the batches deferred_ holds

@@ -167,10 +167,10 @@ int MkfsCommand(const MkfsArgs& args) {
     const bool empty = std::filesystem::is_directory(meta_dir, ec) && std::filesystem::is_empty(meta_dir, ec);
     if (ec) {
       refusal = "cannot look into " + meta_dir + " (" + ec.message() + ")";
+    } else if (!empty && MetaStore::InUse(meta_dir)) {  // first: a live store is not even opened
+      refusal = meta_dir + " is the metadata of a mounted deferfs";
     } else if (!empty && !MetaStore::IsStore(meta_dir)) {
       refusal = meta_dir + " exists and is not deferfs metadata";
-    } else if (!empty && MetaStore::InUse(meta_dir)) {
-      refusal = meta_dir + " is the metadata of a mounted deferfs";
     }
     if (!refusal.empty()) {
       undo_create();

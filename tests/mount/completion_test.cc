@@ -322,7 +322,9 @@ TEST(CpusOptionTest, EveryDaemonThreadRunsOnTheChosenCpus) {
         EXPECT_NE(cpus, cpu) << name;
       }
     }
-    for (const char* want : {"deferfs-worker", "deferfs-poller", "deferfs-cthread"}) EXPECT_TRUE(names.count(want)) << want;
+    for (const char* want : {"deferfs-worker", "deferfs-poller", "deferfs-cthread", "deferfs-meta"}) {
+      EXPECT_TRUE(names.count(want)) << want;
+    }
     EXPECT_TRUE(fs.Unmount());
   }
 }
