@@ -360,25 +360,30 @@ Status MetaStore::OpenReadWrite(const std::string& dir, const Uuid& uuid, std::u
   return Status::Ok();
 }
 
-Status MetaStore::CheckPaired(const std::string& dir, const Uuid& uuid) {
-  rocksdb::Options o = DbOptions();
-  o.info_log = NewRocksLogger();  // no LOG file: a store that is not ours stays as it was
-  std::unique_ptr<rocksdb::DB> db;
-  DEFERFS_RETURN_IF_ERROR(OpenStoreReadOnly(dir, o, &db));
-  Status s = CheckPairing(db.get(), dir, uuid);
-  db->Close().PermitUncheckedError();
-  return s;
-}
-
-bool MetaStore::IsStore(const std::string& dir) {
+namespace {
+// Runs `fn` on the store in `dir` opened read-only, with no LOG file: a store
+// that is not ours stays as it was.
+template <typename Fn>
+Status PeekStore(const std::string& dir, Fn&& fn) {
   rocksdb::Options o = DbOptions();
   o.info_log = NewRocksLogger();
   std::unique_ptr<rocksdb::DB> db;
-  if (!OpenStoreReadOnly(dir, o, &db).ok()) return false;
-  Uuid any;
-  const bool ours = ReadPairing(db.get(), &any);
+  DEFERFS_RETURN_IF_ERROR(OpenStoreReadOnly(dir, o, &db));
+  Status s = fn(db.get());
   db->Close().PermitUncheckedError();
-  return ours;
+  return s;
+}
+}  // namespace
+
+Status MetaStore::CheckPaired(const std::string& dir, const Uuid& uuid) {
+  return PeekStore(dir, [&](rocksdb::DB* db) { return CheckPairing(db, dir, uuid); });
+}
+
+bool MetaStore::IsStore(const std::string& dir) {
+  return PeekStore(dir, [](rocksdb::DB* db) {
+           Uuid any;
+           return ReadPairing(db, &any) ? Status::Ok() : Status::Invalid("no pairing record");
+         }).ok();
 }
 
 bool MetaStore::InUse(const std::string& dir) {

@@ -128,7 +128,7 @@ class MetaStore {
   // ro mounts: the same checks, and nothing in `dir` is ever written;
   // Commit() fails with EROFS.
   static Status OpenReadOnly(const std::string& dir, const Uuid& uuid, std::unique_ptr<MetaStore>* out);
-  // True if `dir` holds a deferfs store for `uuid` (used by mkfs --force checks).
+  // True if `dir` holds a RocksDB store (its CURRENT file); opens nothing.
   static bool Exists(const std::string& dir);
   // Whether `dir` is the store of the filesystem `uuid`, by the checks Open
   // makes (a store, with the pairing record for `uuid`); writes nothing.

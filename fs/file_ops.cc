@@ -69,13 +69,7 @@ Status Filesystem::SyncMeta() {
 }
 
 Status Filesystem::CommitInode(Inode* inode, MetaBatch* b, bool sync, bool may_defer) {
-  if (may_defer && !sync && !opt_.sync) {
-    DEFERFS_RETURN_IF_ERROR(CheckWritable());
-    Status st = meta_->CommitDeferred(b);
-    if (!st.ok()) return MetaFailed(st);
-  } else {
-    DEFERFS_RETURN_IF_ERROR(Commit(b, sync));
-  }
+  DEFERFS_RETURN_IF_ERROR(Commit(b, sync, may_defer));
   // A synced commit makes everything before it in the WAL durable too. An
   // unsynced one is read against the epoch after it landed: conservative.
   inode->meta_epoch = sync ? 0 : wal_epoch_.load(std::memory_order_acquire);
@@ -383,38 +377,37 @@ Status Filesystem::Fallocate(Inode* inode, int mode, uint64_t off, uint64_t len)
   std::vector<Extent> fresh;
   if (kind != FALLOC_FL_PUNCH_HOLE) {
     std::lock_guard l(inode->mu);
-    // Counted first: a request that cannot fit fails without taking, for a
-    // moment, every free block from other writers.
-    uint64_t need = last > first ? last - first : 0;  // zero range within a block: none
-    for (uint64_t b = first; kind == 0 && b < last;) {
+    // The ranges to allocate: the holes (zero range: all of it, punched
+    // below). Counted first: a request that cannot fit fails without taking,
+    // for a moment, every free block from other writers.
+    std::vector<std::pair<uint64_t, uint64_t>> holes;  // logical block, count
+    uint64_t need = 0;
+    for (uint64_t b = first; b < last;) {
       Extent e;
       uint64_t hole = last - b;
-      if (inode->extents.Find(b, &e, &hole)) {
-        need -= std::min(e.len, last - b);
+      if (kind == 0 && inode->extents.Find(b, &e, &hole)) {
         b += e.len;
-      } else {
-        b += std::min(hole, last - b);
+        continue;
       }
+      const uint64_t n = std::min(hole, last - b);
+      holes.push_back({b, n});
+      need += n;
+      b += n;
     }
     if (need > alloc_->free_blocks() && !(ReclaimFreedBlocks() && need <= alloc_->free_blocks())) {
       st = Status::NoSpace("not enough free space for the fallocate");
     }
     uint64_t goal = inode->extents.last_pblk_hint();
-    for (uint64_t b = first; st.ok() && b < last;) {
-      Extent e;
-      uint64_t hole = last - b;  // zero range: all of it, punched below
-      if (kind == 0 && inode->extents.Find(b, &e, &hole)) {
-        b += e.len;
-        continue;
+    for (const auto& [lblk, count] : holes) {
+      for (uint64_t done = 0; st.ok() && done < count;) {  // the allocator may return less
+        BlockRange r;
+        st = alloc_->Allocate(goal, count - done, &r);
+        if (st.err() == ENOSPC && ReclaimFreedBlocks()) st = alloc_->Allocate(goal, count - done, &r);
+        if (!st.ok()) break;
+        fresh.push_back(Extent{lblk + done, r.len, r.start, ExtentState::kUnwritten});  // reads as zeros
+        goal = r.start + r.len;
+        done += r.len;
       }
-      BlockRange r;
-      const uint64_t want = std::min(hole, last - b);
-      st = alloc_->Allocate(goal, want, &r);
-      if (st.err() == ENOSPC && ReclaimFreedBlocks()) st = alloc_->Allocate(goal, want, &r);
-      if (!st.ok()) break;
-      fresh.push_back(Extent{b, r.len, r.start, ExtentState::kUnwritten});  // reads as zeros
-      goal = r.start + r.len;
-      b += r.len;
     }
   }
   // Punch and zero: partial blocks at the edges are zeroed in place.

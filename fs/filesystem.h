@@ -269,8 +269,8 @@ class Filesystem {
   // Caller holds inode.mu.
   void FillStat(Inode& inode, struct stat* st);
   // Every metadata commit goes through here: refused once shut down, and
-  // the first failure shuts the filesystem down.
-  Status Commit(MetaBatch* b, bool sync = false);
+  // the first failure shuts the filesystem down. may_defer: see CommitInode.
+  Status Commit(MetaBatch* b, bool sync = false, bool may_defer = false);
 
   std::unique_ptr<Device> dev_;
   std::unique_ptr<MetaStore> meta_;

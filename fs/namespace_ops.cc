@@ -76,9 +76,10 @@ Status Filesystem::MetaFailed(const Status& st) {
   return Status::IoError("metadata store failed: " + st.message());
 }
 
-Status Filesystem::Commit(MetaBatch* b, bool sync) {
+Status Filesystem::Commit(MetaBatch* b, bool sync, bool may_defer) {
   DEFERFS_RETURN_IF_ERROR(CheckWritable());  // a store opened read-only would refuse it as a failure
-  Status st = meta_->Commit(b, sync || opt_.sync);
+  sync = sync || opt_.sync;
+  Status st = may_defer && !sync ? meta_->CommitDeferred(b) : meta_->Commit(b, sync);
   return st.ok() ? st : MetaFailed(st);
 }
 

@@ -70,10 +70,10 @@ Status ConfineToCpus(const std::vector<unsigned>& cpus) {
     CPU_SET(c, &set);
     if (!CPU_ISSET(c, &allowed)) missing.push_back(c);
   }
-  for (unsigned c = 0; c < CPU_SETSIZE; ++c) {
-    if (CPU_ISSET(c, &allowed)) usable.push_back(c);
-  }
   if (!missing.empty()) {
+    for (unsigned c = 0; c < CPU_SETSIZE; ++c) {
+      if (CPU_ISSET(c, &allowed)) usable.push_back(c);
+    }
     return Status::Invalid("bad mount option " + opt + ": this process may not run on CPU " + CpuListText(missing) +
                            ": choose among " + CpuListText(usable));
   }
