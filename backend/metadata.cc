@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
+#include <unordered_map>
 #include <utility>
 
 #include "backend/rocksdb_logger.h"
@@ -386,16 +387,21 @@ bool MetaStore::IsStore(const std::string& dir) {
          }).ok();
 }
 
-bool MetaStore::InUse(const std::string& dir) {
-  const int fd = ::open((std::filesystem::path(dir) / "LOCK").c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return false;  // no LOCK file: never opened read-write
-  // RocksDB holds a POSIX write lock on the whole file while the store is open.
+Status MetaStore::LockIdle(const std::string& dir, UniqueFd* held) {
+  UniqueFd fd(::open((std::filesystem::path(dir) / "LOCK").c_str(), O_RDWR | O_CLOEXEC));
+  if (!fd.valid()) {
+    if (errno == ENOENT) return Status::Ok();  // never opened read-write: nobody can hold it
+    return Status::Error(errno, "cannot open " + dir + "/LOCK: " + strerror(errno));
+  }
   struct flock l = {};
   l.l_type = F_WRLCK;
   l.l_whence = SEEK_SET;
-  const bool held = fcntl(fd, F_GETLK, &l) == 0 && l.l_type != F_UNLCK;
-  ::close(fd);
-  return held;
+  if (fcntl(fd.get(), F_SETLK, &l) != 0) {
+    if (errno == EAGAIN || errno == EACCES) return Status::Error(EBUSY, dir + " is in use by a running deferfs (a mount, or fsck)");
+    return Status::Error(errno, "cannot lock " + dir + "/LOCK: " + strerror(errno));
+  }
+  *held = std::move(fd);
+  return Status::Ok();
 }
 
 Status MetaStore::Open(const std::string& dir, const Uuid& uuid, std::unique_ptr<MetaStore>* out) {
@@ -420,8 +426,18 @@ Status MetaStore::OpenForFsck(const std::string& dir, const Uuid& uuid, std::uni
 }
 
 Status MetaStore::OpenReadOnly(const std::string& dir, const Uuid& uuid, std::unique_ptr<MetaStore>* out) {
-  // No new log, manifest or options file, and no lock: the backing device's
-  // lock keeps other mounts out.
+  // No new log, manifest or options file. The backing device's lock keeps
+  // other mounts out; a read lock on RocksDB's LOCK keeps out a mkfs --force
+  // that would replace the store (LockIdle) and read-write opens.
+  UniqueFd lock(::open((std::filesystem::path(dir) / "LOCK").c_str(), O_RDONLY | O_CLOEXEC));
+  if (lock.valid()) {
+    struct flock l = {};
+    l.l_type = F_RDLCK;
+    l.l_whence = SEEK_SET;
+    if (fcntl(lock.get(), F_SETLK, &l) != 0) {
+      return Status::Error(EBUSY, "the metadata in " + dir + " is open read-write elsewhere (fsck or mkfs?): wait for it, then mount again");
+    }
+  }
   rocksdb::Options o = DbOptions();
   o.info_log = NewRocksLogger();
   std::unique_ptr<rocksdb::DB> db;
@@ -429,6 +445,7 @@ Status MetaStore::OpenReadOnly(const std::string& dir, const Uuid& uuid, std::un
   DEFERFS_RETURN_IF_ERROR(CheckPairing(db.get(), dir, uuid));
   auto store = std::make_unique<MetaStore>(Private{}, std::make_shared<DataBarrier>(), nullptr, std::move(db));
   store->read_only_ = true;
+  store->read_lock_ = std::move(lock);
   DEFERFS_RETURN_IF_ERROR(store->LoadInodeCounter(dir));
   *out = std::move(store);
   return Status::Ok();
@@ -447,7 +464,7 @@ Status MetaStore::LoadInodeCounter(const std::string& dir) {
 }
 
 Status MetaStore::GetInode(uint64_t ino, InodeRecord* rec) {
-  DEFERFS_RETURN_IF_ERROR(ApplyDeferred());
+  DEFERFS_RETURN_IF_ERROR(ApplyDeferredFor(ino));
   std::string v;
   DEFERFS_RETURN_IF_ERROR(FromRocks(db_->Get(rocksdb::ReadOptions(), Key(kInode, ino), &v), "inode " + std::to_string(ino)));
   return DecodeInode(ino, v, rec);
@@ -563,7 +580,7 @@ Status ScanExtents(rocksdb::DB* db, const std::string& prefix,
 }  // namespace
 
 Status MetaStore::ForEachExtent(uint64_t ino, const std::function<void(const ExtentRecord&)>& fn) {
-  DEFERFS_RETURN_IF_ERROR(ApplyDeferred());
+  DEFERFS_RETURN_IF_ERROR(ApplyDeferredFor(ino));
   return ScanExtents(db_.get(), Key(kExtent, ino), [&](uint64_t, const ExtentRecord& e) { fn(e); }, nullptr);
 }
 
@@ -677,7 +694,7 @@ void MetaStore::DeleteInode(uint64_t ino, MetaBatch* b) {
   // A file of very many extents takes one range tombstone instead: rare, and
   // cheaper than a batch of that many keys built under the namespace lock.
   constexpr size_t kMaxPointDeletes = 4096;
-  const Status applied = ApplyDeferred();  // the scans must see deferred extents (else: a range tombstone)
+  const Status applied = ApplyDeferredFor(ino);  // the scans must see held extents (else: a range tombstone)
   for (char prefix : {kXattr, kExtent}) {
     const std::string p = Key(prefix, ino);
     std::vector<std::string> keys;
@@ -716,10 +733,32 @@ Status MetaStore::Commit(MetaBatch* batch, bool sync) {
 
 Status MetaStore::CommitDeferred(MetaBatch* batch) {
   if (read_only_) return Status::Error(EROFS, "the metadata store is open read-only");
+  // Only inode and extent records: the reads that write out held changes
+  // (ApplyDeferredFor) are the ones of those. Each key's inode is noted for
+  // them, as landing with the next write-out.
   struct Append : rocksdb::WriteBatch::Handler {
     std::vector<DeferredOp>* ops;
-    void Put(const rocksdb::Slice& k, const rocksdb::Slice& v) override { ops->push_back({k.ToString(), v.ToString(), false}); }
-    void Delete(const rocksdb::Slice& k) override { ops->push_back({k.ToString(), {}, true}); }
+    std::unordered_map<uint64_t, uint64_t>* inos;
+    uint64_t writeout;
+    uint64_t last_ino = 0;
+    rocksdb::Status Note(const rocksdb::Slice& k) {
+      const bool ino_keyed = (k.size() == 9 && k[0] == kInode) || (k.size() == 17 && k[0] == kExtent);
+      if (!ino_keyed) return rocksdb::Status::InvalidArgument("a deferred commit takes only inode and extent records");
+      const uint64_t ino = ReadBe64(k.data() + 1);
+      if (ino != last_ino) (*inos)[ino] = writeout;  // a batch is nearly always one inode's
+      last_ino = ino;
+      return rocksdb::Status::OK();
+    }
+    rocksdb::Status PutCF(uint32_t cf, const rocksdb::Slice& k, const rocksdb::Slice& v) override {
+      if (cf != 0) return rocksdb::Status::InvalidArgument("a deferred commit takes one column family");
+      ops->push_back({k.ToString(), v.ToString(), false});
+      return Note(k);
+    }
+    rocksdb::Status DeleteCF(uint32_t cf, const rocksdb::Slice& k) override {
+      if (cf != 0) return rocksdb::Status::InvalidArgument("a deferred commit takes one column family");
+      ops->push_back({k.ToString(), {}, true});
+      return Note(k);
+    }
   } append;
   // Armed now, as Commit() does: a device flush from here on (an fsync's)
   // covers the data these changes make reachable, whenever they land.
@@ -732,8 +771,10 @@ Status MetaStore::CommitDeferred(MetaBatch* batch) {
     // whole rather than landed in part or out of order.
     const size_t before = deferred_.size();
     append.ops = &deferred_;
+    append.inos = &held_inos_;
+    append.writeout = writeouts_taken_ + 1;
     if (rocksdb::Status s = batch->wb_->Iterate(&append); !s.ok()) {
-      deferred_.resize(before);
+      deferred_.resize(before);  // an inode noted stays noted: at worst a read writes out early
       return FromRocks(s, "deferred commit");
     }
     held = deferred_.size();
@@ -771,16 +812,37 @@ Status MetaStore::ApplyDeferred() {
   return ApplyDeferredLocked();
 }
 
+Status MetaStore::ApplyDeferredFor(uint64_t ino) {
+  if (deferred_ops_.load(std::memory_order_acquire) == 0) return Status::Ok();
+  uint64_t writeout;
+  {
+    std::lock_guard l(deferred_mu_);
+    if (!deferred_error_.ok()) return deferred_error_;
+    auto it = held_inos_.find(ino);
+    if (it == held_inos_.end()) return Status::Ok();  // none held, or landed
+    writeout = it->second;
+  }
+  // The write-out that lands them is under way (it holds commit_mu_: wait for
+  // it) or still to come (make it now).
+  std::lock_guard c(commit_mu_);
+  {
+    std::lock_guard l(deferred_mu_);
+    if (writeouts_landed_ >= writeout || !deferred_error_.ok()) return deferred_error_;
+  }
+  return ApplyDeferredLocked();
+}
+
 // Takes the held changes and writes them. commit_mu_ keeps them in order with
 // every other write; appends go on meanwhile, into a fresh vector.
 Status MetaStore::ApplyDeferredLocked() {
   std::vector<DeferredOp> ops;
-  uint64_t batches;
+  uint64_t batches, writeout;
   {
     std::lock_guard l(deferred_mu_);
     if (deferred_.empty() || !deferred_error_.ok()) return deferred_error_;
     ops.swap(deferred_);
     batches = std::exchange(deferred_batches_, 0);
+    writeout = ++writeouts_taken_;
   }
   // Stable: of several changes to one key, the last in commit order wins.
   std::stable_sort(ops.begin(), ops.end(), [](const DeferredOp& a, const DeferredOp& b) { return a.key < b.key; });
@@ -796,6 +858,11 @@ Status MetaStore::ApplyDeferredLocked() {
     // the count as what its write-out covers. And a reader that sees 0
     // must find them in RocksDB.
     landed_.fetch_add(batches, std::memory_order_acq_rel);
+    {
+      std::lock_guard l(deferred_mu_);
+      writeouts_landed_ = writeout;
+      std::erase_if(held_inos_, [writeout](const auto& kv) { return kv.second <= writeout; });
+    }
     deferred_ops_.fetch_sub(ops.size(), std::memory_order_release);
     return Status::Ok();
   }

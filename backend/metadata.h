@@ -13,9 +13,11 @@
 #include <string>
 #include <string_view>
 #include <thread>
+#include <unordered_map>
 #include <vector>
 
 #include "backend/data_barrier.h"
+#include "backend/device.h"
 #include "backend/status.h"
 #include "backend/superblock.h"
 
@@ -135,8 +137,11 @@ class MetaStore {
   static Status CheckPaired(const std::string& dir, const Uuid& uuid);
   // Whether `dir` is a deferfs metadata store, of any filesystem. Reads only.
   static bool IsStore(const std::string& dir);
-  // Whether a process has the store in `dir` open read-write (RocksDB's LOCK).
-  static bool InUse(const std::string& dir);
+  // Takes, for as long as `held` is open, the lock every mount of the store
+  // in `dir` holds (RocksDB's LOCK file: a read-write mount's write lock, a
+  // read-only mount's read lock), so that no mount can open it meanwhile.
+  // EBUSY while a mount has it open; Ok with nothing held if it has no LOCK.
+  static Status LockIdle(const std::string& dir, UniqueFd* held);
 
   Status GetInode(uint64_t ino, InodeRecord* rec);
   // Adds to `b` the deletion of inode `ino` and of everything keyed by it
@@ -186,9 +191,11 @@ class MetaStore {
   // DataBarrier. A crash keeps a prefix of the commits: everything up to the
   // last SyncWal() at least. sync=true is Commit then SyncWal.
   Status Commit(MetaBatch* batch, bool sync = false);
-  // Commit for batches that may reach RocksDB later: held in memory and
-  // written, sorted by key, as one batch before the next Commit(), SyncWal()
-  // or read of inodes or extents, or by the store's own thread once
+  // Commit for batches of inode and extent records (others are refused)
+  // that may reach RocksDB later: held in memory and written, sorted by key,
+  // as one batch before the next Commit() or SyncWal(), a scan of all inodes
+  // or extents, or a read of an inode or extents they change (reads of other
+  // inodes do not wait for them), or by the store's own thread once
   // kDeferredOps changes are held (a store from Open(); else the caller
   // does). So every commit still lands in order, random keys turn into
   // nearly sequential memtable inserts (RocksDB's
@@ -221,6 +228,9 @@ class MetaStore {
   // Writes the deferred changes, if any (commit_mu_ held, or taken).
   Status ApplyDeferred();
   Status ApplyDeferredLocked();
+  // ApplyDeferred for a read of `ino`'s inode or extents: writes out (or
+  // waits for) only a write-out that holds changes to it.
+  Status ApplyDeferredFor(uint64_t ino);
   void DeferredWriterMain();
 
   struct DeferredOp {
@@ -232,6 +242,7 @@ class MetaStore {
   std::unique_ptr<rocksdb::Env> env_;  // the ordered file system; outlives db_
   std::unique_ptr<rocksdb::DB> db_;
   bool read_only_ = false;           // OpenReadOnly: Commit() refuses
+  UniqueFd read_lock_;               // OpenReadOnly: a read lock on LOCK (see LockIdle)
   std::atomic<uint64_t> commits_{0};  // batches taken by Commit() and CommitDeferred()
   std::atomic<uint64_t> landed_{0};   // of those, the ones in RocksDB (the WAL buffer)
   std::atomic<uint64_t> synced_{0};   // landed_ covered by the last SyncWal()
@@ -241,6 +252,12 @@ class MetaStore {
   std::condition_variable deferred_cv_;
   std::vector<DeferredOp> deferred_;  // in commit order
   uint64_t deferred_batches_ = 0;     // the batches deferred_ holds
+  // Write-outs are numbered: deferred_ goes out with writeouts_taken_ + 1.
+  // held_inos_: inode -> the write-out that lands its last held change, kept
+  // until that one has landed.
+  std::unordered_map<uint64_t, uint64_t> held_inos_;
+  uint64_t writeouts_taken_ = 0;
+  uint64_t writeouts_landed_ = 0;
   std::atomic<size_t> deferred_ops_{0};  // held or being written: not yet readable from RocksDB
   Status deferred_error_;
   bool writer_stop_ = false;

@@ -375,17 +375,22 @@ Status Filesystem::Fallocate(Inode* inode, int mode, uint64_t off, uint64_t len)
   // are taken before the file changes, and go straight back to the allocator
   // if the call fails, since no commit ever referenced them.
   std::vector<Extent> fresh;
+  std::vector<Extent> zeroed;  // zero range: mapped blocks, to mark unwritten in place
   if (kind != FALLOC_FL_PUNCH_HOLE) {
     std::lock_guard l(inode->mu);
-    // The ranges to allocate: the holes (zero range: all of it, punched
-    // below). Counted first: a request that cannot fit fails without taking,
-    // for a moment, every free block from other writers.
+    // The ranges to allocate: the holes. Counted first: a request that cannot
+    // fit fails without taking, for a moment, every free block from other
+    // writers. A zero range keeps the blocks it has, as ext4 does (no space
+    // needed for them, even on a full device): they turn unwritten.
     std::vector<std::pair<uint64_t, uint64_t>> holes;  // logical block, count
     uint64_t need = 0;
     for (uint64_t b = first; b < last;) {
       Extent e;
       uint64_t hole = last - b;
-      if (kind == 0 && inode->extents.Find(b, &e, &hole)) {
+      if (inode->extents.Find(b, &e, &hole)) {
+        if (kind == FALLOC_FL_ZERO_RANGE) {
+          zeroed.push_back(Extent{b, std::min(e.len, last - b), e.pblk, ExtentState::kUnwritten});
+        }
         b += e.len;
         continue;
       }
@@ -420,7 +425,8 @@ Status Filesystem::Fallocate(Inode* inode, int mode, uint64_t off, uint64_t len)
     std::lock_guard l(inode->mu);
     inode->DropRmwBlock();  // punched or zeroed blocks read as zeros now
     ExtentDelta delta;
-    if (kind != 0 && last > first) inode->extents.Punch(first, last - first, &delta);
+    if (kind == FALLOC_FL_PUNCH_HOLE && last > first) inode->extents.Punch(first, last - first, &delta);
+    for (const Extent& e : zeroed) inode->extents.Insert(e, &delta);  // a state change: nothing freed
     for (const Extent& e : fresh) inode->extents.Insert(e, &delta);
     // Mapped now: if the commit fails, the filesystem shuts down and the next
     // mount rebuilds free space from what was committed.

@@ -157,24 +157,29 @@ int MkfsCommand(const MkfsArgs& args) {
   sb.created_ns = NowNs();
   if (meta_dir.empty()) meta_dir = DefaultMetaDir(backing, dev->is_block_device(), UuidToString(sb.uuid));
   std::error_code ec;
+  UniqueFd meta_lock;  // the replaced store's, see below
   if (std::filesystem::exists(meta_dir, ec)) {
     if (!force) {
       undo_create();
       return Fail("metadata directory " + meta_dir + " already exists: pass --force to replace it, or --meta DIR");
     }
     // --force replaces metadata, nothing else that a mistyped --meta names.
-    std::string refusal;
+    // A mounted store is refused (before it is even opened), and the lock
+    // taken to find out is held until it is replaced: no mount starts on it
+    // in between.
+    std::string refusal, advice = "remove it first";
     const bool empty = std::filesystem::is_directory(meta_dir, ec) && std::filesystem::is_empty(meta_dir, ec);
     if (ec) {
       refusal = "cannot look into " + meta_dir + " (" + ec.message() + ")";
-    } else if (!empty && MetaStore::InUse(meta_dir)) {  // first: a live store is not even opened
-      refusal = meta_dir + " is the metadata of a mounted deferfs";
+    } else if (Status l = empty ? Status::Ok() : MetaStore::LockIdle(meta_dir, &meta_lock); !l.ok()) {
+      refusal = l.message();
+      if (l.err() == EBUSY) advice = "unmount it first";
     } else if (!empty && !MetaStore::IsStore(meta_dir)) {
       refusal = meta_dir + " exists and is not deferfs metadata";
     }
     if (!refusal.empty()) {
       undo_create();
-      return Fail(refusal + ", so --force does not replace it: pass another --meta DIR, or remove it first");
+      return Fail(refusal + ", so --force does not replace it: pass another --meta DIR, or " + advice);
     }
   }
   std::filesystem::path meta_path(meta_dir);

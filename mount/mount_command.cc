@@ -121,6 +121,7 @@ int MountCommand(const MountArgs& args) {
   if (!opts.cpus.empty()) {
     if (Status c = ConfineToCpus(opts.cpus); !c.ok()) return Fail(c.message());
   }
+  if (opts.workers == 0) opts.workers = DefaultWorkers();  // counts the CPUs cpus= left
   if (opts.transport == FuseTransport::kUring && !FuseUring::KernelEnabled()) {
     return Fail("transport=uring: this kernel's FUSE over io_uring is off or absent (it needs Linux 6.14+ and, as "
                 "root, 'echo Y > /sys/module/fuse/parameters/enable_uring'): switch it on or mount with transport=dev");

@@ -12,7 +12,8 @@
 
 namespace deferfs {
 
-// FUSE workers by default: one per two CPUs. More workers than that only
+// FUSE workers by default: one per two CPUs the calling process may run on
+// (so call it after cpus= confined the daemon). More workers than that only
 // add context switches between them, the pollers and the application.
 unsigned DefaultWorkers();
 
@@ -26,7 +27,7 @@ std::string_view FuseTransportName(FuseTransport t);
 struct MountOptions {
   std::string meta_dir;  // empty: derived from the backing path
   CompletionMode completion = CompletionMode::kAuto;
-  unsigned workers = DefaultWorkers();  // half the CPUs, at least one
+  unsigned workers = 0;  // 0 until the mount resolves it: DefaultWorkers()
   unsigned pollers = 1;
   unsigned cthreads = 1;
   unsigned ring_depth = 256;

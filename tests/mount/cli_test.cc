@@ -286,12 +286,24 @@ TEST_F(CliTest, MkfsForceReplacesOnlyMetadataAtTheMetaPath) {
     MountedFs other(MountConfig::Existing(tmp_ / "other.img"));
     ASSERT_TRUE(other.ok());
     EXPECT_TRUE(IsCliError(RunDeferfs({"mkfs", img, "--force", "--meta", tmp_ / "other.img.meta"}),
-                           "metadata of a mounted deferfs"));
+                           "in use by a running deferfs"));
     // Still there and in use: a change and its fsync go through.
     EXPECT_TRUE(Exists(tmp_ / "other.img.meta/CURRENT"));
     UniqueFd fd(open(other.path("f").c_str(), O_CREAT | O_WRONLY | O_CLOEXEC, 0644));
     ASSERT_TRUE(fd.ok()) << strerror(errno);
     EXPECT_EQ(fsync(fd.get()), 0) << strerror(errno);
+  }
+  {
+    // A read-only mount holds the store too.
+    MountGuard guard(mnt_, tmp_ / "other.img");
+    guard.expect_mounted(true);
+    RunResult m = MountBg(tmp_ / "other.img", {"-o", "ro"});
+    ASSERT_TRUE(m.succeeded()) << m.Describe();
+    EXPECT_TRUE(IsCliError(RunDeferfs({"mkfs", img, "--force", "--meta", tmp_ / "other.img.meta"}),
+                           "in use by a running deferfs"));
+    EXPECT_TRUE(Exists(mnt_ + "/f")) << "the read-only mount lost its metadata";
+    EXPECT_EQ(umount(mnt_.c_str()), 0) << strerror(errno);
+    guard.expect_mounted(false);
   }
   r = RunDeferfs({"mkfs", img, "--force", "--meta", tmp_ / "other.img.meta"});
   ASSERT_TRUE(r.succeeded()) << r.Describe();

@@ -11,6 +11,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -291,6 +292,7 @@ std::vector<std::pair<std::string, std::string>> ThreadCpus(pid_t pid) {
 // cpus= confines every daemon thread, the ones started after the mount
 // (workers, pollers, the completion thread, RocksDB's) included, and IO works.
 // io_uring's kernel workers (iou-wrk) follow the cpuset, not the daemon.
+// The default worker count follows the CPUs left.
 TEST(CpusOptionTest, EveryDaemonThreadRunsOnTheChosenCpus) {
   if (const char* d = getenv("DEFERFS_TEST_DIR"); d != nullptr && *d != '\0') GTEST_SKIP() << "needs deferfs itself";
   cpu_set_t allowed;
@@ -304,8 +306,9 @@ TEST(CpusOptionTest, EveryDaemonThreadRunsOnTheChosenCpus) {
   for (const bool confined : {true, false}) {
     SCOPED_TRACE(confined ? "cpus=" + cpu : "no cpus=");
     MountConfig cfg;
-    cfg.options = {"completion=workqueue", "workers=2"};
-    if (confined) cfg.options.push_back("cpus=" + cpu);
+    // Confined, workers= is left to its default, which counts the CPUs
+    // cpus= leaves: one, so one worker.
+    cfg.options = {"completion=workqueue", confined ? "cpus=" + cpu : "workers=2"};
     MountedFs fs(cfg);
     ASSERT_TRUE(fs.ok());
     RunResult r = RunFio("rw", fs.path("f"), {"--rw=randrw", "--bs=4k", "--direct=1", "--ioengine=io_uring",
@@ -325,6 +328,8 @@ TEST(CpusOptionTest, EveryDaemonThreadRunsOnTheChosenCpus) {
     for (const char* want : {"deferfs-worker", "deferfs-poller", "deferfs-cthread", "deferfs-meta"}) {
       EXPECT_TRUE(names.count(want)) << want;
     }
+    const auto workers = std::count_if(threads.begin(), threads.end(), [](const auto& t) { return t.first == "deferfs-worker"; });
+    EXPECT_EQ(workers, confined ? 1 : 2);
     EXPECT_TRUE(fs.Unmount());
   }
 }

@@ -1083,6 +1083,22 @@ TEST_F(DioTest, FallocateEnospcLeavesTheFileAsItWas) {
   ASSERT_TRUE(fs_->Fallocate(f, FALLOC_FL_ZERO_RANGE, 100, 200).ok());
   m.Zero(100, 200);
   ExpectContents(f, m);
+  // Nor does one over blocks the file has (written, and fallocated past
+  // them): they turn unwritten in place, as on ext4.
+  const uint64_t blocks = Stat(f).st_blocks;
+  for (const auto& [off, len] : {std::pair{6 * kB, 58 * kB}, std::pair{kMiB + 100, 3 * kMiB / 2}}) {
+    ASSERT_TRUE(fs_->Fallocate(f, FALLOC_FL_ZERO_RANGE, off, len).ok()) << off;
+    m.Zero(off, len);
+  }
+  EXPECT_EQ(StatFs().f_bfree, 0u);
+  EXPECT_EQ(Stat(f).st_blocks, blocks);
+  ExpectContents(f, m);
+  fs_->Release(f);
+  ASSERT_NO_FATAL_FAILURE(RemountExpectingFsckClean());
+  f = Open("f");
+  ASSERT_NE(f, nullptr);
+  ExpectContents(f, m);
+  EXPECT_EQ(Stat(f).st_blocks, blocks);
   fs_->Release(f);
 }
 

@@ -810,6 +810,85 @@ TEST_F(MetaStoreTest, DeferredCommitsFromManyThreadsAllLand) {
   EXPECT_EQ(Extents(*store_, 11).size(), kEach);
 }
 
+// A read of one inode writes out held changes only if some are to that
+// inode: a stat of another file does not wait for a write load's changes.
+// Only inode and extent records may be held.
+TEST_F(MetaStoreTest, ReadsOfOtherInodesLeaveDeferredChangesHeld) {
+  ASSERT_OK(Apply([&](MetaBatch& b) {
+    for (uint64_t ino : {5, 7}) b.PutInode(InodeRecord{.ino = ino, .mode = S_IFREG | 0644, .nlink = 1});
+  }));
+  MetaBatch held;
+  held.PutExtent(5, ExtentRecord{.lblk = 3, .len = 1, .pblk = 9, .state = 0});
+  held.PutInode(InodeRecord{.ino = 5, .mode = S_IFREG | 0644, .nlink = 1, .size = 16384});
+  ASSERT_OK(store_->CommitDeferred(&held));
+  const size_t ops = store_->deferred_ops();
+  ASSERT_EQ(ops, 2u);
+
+  InodeRecord r;
+  ASSERT_OK(store_->GetInode(7, &r));
+  EXPECT_TRUE(Extents(*store_, 7).empty());
+  MetaBatch del;
+  store_->DeleteInode(7, &del);
+  EXPECT_EQ(store_->deferred_ops(), ops) << "a read of inode 7 wrote out inode 5's changes";
+
+  ASSERT_OK(store_->GetInode(5, &r));
+  EXPECT_EQ(r.size, 16384u);
+  EXPECT_EQ(store_->deferred_ops(), 0u);
+  EXPECT_EQ(Extents(*store_, 5).size(), 1u);
+
+  // Extents alone are enough to count, and so is an inode whose changes
+  // went out since.
+  auto hold_extent = [&](uint64_t ino, uint64_t lblk) {
+    MetaBatch b;
+    b.PutExtent(ino, ExtentRecord{.lblk = lblk, .len = 1, .pblk = 10 + lblk, .state = 0});
+    return store_->CommitDeferred(&b);
+  };
+  ASSERT_OK(hold_extent(7, 4));
+  EXPECT_EQ(Extents(*store_, 7).size(), 1u);
+  EXPECT_EQ(store_->deferred_ops(), 0u);
+  ASSERT_OK(hold_extent(5, 8));
+  EXPECT_EQ(store_->deferred_ops(), 1u);
+  EXPECT_EQ(Extents(*store_, 5).size(), 2u);
+
+  MetaBatch entry;
+  entry.PutDirEntry(kRootIno, DirEntry{.name = "f", .ino = 5, .mode = S_IFREG, .cookie = kFirstDirCookie});
+  EXPECT_FALSE(store_->CommitDeferred(&entry).ok()) << "a directory entry was held, but Lookup never writes out";
+  EXPECT_EQ(store_->deferred_ops(), 0u);
+}
+
+// A write-out that fails is sticky: the changes it held are not counted as
+// landed, and every later commit, deferred commit, sync and read of the
+// inodes it held reports the failure instead of a state without them.
+TEST_F(MetaStoreTest, AFailedDeferredWriteOutFailsEverythingAfterIt) {
+  ASSERT_OK(Apply([&](MetaBatch& b) { b.PutInode(InodeRecord{.ino = 5, .mode = S_IFREG | 0644, .nlink = 1}); }));
+  ASSERT_OK(store_->SyncWal());
+  // The device flush before the WAL write-out fails: RocksDB stops taking writes.
+  store_->barrier().SetFlush([] { return Status::IoError("injected flush failure"); });
+  MetaBatch first;
+  first.PutInode(InodeRecord{.ino = 5, .mode = S_IFREG | 0644, .nlink = 1, .size = 4096});
+  ASSERT_OK(store_->Commit(&first));
+  EXPECT_FALSE(store_->SyncWal().ok());
+  MetaBatch held;
+  held.PutExtent(5, ExtentRecord{.lblk = 0, .len = 1, .pblk = 9, .state = 0});
+  ASSERT_OK(store_->CommitDeferred(&held));  // held: nothing written yet
+  ASSERT_EQ(store_->deferred_ops(), 1u);
+
+  auto failed = [](const Status& s) { return !s.ok() && s.message().find("injected flush failure") != std::string::npos; };
+  InodeRecord r;
+  EXPECT_TRUE(failed(store_->GetInode(5, &r)));  // its write-out fails here
+  EXPECT_EQ(store_->deferred_ops(), 1u) << "a failed write-out counted its changes as landed";
+  EXPECT_TRUE(failed(store_->GetInode(7, &r))) << "a read after the failure succeeded";
+  EXPECT_TRUE(failed(store_->ForEachExtent(5, [](const ExtentRecord&) {})));
+  MetaBatch more;
+  more.PutExtent(5, ExtentRecord{.lblk = 1, .len = 1, .pblk = 10, .state = 0});
+  EXPECT_TRUE(failed(store_->CommitDeferred(&more)));
+  EXPECT_EQ(store_->deferred_ops(), 1u) << "a deferred commit after the failure was taken";
+  MetaBatch plain;
+  plain.PutInode(InodeRecord{.ino = 7, .mode = S_IFREG | 0644, .nlink = 1});
+  EXPECT_TRUE(failed(store_->Commit(&plain)));
+  EXPECT_TRUE(failed(store_->SyncWal()));
+}
+
 // DeleteInode must see extents still held, or they would outlive the inode.
 TEST_F(MetaStoreTest, DeleteInodeSeesDeferredExtents) {
   ASSERT_OK(Apply([&](MetaBatch& b) { PutEverything(b, 5); }));
