@@ -741,24 +741,18 @@ Status MetaStore::CommitDeferred(MetaBatch* batch) {
     std::unordered_map<uint64_t, uint64_t>* inos;
     uint64_t writeout;
     uint64_t last_ino = 0;
-    rocksdb::Status Note(const rocksdb::Slice& k) {
-      const bool ino_keyed = (k.size() == 9 && k[0] == kInode) || (k.size() == 17 && k[0] == kExtent);
+    // One put (v given) or delete: refused unless it is an inode or extent record.
+    rocksdb::Status Take(uint32_t cf, const rocksdb::Slice& k, const rocksdb::Slice* v) {
+      const bool ino_keyed = cf == 0 && ((k.size() == 9 && k[0] == kInode) || (k.size() == 17 && k[0] == kExtent));
       if (!ino_keyed) return rocksdb::Status::InvalidArgument("a deferred commit takes only inode and extent records");
+      ops->push_back({k.ToString(), v ? v->ToString() : std::string(), v == nullptr});
       const uint64_t ino = ReadBe64(k.data() + 1);
       if (ino != last_ino) (*inos)[ino] = writeout;  // a batch is nearly always one inode's
       last_ino = ino;
       return rocksdb::Status::OK();
     }
-    rocksdb::Status PutCF(uint32_t cf, const rocksdb::Slice& k, const rocksdb::Slice& v) override {
-      if (cf != 0) return rocksdb::Status::InvalidArgument("a deferred commit takes one column family");
-      ops->push_back({k.ToString(), v.ToString(), false});
-      return Note(k);
-    }
-    rocksdb::Status DeleteCF(uint32_t cf, const rocksdb::Slice& k) override {
-      if (cf != 0) return rocksdb::Status::InvalidArgument("a deferred commit takes one column family");
-      ops->push_back({k.ToString(), {}, true});
-      return Note(k);
-    }
+    rocksdb::Status PutCF(uint32_t cf, const rocksdb::Slice& k, const rocksdb::Slice& v) override { return Take(cf, k, &v); }
+    rocksdb::Status DeleteCF(uint32_t cf, const rocksdb::Slice& k) override { return Take(cf, k, nullptr); }
   } append;
   // Armed now, as Commit() does: a device flush from here on (an fsync's)
   // covers the data these changes make reachable, whenever they land.
