@@ -743,7 +743,7 @@ Status MetaStore::CommitDeferred(MetaBatch* batch) {
     uint64_t last_ino = 0;
     // One put (v given) or delete: refused unless it is an inode or extent record.
     rocksdb::Status Take(uint32_t cf, const rocksdb::Slice& k, const rocksdb::Slice* v) {
-      const bool ino_keyed = cf == 0 && ((k.size() == 9 && k[0] == kInode) || (k.size() == 17 && k[0] == kExtent));
+      const bool ino_keyed = cf == 0 && WellFormed(k) && (k[0] == kInode || k[0] == kExtent);
       if (!ino_keyed) return rocksdb::Status::InvalidArgument("a deferred commit takes only inode and extent records");
       ops->push_back({k.ToString(), v ? v->ToString() : std::string(), v == nullptr});
       const uint64_t ino = ReadBe64(k.data() + 1);

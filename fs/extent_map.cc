@@ -193,21 +193,21 @@ void ExtentMap::Punch(uint64_t lblk, uint64_t len, ExtentDelta* delta) {
   Diff(w.before, after, delta);
 }
 
-void ExtentMap::Convert(uint64_t lblk, uint64_t len, ExtentDelta* delta) {
+void ExtentMap::Convert(uint64_t lblk, uint64_t len, ExtentDelta* delta, ExtentState to) {
   len = std::min(len, UINT64_MAX - lblk);
   if (len == 0) return;
   const uint64_t end = lblk + len;
   const Window w = TakeWindow(lblk, end);
   WindowWriter out(w.before.size() + 2);
   for (const Extent& e : w.before) {
-    if (e.state != ExtentState::kUnwritten || End(e) <= lblk || e.lblk >= end) {
+    if (e.state == to || End(e) <= lblk || e.lblk >= end) {
       out.Add(e, false);
       continue;
     }
     if (e.lblk < lblk) out.Add({e.lblk, lblk - e.lblk, e.pblk, e.state}, false);
     const uint64_t from = std::max(lblk, e.lblk);
-    const uint64_t to = std::min(end, End(e));
-    out.Add({from, to - from, e.pblk + (from - e.lblk), ExtentState::kWritten}, true);
+    const uint64_t until = std::min(end, End(e));
+    out.Add({from, until - from, e.pblk + (from - e.lblk), to}, true);
     if (End(e) > end) out.Add({end, End(e) - end, e.pblk + (end - e.lblk), e.state}, false);
   }
   const std::vector<Extent> after = out.Take();

@@ -64,9 +64,10 @@ class ExtentMap {
   // UINT64_MAX means "to the end".
   void Punch(uint64_t lblk, uint64_t len, ExtentDelta* delta);
 
-  // Marks unwritten blocks in [lblk, lblk + len) written (write completion),
-  // splitting extents at the edges; holes and written blocks stay as they are.
-  void Convert(uint64_t lblk, uint64_t len, ExtentDelta* delta);
+  // Gives the mapped blocks in [lblk, lblk + len) state `to`, splitting
+  // extents at the edges; holes stay holes. Written: a write's completion;
+  // unwritten: a zero range, which keeps the blocks (as ext4).
+  void Convert(uint64_t lblk, uint64_t len, ExtentDelta* delta, ExtentState to = ExtentState::kWritten);
 
   // In lblk order.
   void ForEach(const std::function<void(const Extent&)>& fn) const;

@@ -375,7 +375,6 @@ Status Filesystem::Fallocate(Inode* inode, int mode, uint64_t off, uint64_t len)
   // are taken before the file changes, and go straight back to the allocator
   // if the call fails, since no commit ever referenced them.
   std::vector<Extent> fresh;
-  std::vector<Extent> zeroed;  // zero range: mapped blocks, to mark unwritten in place
   if (kind != FALLOC_FL_PUNCH_HOLE) {
     std::lock_guard l(inode->mu);
     // The ranges to allocate: the holes. Counted first: a request that cannot
@@ -388,9 +387,6 @@ Status Filesystem::Fallocate(Inode* inode, int mode, uint64_t off, uint64_t len)
       Extent e;
       uint64_t hole = last - b;
       if (inode->extents.Find(b, &e, &hole)) {
-        if (kind == FALLOC_FL_ZERO_RANGE) {
-          zeroed.push_back(Extent{b, std::min(e.len, last - b), e.pblk, ExtentState::kUnwritten});
-        }
         b += e.len;
         continue;
       }
@@ -426,7 +422,9 @@ Status Filesystem::Fallocate(Inode* inode, int mode, uint64_t off, uint64_t len)
     inode->DropRmwBlock();  // punched or zeroed blocks read as zeros now
     ExtentDelta delta;
     if (kind == FALLOC_FL_PUNCH_HOLE && last > first) inode->extents.Punch(first, last - first, &delta);
-    for (const Extent& e : zeroed) inode->extents.Insert(e, &delta);  // a state change: nothing freed
+    if (kind == FALLOC_FL_ZERO_RANGE && last > first) {
+      inode->extents.Convert(first, last - first, &delta, ExtentState::kUnwritten);  // nothing freed
+    }
     for (const Extent& e : fresh) inode->extents.Insert(e, &delta);
     // Mapped now: if the commit fails, the filesystem shuts down and the next
     // mount rebuilds free space from what was committed.

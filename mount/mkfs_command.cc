@@ -165,8 +165,9 @@ int MkfsCommand(const MkfsArgs& args) {
     }
     // --force replaces metadata, nothing else that a mistyped --meta names.
     // A mounted store is refused (before it is even opened), and the lock
-    // taken to find out is held until it is replaced: no mount starts on it
-    // in between.
+    // taken to find out is held while mkfs works: no mount starts on it
+    // then. (Deleting it unlinks the LOCK file before the new store is moved
+    // in: a mount in that instant is not kept out.)
     std::string refusal, advice = "remove it first";
     const bool empty = std::filesystem::is_directory(meta_dir, ec) && std::filesystem::is_empty(meta_dir, ec);
     if (ec) {

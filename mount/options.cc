@@ -217,7 +217,7 @@ std::string MountOptionsHelp() {
   return "Mount options (-o, comma-separated, may be repeated):\n"
          "  completion=MODE    who runs async DIO completions: inline|workqueue|defer|auto|sync (default auto)\n"
          "  workers=N          FUSE worker threads, 1-64 (default " + std::to_string(DefaultWorkers()) +
-         " here: half the CPUs it may use, cpus= included, at least 1)\n"
+         " here: half the CPUs this process may use; cpus= counts, at least 1)\n"
          "  pollers=N          io_uring poller threads, 1-16 (default 1)\n"
          "  cthreads=N         completion threads for completion=workqueue, 1-64 (default 1)\n"
          "  ring_depth=N       io_uring entries per poller, power of two 8-4096 (default 256)\n"

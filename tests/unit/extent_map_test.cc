@@ -315,6 +315,21 @@ TEST(ExtentMapTest, ConvertSplitsThenMergesBack) {
   EXPECT_TRUE(d.empty());
 }
 
+// Zero range: mapped blocks turn unwritten in place, holes stay, nothing is freed.
+TEST(ExtentMapTest, ConvertToUnwrittenKeepsTheBlocks) {
+  ExtentMap m;
+  ExtentDelta d;
+  m.Insert({0, 4, 100, W}, &d);
+  m.Insert({4, 2, 104, U}, &d);
+  m.Insert({10, 4, 300, W}, &d);
+  d = {};
+  m.Convert(2, 10, &d, ExtentState::kUnwritten);
+  EXPECT_EQ(Extents(m), (std::vector<Extent>{{0, 2, 100, W}, {2, 4, 102, U}, {10, 2, 300, U}, {12, 2, 302, W}}));
+  EXPECT_EQ(d.removed, (std::vector<uint64_t>{4}));
+  EXPECT_TRUE(d.freed.empty());
+  EXPECT_TRUE(m.CheckInvariants().ok());
+}
+
 TEST(ExtentMapTest, ConvertMergesAcrossWrittenExtentsInRange) {
   ExtentMap m;
   ExtentDelta d;
