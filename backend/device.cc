@@ -21,11 +21,6 @@
 
 namespace deferfs {
 
-void UniqueFd::Reset() {
-  if (fd_ >= 0) ::close(fd_);  // EINTR on close: the fd is gone anyway
-  fd_ = -1;
-}
-
 AlignedBuffer::AlignedBuffer(size_t size, size_t align) {
   void* p = nullptr;
   // posix_memalign rejects size 0 on no platform, but keep data() non-null.

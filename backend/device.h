@@ -1,5 +1,5 @@
 // Device: the backing store, a regular file or block device opened
-// O_RDWR|O_DIRECT, plus the small RAII helpers the backend shares.
+// O_RDWR|O_DIRECT, and AlignedBuffer, the memory its IO needs.
 #pragma once
 
 #include <cstddef>
@@ -10,41 +10,11 @@
 #include <string>
 
 #include "backend/status.h"
+#include "backend/unique_fd.h"
 
 namespace deferfs {
 
 class Ring;
-
-// Owns one file descriptor; closes it on destruction. Move-only.
-// Thread-compatible.
-class UniqueFd {
- public:
-  UniqueFd() = default;
-  explicit UniqueFd(int fd) : fd_(fd) {}
-  ~UniqueFd() { Reset(); }
-  UniqueFd(UniqueFd&& o) noexcept : fd_(o.Release()) {}
-  UniqueFd& operator=(UniqueFd&& o) noexcept {
-    if (this != &o) {
-      Reset();
-      fd_ = o.Release();
-    }
-    return *this;
-  }
-  UniqueFd(const UniqueFd&) = delete;
-  UniqueFd& operator=(const UniqueFd&) = delete;
-
-  int get() const { return fd_; }
-  bool valid() const { return fd_ >= 0; }
-  int Release() {
-    int fd = fd_;
-    fd_ = -1;
-    return fd;
-  }
-  void Reset();
-
- private:
-  int fd_ = -1;
-};
 
 // A zero-filled heap buffer whose address is a multiple of `align` (a power
 // of two >= sizeof(void*)), as O_DIRECT needs. data() is nullptr when the

@@ -16,6 +16,7 @@
 #include <unordered_map>
 #include <utility>
 
+#include "backend/clock.h"
 #include "backend/rocksdb_logger.h"
 
 namespace deferfs {
@@ -281,9 +282,7 @@ Status MetaStore::Create(const std::string& dir, const Uuid& uuid, uint32_t uid,
   pairing.append(reinterpret_cast<const char*>(uuid.data()), uuid.size());
   Put(&pairing, kFormatVersion);
 
-  timespec now;
-  clock_gettime(CLOCK_REALTIME, &now);
-  int64_t ns = now.tv_sec * 1'000'000'000LL + now.tv_nsec;
+  const int64_t ns = NowNs();
   InodeRecord root;
   root.ino = kRootIno;
   root.mode = S_IFDIR | 0755;
@@ -345,6 +344,34 @@ Status CheckPairing(rocksdb::DB* db, const std::string& dir, const Uuid& uuid) {
   return Status::Ok();
 }
 
+constexpr char kInUse[] = " is in use by another deferfs (a mount, fsck or mkfs)";
+
+// Every mount, fsck and mkfs --force of a store holds a lock on RocksDB's
+// LOCK file: RocksDB itself a write lock when open read-write, OpenReadOnly
+// a read lock, LockIdle a write lock. This takes one of `type` (F_WRLCK or
+// F_RDLCK) for as long as *held stays open; EBUSY if a conflicting one is
+// held. Ok with nothing held when there is no LOCK: the store was never
+// opened read-write. (fcntl locks are the process's: closing any other fd
+// of LOCK in this process drops them, so nothing else here may open it
+// meanwhile.)
+Status LockStoreFile(const std::string& dir, short type, UniqueFd* held) {
+  const std::string path = (std::filesystem::path(dir) / "LOCK").string();
+  UniqueFd fd(::open(path.c_str(), (type == F_WRLCK ? O_RDWR : O_RDONLY) | O_CLOEXEC));
+  if (!fd.valid()) {
+    if (errno == ENOENT) return Status::Ok();
+    return Status::Error(errno, "cannot open " + path + ": " + strerror(errno));
+  }
+  struct flock l = {};
+  l.l_type = type;
+  l.l_whence = SEEK_SET;
+  if (fcntl(fd.get(), F_SETLK, &l) != 0) {
+    if (errno == EAGAIN || errno == EACCES) return Status::Error(EBUSY, dir + kInUse);
+    return Status::Error(errno, "cannot lock " + path + ": " + strerror(errno));
+  }
+  *held = std::move(fd);
+  return Status::Ok();
+}
+
 }  // namespace
 
 Status MetaStore::OpenReadWrite(const std::string& dir, const Uuid& uuid, std::unique_ptr<MetaStore>* out) {
@@ -354,9 +381,13 @@ Status MetaStore::OpenReadWrite(const std::string& dir, const Uuid& uuid, std::u
   std::unique_ptr<MetaStore> store;
   rocksdb::Status s = OpenOrdered(dir, /*create=*/false, &store);
   if (s.IsIOError() && s.ToString().find("lock") != std::string::npos) {
-    return Status::Error(EBUSY, "metadata directory " + dir + " is in use by another deferfs process (already mounted?): unmount it first");
+    return Status::Error(EBUSY, "metadata directory " + dir + kInUse +
+                                    ": unmount it, or let fsck or mkfs finish, then try again");
   }
   if (!s.ok()) return Status::IoError("cannot open metadata directory " + dir + ": " + s.ToString());
+  // Again, now that it is locked: a mkfs --force may have put another
+  // filesystem's store there in between.
+  DEFERFS_RETURN_IF_ERROR(CheckPairing(store->db_.get(), dir, uuid));
   *out = std::move(store);
   return Status::Ok();
 }
@@ -387,22 +418,7 @@ bool MetaStore::IsStore(const std::string& dir) {
          }).ok();
 }
 
-Status MetaStore::LockIdle(const std::string& dir, UniqueFd* held) {
-  UniqueFd fd(::open((std::filesystem::path(dir) / "LOCK").c_str(), O_RDWR | O_CLOEXEC));
-  if (!fd.valid()) {
-    if (errno == ENOENT) return Status::Ok();  // never opened read-write: nobody can hold it
-    return Status::Error(errno, "cannot open " + dir + "/LOCK: " + strerror(errno));
-  }
-  struct flock l = {};
-  l.l_type = F_WRLCK;
-  l.l_whence = SEEK_SET;
-  if (fcntl(fd.get(), F_SETLK, &l) != 0) {
-    if (errno == EAGAIN || errno == EACCES) return Status::Error(EBUSY, dir + " is in use by a running deferfs (a mount, or fsck)");
-    return Status::Error(errno, "cannot lock " + dir + "/LOCK: " + strerror(errno));
-  }
-  *held = std::move(fd);
-  return Status::Ok();
-}
+Status MetaStore::LockIdle(const std::string& dir, UniqueFd* held) { return LockStoreFile(dir, F_WRLCK, held); }
 
 Status MetaStore::Open(const std::string& dir, const Uuid& uuid, std::unique_ptr<MetaStore>* out) {
   std::unique_ptr<MetaStore> store;
@@ -429,14 +445,10 @@ Status MetaStore::OpenReadOnly(const std::string& dir, const Uuid& uuid, std::un
   // No new log, manifest or options file. The backing device's lock keeps
   // other mounts out; a read lock on RocksDB's LOCK keeps out a mkfs --force
   // that would replace the store (LockIdle) and read-write opens.
-  UniqueFd lock(::open((std::filesystem::path(dir) / "LOCK").c_str(), O_RDONLY | O_CLOEXEC));
-  if (lock.valid()) {
-    struct flock l = {};
-    l.l_type = F_RDLCK;
-    l.l_whence = SEEK_SET;
-    if (fcntl(lock.get(), F_SETLK, &l) != 0) {
-      return Status::Error(EBUSY, "the metadata in " + dir + " is open read-write elsewhere (fsck or mkfs?): wait for it, then mount again");
-    }
+  UniqueFd lock;
+  if (Status l = LockStoreFile(dir, F_RDLCK, &lock); !l.ok()) {
+    if (l.err() != EBUSY) return l;
+    return Status::Error(EBUSY, l.message() + ": unmount it, or let fsck or mkfs finish, then mount again");
   }
   rocksdb::Options o = DbOptions();
   o.info_log = NewRocksLogger();
@@ -733,9 +745,10 @@ Status MetaStore::Commit(MetaBatch* batch, bool sync) {
 
 Status MetaStore::CommitDeferred(MetaBatch* batch) {
   if (read_only_) return Status::Error(EROFS, "the metadata store is open read-only");
-  // Only inode and extent records: the reads that write out held changes
-  // (ApplyDeferredFor) are the ones of those. Each key's inode is noted for
-  // them, as landing with the next write-out.
+  // Only inode and extent records are held: the reads that write out held
+  // changes (ApplyDeferredFor) are the ones of those. Each key's inode is
+  // noted for them, as landing with the next write-out. A batch with
+  // anything else is committed at once instead, after the held ones.
   struct Append : rocksdb::WriteBatch::Handler {
     std::vector<DeferredOp>* ops;
     std::unordered_map<uint64_t, uint64_t>* inos;
@@ -744,7 +757,7 @@ Status MetaStore::CommitDeferred(MetaBatch* batch) {
     // One put (v given) or delete: refused unless it is an inode or extent record.
     rocksdb::Status Take(uint32_t cf, const rocksdb::Slice& k, const rocksdb::Slice* v) {
       const bool ino_keyed = cf == 0 && WellFormed(k) && (k[0] == kInode || k[0] == kExtent);
-      if (!ino_keyed) return rocksdb::Status::InvalidArgument("a deferred commit takes only inode and extent records");
+      if (!ino_keyed) return Refuse();
       ops->push_back({k.ToString(), v ? v->ToString() : std::string(), v == nullptr});
       const uint64_t ino = ReadBe64(k.data() + 1);
       if (ino != last_ino) (*inos)[ino] = writeout;  // a batch is nearly always one inode's
@@ -753,28 +766,41 @@ Status MetaStore::CommitDeferred(MetaBatch* batch) {
     }
     rocksdb::Status PutCF(uint32_t cf, const rocksdb::Slice& k, const rocksdb::Slice& v) override { return Take(cf, k, &v); }
     rocksdb::Status DeleteCF(uint32_t cf, const rocksdb::Slice& k) override { return Take(cf, k, nullptr); }
+    // The Handler's defaults would skip these without a word; range deletes
+    // and the rest its defaults refuse.
+    rocksdb::Status SingleDeleteCF(uint32_t, const rocksdb::Slice&) override { return Refuse(); }
+    rocksdb::Status MergeCF(uint32_t, const rocksdb::Slice&, const rocksdb::Slice&) override { return Refuse(); }
+    static rocksdb::Status Refuse() { return rocksdb::Status::NotSupported("held: puts and deletes only"); }
   } append;
   // Armed now, as Commit() does: a device flush from here on (an fsync's)
   // covers the data these changes make reachable, whenever they land.
   if (!batch->data_durable_) barrier_->Arm();
+  bool taken;
   size_t held;
   {
     std::lock_guard l(deferred_mu_);
     if (!deferred_error_.ok()) return deferred_error_;
-    // Only puts and point deletes: anything else is a caller's bug, refused
-    // whole rather than landed in part or out of order.
+    // Held whole or not at all.
     const size_t before = deferred_.size();
     append.ops = &deferred_;
     append.inos = &held_inos_;
     append.writeout = writeouts_taken_ + 1;
-    if (rocksdb::Status s = batch->wb_->Iterate(&append); !s.ok()) {
+    const rocksdb::Status it = batch->wb_->Iterate(&append);
+    // Refused (by Append, or by the Handler's defaults): committed below.
+    if (!it.ok() && !it.IsNotSupported() && !it.IsInvalidArgument()) {
+      deferred_.resize(before);
+      return FromRocks(it, "deferred commit");
+    }
+    taken = it.ok();
+    if (taken) {
+      ++deferred_batches_;
+      deferred_ops_.fetch_add(deferred_.size() - before, std::memory_order_relaxed);
+    } else {
       deferred_.resize(before);  // an inode noted stays noted: at worst a read writes out early
-      return FromRocks(s, "deferred commit");
     }
     held = deferred_.size();
-    ++deferred_batches_;
-    deferred_ops_.fetch_add(held - before, std::memory_order_relaxed);
   }
+  if (!taken) return Commit(batch);  // which counts it
   commits_.fetch_add(1, std::memory_order_relaxed);
   // Without the thread (a store not opened by Open()), or when it cannot
   // keep up, the caller writes them.

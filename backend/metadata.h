@@ -17,9 +17,9 @@
 #include <vector>
 
 #include "backend/data_barrier.h"
-#include "backend/device.h"
 #include "backend/status.h"
 #include "backend/superblock.h"
+#include "backend/unique_fd.h"
 
 namespace rocksdb {
 class DB;
@@ -137,10 +137,11 @@ class MetaStore {
   static Status CheckPaired(const std::string& dir, const Uuid& uuid);
   // Whether `dir` is a deferfs metadata store, of any filesystem. Reads only.
   static bool IsStore(const std::string& dir);
-  // Takes, for as long as `held` is open, the lock every mount of the store
-  // in `dir` holds (RocksDB's LOCK file: a read-write mount's write lock, a
-  // read-only mount's read lock), so that no mount can open it meanwhile.
-  // EBUSY while a mount has it open; Ok with nothing held if it has no LOCK.
+  // Takes, for as long as `held` is open, the lock every mount or fsck of
+  // the store in `dir` holds (RocksDB's LOCK file: a read-write open's write
+  // lock, a read-only mount's read lock), so that none can open it meanwhile.
+  // EBUSY while a mount, fsck or mkfs has it open; Ok with nothing held if
+  // it has no LOCK.
   static Status LockIdle(const std::string& dir, UniqueFd* held);
 
   Status GetInode(uint64_t ino, InodeRecord* rec);
@@ -191,18 +192,18 @@ class MetaStore {
   // DataBarrier. A crash keeps a prefix of the commits: everything up to the
   // last SyncWal() at least. sync=true is Commit then SyncWal.
   Status Commit(MetaBatch* batch, bool sync = false);
-  // Commit for batches of inode and extent records (others are refused)
-  // that may reach RocksDB later: held in memory and written, sorted by key,
-  // as one batch before the next Commit() or SyncWal(), a scan of all inodes
-  // or extents, or a read of an inode or extents they change (reads of other
-  // inodes do not wait for them), or by the store's own thread once
-  // kDeferredOps changes are held (a store from Open(); else the caller
-  // does). So every commit still lands in order, random keys turn into
-  // nearly sequential memtable inserts (RocksDB's
-  // skiplist reuses the previous insert's position), and the caller (a
-  // write's end_io) does not pay for them. A deferred batch that fails to
-  // land fails every later Commit(), CommitDeferred(), SyncWal(), and
-  // every later read of inodes or extents.
+  // Commit for batches of only puts and deletes of inode and extent
+  // records (any other batch goes to Commit() at once), which may reach
+  // RocksDB later: held in memory and written, sorted by key, as one batch
+  // before the next Commit() or SyncWal(), a scan of all inodes or extents,
+  // or a read of an inode or extents they change (reads of other inodes do
+  // not wait for them), or by the store's own thread once kDeferredOps
+  // changes are held (a store from Open(); else the caller does). So every
+  // commit still lands in order, random keys turn into nearly sequential
+  // memtable inserts (RocksDB's skiplist reuses the previous insert's
+  // position), and the caller (a write's end_io) does not pay for them. A
+  // deferred batch that fails to land fails every later Commit(),
+  // CommitDeferred(), SyncWal(), and every later read of inodes or extents.
   Status CommitDeferred(MetaBatch* batch);
   static constexpr size_t kDeferredOps = 32768;
   // Held beyond this (the thread cannot keep up), CommitDeferred() writes

@@ -59,7 +59,9 @@ Filesystem::Filesystem(std::unique_ptr<Device> dev, std::unique_ptr<MetaStore> m
 
 Status Filesystem::Mount(std::unique_ptr<Device> dev, std::unique_ptr<MetaStore> meta, const Superblock& sb,
                          const FsOptions& opt, std::unique_ptr<Filesystem>* out) {
-  auto fs = std::make_unique<Filesystem>(std::move(dev), std::move(meta), sb, opt);
+  FsOptions o = opt;
+  o.dirsync = o.dirsync || o.sync;
+  auto fs = std::make_unique<Filesystem>(std::move(dev), std::move(meta), sb, o);
   DEFERFS_RETURN_IF_ERROR(fs->Recover());
   DEFERFS_RETURN_IF_ERROR(fs->Start());
   *out = std::move(fs);
@@ -184,8 +186,7 @@ Status Filesystem::SetAttr(uint64_t ino, const SetAttrRequest& req, struct stat*
     std::lock_guard ns(ns_mu_);
     DEFERFS_RETURN_IF_ERROR(GetLocked(ino, &inode));
   }
-  const bool truncate = req.valid & SetAttrRequest::kSize;
-  if (truncate) {
+  if (req.valid & SetAttrRequest::kSize) {
     {
       std::lock_guard l(inode->mu);
       if (!inode->is_reg()) return Status::Error(inode->is_dir() ? EISDIR : EINVAL, "not a regular file");
@@ -193,24 +194,17 @@ Status Filesystem::SetAttr(uint64_t ino, const SetAttrRequest& req, struct stat*
     }
     inode->iolock.Lock();
     inode_dio_wait(inode);
-    Status st = TruncateLocked(inode, static_cast<uint64_t>(req.attr.st_size), NowNs());
+    Status st = TruncateLocked(inode, req);
     inode->iolock.Unlock();
     DEFERFS_RETURN_IF_ERROR(st);
+    std::lock_guard l(inode->mu);
+    FillStat(*inode, out);
+    return Status::Ok();
   }
 
   std::lock_guard l(inode->mu);
   InodeRecord rec = inode->rec;
-  int64_t now = NowNs();
-  const struct stat& a = req.attr;
-  if (req.valid & SetAttrRequest::kMode) rec.mode = (rec.mode & S_IFMT) | (a.st_mode & 07777);
-  if (req.valid & SetAttrRequest::kUid) rec.uid = a.st_uid;
-  if (req.valid & SetAttrRequest::kGid) rec.gid = a.st_gid;
-  if (req.valid & SetAttrRequest::kAtimeNow) rec.atime_ns = now;
-  else if (req.valid & SetAttrRequest::kAtime) rec.atime_ns = FromTimespec(a.st_atim);
-  if (req.valid & SetAttrRequest::kMtimeNow) rec.mtime_ns = now;
-  else if (req.valid & SetAttrRequest::kMtime) rec.mtime_ns = FromTimespec(a.st_mtim);
-  rec.ctime_ns = (req.valid & SetAttrRequest::kCtime) ? FromTimespec(a.st_ctim) : now;
-
+  req.ApplyTo(&rec, NowNs());
   MetaBatch b;
   b.PutInode(rec);
   DEFERFS_RETURN_IF_ERROR(CommitInode(inode, &b));
@@ -218,6 +212,18 @@ Status Filesystem::SetAttr(uint64_t ino, const SetAttrRequest& req, struct stat*
   inode->dirty = false;
   FillStat(*inode, out);
   return Status::Ok();
+}
+
+void SetAttrRequest::ApplyTo(InodeRecord* rec, int64_t now) const {
+  const struct stat& a = attr;
+  if (valid & kMode) rec->mode = (rec->mode & S_IFMT) | (a.st_mode & 07777);
+  if (valid & kUid) rec->uid = a.st_uid;
+  if (valid & kGid) rec->gid = a.st_gid;
+  if (valid & kAtimeNow) rec->atime_ns = now;
+  else if (valid & kAtime) rec->atime_ns = FromTimespec(a.st_atim);
+  if (valid & kMtimeNow) rec->mtime_ns = now;
+  else if (valid & kMtime) rec->mtime_ns = FromTimespec(a.st_mtim);
+  rec->ctime_ns = (valid & kCtime) ? FromTimespec(a.st_ctim) : now;
 }
 
 Status Filesystem::StatFs(struct statvfs* out) {
@@ -243,6 +249,10 @@ Status Filesystem::StatFs(struct statvfs* out) {
 }
 
 Status Filesystem::SetXattr(uint64_t ino, std::string_view name, std::string_view value, int flags) {
+  return SyncedIf(opt_.sync, PutXattr(ino, name, value, flags));
+}
+
+Status Filesystem::PutXattr(uint64_t ino, std::string_view name, std::string_view value, int flags) {
   DEFERFS_RETURN_IF_ERROR(CheckWritable());
   DEFERFS_RETURN_IF_ERROR(CheckXattrName(name));
   std::lock_guard ns(ns_mu_);
@@ -289,6 +299,10 @@ Status Filesystem::ListXattr(uint64_t ino, std::string* names) {
 }
 
 Status Filesystem::RemoveXattr(uint64_t ino, std::string_view name) {
+  return SyncedIf(opt_.sync, DeleteXattr(ino, name));
+}
+
+Status Filesystem::DeleteXattr(uint64_t ino, std::string_view name) {
   DEFERFS_RETURN_IF_ERROR(CheckWritable());
   std::lock_guard ns(ns_mu_);
   Inode* inode;

@@ -69,6 +69,7 @@ Status Filesystem::SyncMeta() {
 }
 
 Status Filesystem::CommitInode(Inode* inode, MetaBatch* b, bool sync, bool may_defer) {
+  sync = sync || opt_.sync;
   DEFERFS_RETURN_IF_ERROR(Commit(b, sync, may_defer));
   // A synced commit makes everything before it in the WAL durable too. An
   // unsynced one is read against the epoch after it landed: conservative.
@@ -320,7 +321,9 @@ Status Filesystem::ZeroPartialBlock(Inode* inode, uint64_t from, uint64_t to) {
   return res < 0 ? Status::Error(static_cast<int>(-res), "zeroing a partial block failed") : Status::Ok();
 }
 
-Status Filesystem::TruncateLocked(Inode* inode, uint64_t size, int64_t now) {
+Status Filesystem::TruncateLocked(Inode* inode, const SetAttrRequest& req) {
+  const uint64_t size = static_cast<uint64_t>(req.attr.st_size);
+  const int64_t now = NowNs();
   uint64_t old;
   {
     std::lock_guard l(inode->mu);
@@ -342,7 +345,8 @@ Status Filesystem::TruncateLocked(Inode* inode, uint64_t size, int64_t now) {
   rec.size = size;
   // Even to the same size (open O_TRUNC, ftruncate), as ext4: the kernel
   // leaves that mtime to us. An explicit one in the same SETATTR wins after.
-  rec.mtime_ns = rec.ctime_ns = now;
+  rec.mtime_ns = now;
+  req.ApplyTo(&rec, now);
   MetaBatch b;
   ApplyDelta(inode->ino, delta, &b);
   b.PutInode(rec);

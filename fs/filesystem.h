@@ -48,6 +48,7 @@
 #include "backend/poller.h"
 #include "backend/status.h"
 #include "backend/superblock.h"
+#include "backend/clock.h"
 #include "fs/completion_mode.h"
 #include "fs/dio.h"
 #include "fs/inode.h"
@@ -82,6 +83,10 @@ struct SetAttrRequest {
   };
   uint32_t valid = 0;
   struct stat attr {};
+
+  // Sets in `rec` the attributes but the size, and ctime (to `now` unless
+  // given); `now` for the *Now ones.
+  void ApplyTo(InodeRecord* rec, int64_t now) const;
 };
 
 struct FsOptions {
@@ -94,7 +99,7 @@ struct FsOptions {
   bool read_only = false;     // mounted ro: every change fails with EROFS; we commit nothing
   // Mounted sync: every write is O_SYNC and every commit a durability point.
   bool sync = false;
-  // Mounted dirsync (or sync): a change to a directory is durable when it returns.
+  // Mounted dirsync (sync implies it): a change to a directory is durable when it returns.
   bool dirsync = false;
   // Seconds between background metadata commits (fs/journal_commit.h): the
   // most a crash can lose of what was never fsync'ed.
@@ -230,8 +235,9 @@ class Filesystem {
   ssize_t SyncRw(Inode* inode, bool write, uint64_t pos, IoBuffer* buf, size_t len);
   // Zeroes [from, to) inside one block by read-modify-write, if it is mapped.
   Status ZeroPartialBlock(Inode* inode, uint64_t from, uint64_t to);
-  // Truncate under the exclusive IO lock with DIO drained.
-  Status TruncateLocked(Inode* inode, uint64_t size, int64_t now);
+  // Truncate to req.attr.st_size, under the exclusive IO lock with DIO
+  // drained; the request's other attributes change in the same commit.
+  Status TruncateLocked(Inode* inode, const SetAttrRequest& req);
   // Adds an extent delta to a batch; the freed blocks wait in pending_free_.
   void ApplyDelta(uint64_t ino, const ExtentDelta& d, MetaBatch* b);
   // Blocks become reusable only once the metadata that freed them is durable
@@ -249,11 +255,24 @@ class Filesystem {
 
   Status GetLocked(uint64_t ino, Inode** out);
   Status CheckName(std::string_view name) const;
+  // `st`, but first, if `durable` and st is Ok, a SyncMeta(). The namespace
+  // and xattr changes of dirsync and sync mounts call it once they have
+  // dropped ns_mu_: nothing else waits for their WAL sync, and the syncs of
+  // concurrent changes can share one.
+  Status SyncedIf(bool durable, Status st);
   // Creates an inode named `name` in `parent`: the one path for mknod, mkdir, symlink, create.
   Status CreateNode(const Caller& c, uint64_t parent, std::string_view name, uint32_t mode,
                     uint64_t rdev, std::string_view symlink_target, struct stat* out);
+  // The changes themselves, committed without a sync (see SyncedIf).
+  Status AddNode(const Caller& c, uint64_t parent, std::string_view name, uint32_t mode,
+                 uint64_t rdev, std::string_view symlink_target, struct stat* out);
+  Status AddLink(uint64_t ino, uint64_t parent, std::string_view name, struct stat* out);
   // unlink (rmdir=false) and rmdir.
   Status RemoveEntry(uint64_t parent, std::string_view name, bool rmdir);
+  Status MoveEntry(uint64_t parent, std::string_view name, uint64_t newparent, std::string_view newname,
+                   unsigned flags);
+  Status PutXattr(uint64_t ino, std::string_view name, std::string_view value, int flags);
+  Status DeleteXattr(uint64_t ino, std::string_view name);
   // Drops one link of `victim` (named by `e` in `dir`) into `b`.
   void DropLink(Inode* dir, const DirEntry& e, Inode* victim, int64_t now, MetaBatch* b,
                 std::vector<BlockRange>* freed);
@@ -270,6 +289,7 @@ class Filesystem {
   void FillStat(Inode& inode, struct stat* st);
   // Every metadata commit goes through here: refused once shut down, and
   // the first failure shuts the filesystem down. may_defer: see CommitInode.
+  // The `sync` mount option is the callers' to apply (CommitInode, SyncedIf).
   Status Commit(MetaBatch* b, bool sync = false, bool may_defer = false);
 
   std::unique_ptr<Device> dev_;
@@ -306,6 +326,5 @@ class Filesystem {
   uint64_t live_inodes_ = 0;  // guarded by ns_mu_: inode records in the store (statfs)
 };
 
-int64_t NowNs();
 
 }  // namespace deferfs

@@ -16,6 +16,7 @@
 #include <utility>
 
 #include "backend/allocator.h"
+#include "backend/clock.h"
 #include "fs/extent_map.h"
 
 namespace deferfs {
@@ -53,12 +54,6 @@ std::string ExtentText(const ExtentRecord& e) {
 
 std::string Plural(uint64_t n, const std::string& one, const std::string& many) {
   return Num(n) + " " + (n == 1 ? one : many);
-}
-
-int64_t NowNs() {
-  timespec ts;
-  clock_gettime(CLOCK_REALTIME, &ts);
-  return ts.tv_sec * 1'000'000'000LL + ts.tv_nsec;
 }
 
 struct Node {

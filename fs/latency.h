@@ -7,17 +7,12 @@
 #include <array>
 #include <atomic>
 #include <cstdint>
-#include <ctime>
 #include <utility>
 #include <vector>
 
-namespace deferfs {
+#include "backend/clock.h"
 
-inline int64_t MonotonicNs() {
-  timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return ts.tv_sec * 1'000'000'000LL + ts.tv_nsec;
-}
+namespace deferfs {
 
 class LatencyHistogram {
  public:

@@ -37,12 +37,6 @@ class InodeLocks {
 
 }  // namespace
 
-int64_t NowNs() {
-  timespec ts;
-  clock_gettime(CLOCK_REALTIME, &ts);
-  return ts.tv_sec * 1'000'000'000LL + ts.tv_nsec;
-}
-
 Status Filesystem::CheckName(std::string_view name) const {
   if (name.size() > kNameMax) return Status::Error(ENAMETOOLONG, "name too long");
   return Status::Ok();
@@ -78,7 +72,6 @@ Status Filesystem::MetaFailed(const Status& st) {
 
 Status Filesystem::Commit(MetaBatch* b, bool sync, bool may_defer) {
   DEFERFS_RETURN_IF_ERROR(CheckWritable());  // a store opened read-only would refuse it as a failure
-  sync = sync || opt_.sync;
   Status st = may_defer && !sync ? meta_->CommitDeferred(b) : meta_->Commit(b, sync);
   return st.ok() ? st : MetaFailed(st);
 }
@@ -129,8 +122,18 @@ void Filesystem::Forget(std::span<const Forgotten> forgets) {
   for (Inode* inode : gone) inodes_.MaybeEvict(inode);
 }
 
+Status Filesystem::SyncedIf(bool durable, Status st) {
+  if (!st.ok() || !durable) return st;
+  return SyncMeta();
+}
+
 Status Filesystem::CreateNode(const Caller& c, uint64_t parent_ino, std::string_view name, uint32_t mode,
                               uint64_t rdev, std::string_view target, struct stat* out) {
+  return SyncedIf(opt_.dirsync, AddNode(c, parent_ino, name, mode, rdev, target, out));
+}
+
+Status Filesystem::AddNode(const Caller& c, uint64_t parent_ino, std::string_view name, uint32_t mode,
+                           uint64_t rdev, std::string_view target, struct stat* out) {
   DEFERFS_RETURN_IF_ERROR(CheckWritable());
   DEFERFS_RETURN_IF_ERROR(CheckName(name));
   if (S_ISLNK(mode) && target.size() > kSymlinkMax) return Status::Error(ENAMETOOLONG, "symlink target too long");
@@ -182,7 +185,7 @@ Status Filesystem::CreateNode(const Caller& c, uint64_t parent_ino, std::string_
   b.PutInode(prec);
   b.PutNextIno(next_ino_ + 1);
   if (S_ISLNK(mode)) b.PutSymlink(rec.ino, target);
-  DEFERFS_RETURN_IF_ERROR(Commit(&b, opt_.dirsync));
+  DEFERFS_RETURN_IF_ERROR(Commit(&b));
 
   next_ino_++;
   live_inodes_++;
@@ -217,6 +220,10 @@ Status Filesystem::Create(const Caller& c, uint64_t parent, std::string_view nam
 }
 
 Status Filesystem::Link(uint64_t ino, uint64_t parent_ino, std::string_view name, struct stat* out) {
+  return SyncedIf(opt_.dirsync, AddLink(ino, parent_ino, name, out));
+}
+
+Status Filesystem::AddLink(uint64_t ino, uint64_t parent_ino, std::string_view name, struct stat* out) {
   DEFERFS_RETURN_IF_ERROR(CheckWritable());
   DEFERFS_RETURN_IF_ERROR(CheckName(name));
   std::lock_guard ns(ns_mu_);
@@ -243,7 +250,7 @@ Status Filesystem::Link(uint64_t ino, uint64_t parent_ino, std::string_view name
   b.PutDirEntry(parent_ino, e);
   b.PutInode(prec);
   b.PutInode(rec);
-  DEFERFS_RETURN_IF_ERROR(Commit(&b, opt_.dirsync));
+  DEFERFS_RETURN_IF_ERROR(Commit(&b));
   parent->rec = prec;
   inode->rec = rec;
   inode->nlookup++;
@@ -291,8 +298,12 @@ void Filesystem::Destroy(Inode* inode, MetaBatch* b, std::vector<BlockRange>* fr
   }
 }
 
-Status Filesystem::Unlink(uint64_t parent, std::string_view name) { return RemoveEntry(parent, name, false); }
-Status Filesystem::Rmdir(uint64_t parent, std::string_view name) { return RemoveEntry(parent, name, true); }
+Status Filesystem::Unlink(uint64_t parent, std::string_view name) {
+  return SyncedIf(opt_.dirsync, RemoveEntry(parent, name, false));
+}
+Status Filesystem::Rmdir(uint64_t parent, std::string_view name) {
+  return SyncedIf(opt_.dirsync, RemoveEntry(parent, name, true));
+}
 
 Status Filesystem::RemoveEntry(uint64_t parent_ino, std::string_view name, bool rmdir) {
   DEFERFS_RETURN_IF_ERROR(CheckWritable());
@@ -315,7 +326,7 @@ Status Filesystem::RemoveEntry(uint64_t parent_ino, std::string_view name, bool 
   MetaBatch b;
   std::vector<BlockRange> freed;
   DropLink(parent, e, victim, NowNs(), &b, &freed);
-  Status st = Commit(&b, opt_.dirsync);
+  Status st = Commit(&b);
   if (!st.ok()) {
     parent->rec = psave;
     victim->rec = vsave;
@@ -330,6 +341,11 @@ Status Filesystem::RemoveEntry(uint64_t parent_ino, std::string_view name, bool 
 
 Status Filesystem::Rename(uint64_t sp_ino, std::string_view sname, uint64_t dp_ino, std::string_view dname,
                           unsigned flags) {
+  return SyncedIf(opt_.dirsync, MoveEntry(sp_ino, sname, dp_ino, dname, flags));
+}
+
+Status Filesystem::MoveEntry(uint64_t sp_ino, std::string_view sname, uint64_t dp_ino, std::string_view dname,
+                             unsigned flags) {
   DEFERFS_RETURN_IF_ERROR(CheckWritable());
   DEFERFS_RETURN_IF_ERROR(CheckName(sname));
   DEFERFS_RETURN_IF_ERROR(CheckName(dname));
@@ -416,7 +432,7 @@ Status Filesystem::Rename(uint64_t sp_ino, std::string_view sname, uint64_t dp_i
   b.PutInode(src->rec);
   if (dstn && !dstn->deleted) b.PutInode(dstn->rec);
 
-  Status st = Commit(&b, opt_.dirsync);
+  Status st = Commit(&b);
   if (!st.ok()) {
     sp->rec = sp_save;
     dp->rec = dp_save;

@@ -47,6 +47,66 @@ void RemoveAll(const std::string& dir) {
   std::filesystem::remove_all(dir, ec);
 }
 
+// Stores are replaced and deleted only under their lock (LockIdle), and
+// never in place: a mount that names the directory meanwhile finds a whole
+// store there (the old one, locked), or the new one, or nothing, never one
+// half deleted.
+std::string Aside(const std::string& dir) { return dir + ".mkfs-old"; }
+
+// Makes a rename in `path`'s directory durable.
+void SyncParentDir(const std::string& path) {
+  std::filesystem::path parent = std::filesystem::path(path).parent_path();
+  UniqueFd fd(open(parent.empty() ? "." : parent.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (fd.valid()) (void)fsync(fd.get());
+}
+
+// Puts the new store `fresh` at `dir`. A store there (its LOCK held by the
+// caller) trades places with it in one step, so `dir` always names a whole
+// store, and is deleted from `fresh`'s name after. Where the file system
+// cannot exchange names, the old store is renamed aside first: then, for an
+// instant, `dir` names nothing.
+Status MoveIntoPlace(const std::string& fresh, const std::string& dir) {
+  auto failed = [&](int e) {
+    return Status::Error(e, "cannot move the metadata store from " + fresh + " into " + dir + ": " + strerror(e));
+  };
+  std::string old;  // where the replaced store ends up, if there was one
+  if (renameat2(AT_FDCWD, fresh.c_str(), AT_FDCWD, dir.c_str(), RENAME_EXCHANGE) == 0) {
+    old = fresh;
+  } else {
+    if (errno != ENOENT && errno != EINVAL) return failed(errno);  // ENOENT: nothing at `dir`
+    if (errno == EINVAL) {
+      old = Aside(dir);
+      RemoveAll(old);  // a leftover of a mkfs that died
+      if (rename(dir.c_str(), old.c_str()) != 0) {
+        if (errno != ENOENT) return failed(errno);
+        old.clear();
+      }
+    }
+    if (rename(fresh.c_str(), dir.c_str()) != 0) {
+      const int e = errno;
+      if (!old.empty()) (void)rename(old.c_str(), dir.c_str());
+      return failed(e);
+    }
+  }
+  if (!old.empty()) RemoveAll(old);
+  SyncParentDir(dir);
+  return Status::Ok();
+}
+
+// Deletes the store in `dir`, whose LOCK the caller holds, from a name
+// beside it. (A read-write open that slips in between may leave a directory
+// holding only a LOCK file at `dir`.)
+Status RemoveStore(const std::string& dir) {
+  RemoveAll(Aside(dir));
+  std::error_code ec;
+  std::filesystem::rename(dir, Aside(dir), ec);
+  if (ec) return Status::Error(ec.value(), "cannot remove " + dir + ": " + ec.message());
+  SyncParentDir(dir);
+  std::filesystem::remove_all(Aside(dir), ec);
+  if (ec) return Status::Error(ec.value(), "cannot remove " + Aside(dir) + ": " + ec.message());
+  return Status::Ok();
+}
+
 // Whether `path` is `dir` or inside it; true when either cannot be resolved
 // (the caller then keeps `dir`).
 bool Within(const std::string& path, const std::string& dir) {
@@ -156,6 +216,11 @@ int MkfsCommand(const MkfsArgs& args) {
   sb.device_bytes = dev_bytes;
   sb.created_ns = NowNs();
   if (meta_dir.empty()) meta_dir = DefaultMetaDir(backing, dev->is_block_device(), UuidToString(sb.uuid));
+  // One spelling: the names made beside it (.mkfs-tmp) must not fall inside
+  // it, as they would after "meta/".
+  if (std::filesystem::path p = std::filesystem::path(meta_dir).lexically_normal(); !p.has_filename() && p.has_relative_path()) {
+    meta_dir = p.parent_path().string();
+  }
   std::error_code ec;
   UniqueFd meta_lock;  // the replaced store's, see below
   if (std::filesystem::exists(meta_dir, ec)) {
@@ -164,17 +229,16 @@ int MkfsCommand(const MkfsArgs& args) {
       return Fail("metadata directory " + meta_dir + " already exists: pass --force to replace it, or --meta DIR");
     }
     // --force replaces metadata, nothing else that a mistyped --meta names.
-    // A mounted store is refused (before it is even opened), and the lock
-    // taken to find out is held while mkfs works: no mount starts on it
-    // then. (Deleting it unlinks the LOCK file before the new store is moved
-    // in: a mount in that instant is not kept out.)
+    // A store in use is refused (before it is even opened), and the lock
+    // taken to find out is held until the new store has replaced it: no
+    // mount starts on it meanwhile.
     std::string refusal, advice = "remove it first";
     const bool empty = std::filesystem::is_directory(meta_dir, ec) && std::filesystem::is_empty(meta_dir, ec);
     if (ec) {
       refusal = "cannot look into " + meta_dir + " (" + ec.message() + ")";
     } else if (Status l = empty ? Status::Ok() : MetaStore::LockIdle(meta_dir, &meta_lock); !l.ok()) {
       refusal = l.message();
-      if (l.err() == EBUSY) advice = "unmount it first";
+      if (l.err() == EBUSY) advice = "unmount it (or let fsck finish) first";
     } else if (!empty && !MetaStore::IsStore(meta_dir)) {
       refusal = meta_dir + " exists and is not deferfs metadata";
     }
@@ -215,9 +279,9 @@ int MkfsCommand(const MkfsArgs& args) {
     undo_create();
     return Fail(s.message());
   }
-  RemoveAll(meta_dir);
-  std::filesystem::rename(tmp, meta_dir, ec);
-  if (ec) return Fail("cannot move the metadata store into " + meta_dir + ": " + ec.message());
+  s = MoveIntoPlace(tmp, meta_dir);
+  if (!s.ok()) return Fail(s.message());
+  meta_lock.Reset();
 
   std::printf("deferfs: formatted %s: %llu MiB, uuid %s, metadata in %s\n", backing.c_str(),
               static_cast<unsigned long long>(dev_bytes >> 20), UuidToString(sb.uuid).c_str(), meta_dir.c_str());
@@ -227,6 +291,7 @@ int MkfsCommand(const MkfsArgs& args) {
   // stays. A store it was given with meta= elsewhere cannot be known, and
   // stays too. A block device's is only named, not removed: a clone or a
   // snapshot of the device has the same UUID and shares that directory.
+  // One in use (a copy of the old backing file mounted with it) stays too.
   if (!replaced_meta.empty() && !Within(meta_dir, replaced_meta) &&
       MetaStore::CheckPaired(replaced_meta, replaced_uuid).ok()) {
     if (dev->is_block_device()) {
@@ -235,10 +300,15 @@ int MkfsCommand(const MkfsArgs& args) {
                   replaced_meta.c_str());
       return 0;
     }
-    std::filesystem::remove_all(replaced_meta, ec);
-    if (ec) {
-      std::fprintf(stderr, "deferfs: cannot remove %s, the metadata of the overwritten filesystem: %s: remove it by hand\n",
-                   replaced_meta.c_str(), ec.message().c_str());
+    UniqueFd replaced_lock;
+    if (Status l = MetaStore::LockIdle(replaced_meta, &replaced_lock); !l.ok()) {
+      std::printf("deferfs: %s, the metadata of the overwritten filesystem, is left in place: %s\n",
+                  replaced_meta.c_str(), l.message().c_str());
+      return 0;
+    }
+    if (Status r = RemoveStore(replaced_meta); !r.ok()) {
+      std::fprintf(stderr, "deferfs: the metadata of the overwritten filesystem stays: %s: remove it by hand\n",
+                   r.message().c_str());
     } else {
       std::printf("deferfs: removed %s, the metadata of the overwritten filesystem\n", replaced_meta.c_str());
     }

@@ -211,7 +211,7 @@ int MountCommand(const MountArgs& args) {
   fopt.fault_inject = opts.fault_inject;
   fopt.read_only = opts.read_only;
   fopt.sync = opts.sync;
-  fopt.dirsync = opts.dirsync || opts.sync;
+  fopt.dirsync = opts.dirsync;
   std::unique_ptr<Filesystem> fs;
   s = Filesystem::Mount(std::move(dev), std::move(meta), sb, fopt, &fs);
   if (!s.ok()) return report.Error(s.message());

@@ -234,6 +234,7 @@ TEST_F(CliTest, MkfsForceReformats) {
   RunResult r = RunDeferfs({"mkfs", img, "--force"});
   ASSERT_TRUE(r.succeeded()) << r.Describe();
   EXPECT_NE(ReadHead(img), head) << "a fresh file system needs a fresh superblock (new UUID)";
+  EXPECT_FALSE(Exists(img + ".meta.mkfs-tmp")) << "the replaced store, swapped out to the new one's name, was left there";
   MountedFs fs(MountConfig::Existing(img));
   ASSERT_TRUE(fs.ok());
   struct stat st{};
@@ -249,6 +250,7 @@ TEST_F(CliTest, MkfsForceRemovesOnlyTheReplacedFilesystemsMetadata) {
   RunResult r = RunDeferfs({"mkfs", img, "--force", "--meta", meta});
   ASSERT_TRUE(r.succeeded()) << r.Describe();
   EXPECT_FALSE(Exists(img + ".meta")) << "the replaced filesystem's metadata was left behind";
+  EXPECT_FALSE(Exists(img + ".meta.mkfs-old")) << "it was renamed aside, and left there";
 
   ASSERT_NO_FATAL_FAILURE(Mkfs(tmp_ / "other.img"));
   ASSERT_EQ(rename((tmp_ / "other.img.meta").c_str(), (img + ".meta").c_str()), 0) << strerror(errno);
@@ -260,6 +262,39 @@ TEST_F(CliTest, MkfsForceRemovesOnlyTheReplacedFilesystemsMetadata) {
   cfg.meta = meta;
   MountedFs fs(cfg);
   EXPECT_TRUE(fs.ok());
+}
+
+// The overwritten filesystem's metadata is not removed while something has
+// it open: here a mount of a copy of the old backing file, which the old
+// store's pairing fits. That store also refuses a read-only mount while the
+// read-write one holds it.
+TEST_F(CliTest, MkfsForceKeepsTheReplacedMetadataWhileItIsInUse) {
+  const std::string img = tmp_ / "fs.img", copy = tmp_ / "copy.img";
+  ASSERT_NO_FATAL_FAILURE(Mkfs(img));
+  std::error_code ec;
+  ASSERT_TRUE(std::filesystem::copy_file(img, copy, ec)) << ec.message();
+  MountGuard guard(mnt_, copy);
+  guard.expect_mounted(true);
+  RunResult m = MountBg(copy, {"-o", "meta=" + img + ".meta"});
+  ASSERT_TRUE(m.succeeded()) << m.Describe();
+  {
+    const std::string ro_mnt = tmp_ / "ro-mnt";
+    ASSERT_EQ(mkdir(ro_mnt.c_str(), 0755), 0) << strerror(errno);
+    MountGuard ro_guard(ro_mnt, img);
+    EXPECT_TRUE(IsCliError(RunDeferfs({"mount", img, ro_mnt, "-o", "ro"}, 30s), "in use by another deferfs"));
+  }
+
+  RunResult r = RunDeferfs({"mkfs", img, "--force", "--meta", tmp_ / "meta"});
+  ASSERT_TRUE(r.succeeded()) << r.Describe();
+  EXPECT_NE(r.out.find("left in place"), std::string::npos) << r.Describe();
+  EXPECT_TRUE(Exists(img + ".meta/CURRENT")) << "a mounted filesystem's metadata was removed";
+  {
+    UniqueFd fd(open((mnt_ + "/f").c_str(), O_CREAT | O_WRONLY | O_CLOEXEC, 0644));
+    ASSERT_TRUE(fd.ok()) << strerror(errno);
+    EXPECT_EQ(fsync(fd.get()), 0) << strerror(errno);
+  }
+  EXPECT_EQ(umount(mnt_.c_str()), 0) << strerror(errno);
+  guard.expect_mounted(false);
 }
 
 // --force replaces metadata only: a mistyped --meta naming someone's
@@ -286,7 +321,7 @@ TEST_F(CliTest, MkfsForceReplacesOnlyMetadataAtTheMetaPath) {
     MountedFs other(MountConfig::Existing(tmp_ / "other.img"));
     ASSERT_TRUE(other.ok());
     EXPECT_TRUE(IsCliError(RunDeferfs({"mkfs", img, "--force", "--meta", tmp_ / "other.img.meta"}),
-                           "in use by a running deferfs"));
+                           "in use by another deferfs"));
     // Still there and in use: a change and its fsync go through.
     EXPECT_TRUE(Exists(tmp_ / "other.img.meta/CURRENT"));
     UniqueFd fd(open(other.path("f").c_str(), O_CREAT | O_WRONLY | O_CLOEXEC, 0644));
@@ -300,13 +335,15 @@ TEST_F(CliTest, MkfsForceReplacesOnlyMetadataAtTheMetaPath) {
     RunResult m = MountBg(tmp_ / "other.img", {"-o", "ro"});
     ASSERT_TRUE(m.succeeded()) << m.Describe();
     EXPECT_TRUE(IsCliError(RunDeferfs({"mkfs", img, "--force", "--meta", tmp_ / "other.img.meta"}),
-                           "in use by a running deferfs"));
+                           "in use by another deferfs"));
     EXPECT_TRUE(Exists(mnt_ + "/f")) << "the read-only mount lost its metadata";
     EXPECT_EQ(umount(mnt_.c_str()), 0) << strerror(errno);
     guard.expect_mounted(false);
   }
-  r = RunDeferfs({"mkfs", img, "--force", "--meta", tmp_ / "other.img.meta"});
+  // Named with a trailing slash: the same directory.
+  r = RunDeferfs({"mkfs", img, "--force", "--meta", tmp_ / "other.img.meta/"});
   ASSERT_TRUE(r.succeeded()) << r.Describe();
+  EXPECT_FALSE(Exists(tmp_ / "other.img.meta/.mkfs-tmp"));
   MountConfig cfg = MountConfig::Existing(img);
   cfg.meta = tmp_ / "other.img.meta";
   MountedFs fs(cfg);

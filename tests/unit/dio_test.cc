@@ -26,6 +26,7 @@
 #include <thread>
 #include <vector>
 
+#include "backend/data_barrier.h"
 #include "backend/device.h"
 #include "backend/metadata.h"
 #include "backend/superblock.h"
@@ -322,8 +323,10 @@ class DioTest : public testing::Test {
     Superblock sb;
     std::unique_ptr<MetaStore> meta;
     ASSERT_NO_FATAL_FAILURE(OpenStore(p, /*for_fsck=*/false, &dev, &sb, &meta));
+    barrier_ = &meta->barrier();
     FsOptions opt;
     opt.completion = mode_;
+    opt.dirsync = dirsync_;
     opt.pollers = 2;
     opt.cthreads = 2;
     opt.ring_depth = 64;
@@ -400,6 +403,8 @@ class DioTest : public testing::Test {
   TempDir dir_;
   FsPaths paths_;
   CompletionMode mode_ = CompletionMode::kAuto;
+  bool dirsync_ = false;  // for the next mount
+  DataBarrier* barrier_ = nullptr;  // the mounted store's
   std::unique_ptr<Filesystem> fs_;
 };
 
@@ -992,6 +997,93 @@ TEST_F(DioTest, TruncateToTheSameSizeUpdatesMtime) {
   f = Open("f");
   ASSERT_NE(f, nullptr);
   EXPECT_EQ(Ns(Stat(f).st_mtim), mtime) << "not persisted";
+  fs_->Release(f);
+}
+
+// On a dirsync mount a create is durable when it returns, but its WAL sync
+// runs after the namespace lock is dropped: a lookup does not wait for it.
+TEST_F(DioTest, DirsyncCreatesSyncWithoutHoldingTheNamespace) {
+  dirsync_ = true;
+  ASSERT_NO_FATAL_FAILURE(Format(CompletionMode::kAuto));
+  Inode* f = Create("f");
+  ASSERT_NE(f, nullptr);
+  fs_->Release(f);
+  // The device flush before the next WAL sync (a create's commit arms it)
+  // blocks until released.
+  struct Gate {
+    std::mutex mu;
+    std::condition_variable cv;
+    bool entered = false, released = false;
+  };
+  auto gate = std::make_shared<Gate>();
+  barrier_->SetFlush([gate] {
+    std::unique_lock l(gate->mu);
+    gate->entered = true;
+    gate->cv.notify_all();
+    gate->cv.wait(l, [&] { return gate->released; });
+    return Status::Ok();
+  });
+  auto release = [&] {
+    std::lock_guard l(gate->mu);
+    gate->released = true;
+    gate->cv.notify_all();
+  };
+  Status made;
+  std::thread mkdir([&] {
+    struct stat st;
+    made = fs_->Mkdir(Caller{0, 0, 022, nullptr}, kRootIno, "d", 0755, &st);
+  });
+  {
+    std::unique_lock l(gate->mu);
+    EXPECT_TRUE(gate->cv.wait_for(l, 60s, [&] { return gate->entered; })) << "the mkdir never synced";
+  }
+  std::atomic<bool> looked_up{false};
+  std::thread lookup([&] {
+    struct stat st;
+    EXPECT_TRUE(fs_->Lookup(kRootIno, "f", &st).ok());
+    looked_up = true;
+  });
+  // Generous: a lookup takes microseconds; it would wait here for good
+  // (until the release below) if the sync held the namespace lock.
+  for (int i = 0; i < 3000 && !looked_up; i++) std::this_thread::sleep_for(10ms);
+  EXPECT_TRUE(looked_up) << "a lookup waited for another directory change's WAL sync";
+  release();
+  lookup.join();
+  mkdir.join();
+  EXPECT_TRUE(made.ok()) << made.message();
+  struct stat st;
+  EXPECT_TRUE(fs_->Lookup(kRootIno, "d", &st).ok());
+}
+
+// A truncate with other attributes in one SETATTR (the kernel sends a
+// setuid file's truncate with the mode that clears S_ISUID) changes them
+// together, in one commit: a crash cannot keep the new size with the
+// setuid bit.
+TEST_F(DioTest, TruncateWithOtherAttributesIsOneCommit) {
+  ASSERT_NO_FATAL_FAILURE(Format(CompletionMode::kAuto));
+  Inode* f = Create("f");
+  ASSERT_NE(f, nullptr);
+  SetAttrRequest req;
+  req.valid = SetAttrRequest::kMode;
+  req.attr.st_mode = S_ISUID | 0755;
+  struct stat st;
+  ASSERT_TRUE(fs_->SetAttr(f->ino, req, &st).ok());
+  req.valid = SetAttrRequest::kSize | SetAttrRequest::kMode;
+  req.attr.st_size = 3 * kB;
+  req.attr.st_mode = 0755;
+  const uint64_t before = Commits();
+  ASSERT_TRUE(fs_->SetAttr(f->ino, req, &st).ok());
+  EXPECT_EQ(Commits(), before + 1);
+  EXPECT_EQ(st.st_size, 3 * kB);
+  EXPECT_EQ(st.st_mode & 07777, 0755u);
+  EXPECT_EQ(Ns(st.st_ctim), Ns(st.st_mtim)) << "one change, one time";
+  fs_->Release(f);
+  ASSERT_NO_FATAL_FAILURE(Remount());
+  f = Open("f");
+  ASSERT_NE(f, nullptr);
+  st = Stat(f);
+  EXPECT_EQ(st.st_size, 3 * kB);
+  EXPECT_EQ(st.st_mode & 07777, 0755u);
   fs_->Release(f);
 }
 

@@ -2,6 +2,7 @@
 // checks run twice: on the live store and after a close/open cycle, so a
 // value that only lives in memory fails.
 #include "backend/metadata.h"
+#include "backend/clock.h"
 #include "tests/unit/temp_dir.h"
 
 #include <gtest/gtest.h>
@@ -55,12 +56,6 @@ constexpr uint32_t kGid = 5678;
                                        << " mentioning \"" << text << "\"";
 }
 
-
-int64_t NowNs() {
-  timespec ts;
-  clock_gettime(CLOCK_REALTIME, &ts);
-  return ts.tv_sec * 1'000'000'000LL + ts.tv_nsec;
-}
 
 // name -> (size, mtime ns) of every file below `dir`: what "untouched" means.
 using Listing = std::map<std::string, std::pair<uint64_t, int64_t>>;
@@ -850,10 +845,21 @@ TEST_F(MetaStoreTest, ReadsOfOtherInodesLeaveDeferredChangesHeld) {
   EXPECT_EQ(store_->deferred_ops(), 1u);
   EXPECT_EQ(Extents(*store_, 5).size(), 2u);
 
-  MetaBatch entry;
-  entry.PutDirEntry(kRootIno, DirEntry{.name = "f", .ino = 5, .mode = S_IFREG, .cookie = kFirstDirCookie});
-  EXPECT_FALSE(store_->CommitDeferred(&entry).ok()) << "a directory entry was held, but Lookup never writes out";
-  EXPECT_EQ(store_->deferred_ops(), 0u);
+  // A batch with anything else (Lookup never writes out held changes) is
+  // not held, in part or whole, but committed at once, after those held.
+  ASSERT_OK(hold_extent(7, 9));
+  ASSERT_EQ(store_->deferred_ops(), 1u);
+  MetaBatch mixed;
+  mixed.PutExtent(7, ExtentRecord{.lblk = 9, .len = 1, .pblk = 30, .state = 0});  // the held one's key
+  mixed.PutDirEntry(kRootIno, DirEntry{.name = "f", .ino = 5, .mode = S_IFREG, .cookie = kFirstDirCookie});
+  ASSERT_OK(store_->CommitDeferred(&mixed));
+  EXPECT_EQ(store_->deferred_ops(), 0u) << "the batch was held, or the ones before it were not written first";
+  DirEntry e;
+  ASSERT_OK(store_->Lookup(kRootIno, "f", &e));
+  EXPECT_EQ(e.ino, 5u);
+  const std::vector<ExtentRecord> seven = Extents(*store_, 7);
+  ASSERT_EQ(seven.size(), 2u);
+  EXPECT_EQ(seven[1].pblk, 30u) << "the held change landed after the batch that came after it";
 }
 
 // A write-out that fails is sticky: the changes it held are not counted as
