@@ -53,19 +53,24 @@ each = n // jobs
 def job(d, barrier, out):
     names = [os.path.join(d, f"f{i:06d}") for i in range(each)]
     spans = {}
-    for op in ops:
-        barrier.wait()  # the jobs start each operation together
-        t = time.perf_counter()
-        for p in names:
-            if op == "create":
-                os.close(os.open(p, os.O_CREAT | os.O_WRONLY, 0o644))
-            elif op == "stat":
-                os.stat(p)
-            elif op == "rename":
-                os.rename(p, p + ".r")
-            else:
-                os.unlink(p + ".r")
-        spans[op] = (t, time.perf_counter())
+    try:
+        for op in ops:
+            barrier.wait()  # the jobs start each operation together
+            t = time.perf_counter()
+            for p in names:
+                if op == "create":
+                    os.close(os.open(p, os.O_CREAT | os.O_WRONLY, 0o644))
+                elif op == "stat":
+                    os.stat(p)
+                elif op == "rename":
+                    os.rename(p, p + ".r")
+                else:
+                    os.unlink(p + ".r")
+            spans[op] = (t, time.perf_counter())
+    except BaseException:
+        barrier.abort()  # the others stop too, rather than wait for this one
+        out.put(None)
+        raise
     out.put(spans)
 
 rows = []
@@ -81,8 +86,8 @@ for rnd in (1, 2):
     spans = [out.get() for _ in procs]
     for p in procs:
         p.join()
-        if p.exitcode != 0:
-            sys.exit(f"metadata_bench.sh: a job failed (exit {p.exitcode})")
+    if None in spans:
+        sys.exit("metadata_bench.sh: a job failed (its error is above)")
     for d in dirs:
         os.rmdir(d)
     os.rmdir(top)
