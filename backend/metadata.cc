@@ -386,7 +386,8 @@ Status MetaStore::OpenReadWrite(const std::string& dir, const Uuid& uuid, std::u
   }
   if (!s.ok()) return Status::IoError("cannot open metadata directory " + dir + ": " + s.ToString());
   // Again, now that it is locked: a mkfs --force may have put another
-  // filesystem's store there in between.
+  // filesystem's store there in between. (That store has then been opened
+  // read-write, its log replayed: this refuses to use it, no more.)
   DEFERFS_RETURN_IF_ERROR(CheckPairing(store->db_.get(), dir, uuid));
   *out = std::move(store);
   return Status::Ok();

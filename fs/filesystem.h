@@ -258,7 +258,9 @@ class Filesystem {
   // `st`, but first, if `durable` and st is Ok, a SyncMeta(). The namespace
   // and xattr changes of dirsync and sync mounts call it once they have
   // dropped ns_mu_: nothing else waits for their WAL sync, and the syncs of
-  // concurrent changes can share one.
+  // concurrent changes can share one. If the sync fails the change stays
+  // in memory (and a create's lookup counted) while the filesystem shuts
+  // down: every later change fails with EIO.
   Status SyncedIf(bool durable, Status st);
   // Creates an inode named `name` in `parent`: the one path for mknod, mkdir, symlink, create.
   Status CreateNode(const Caller& c, uint64_t parent, std::string_view name, uint32_t mode,
@@ -289,7 +291,9 @@ class Filesystem {
   void FillStat(Inode& inode, struct stat* st);
   // Every metadata commit goes through here: refused once shut down, and
   // the first failure shuts the filesystem down. may_defer: see CommitInode.
-  // The `sync` mount option is the callers' to apply (CommitInode, SyncedIf).
+  // The `sync` mount option is the callers' to apply (CommitInode, SyncedIf;
+  // Forget's deletions of unlinked inodes need none: their orphan marks are
+  // durable, and the next mount frees them).
   Status Commit(MetaBatch* b, bool sync = false, bool may_defer = false);
 
   std::unique_ptr<Device> dev_;

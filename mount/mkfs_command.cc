@@ -73,8 +73,9 @@ Status MoveIntoPlace(const std::string& fresh, const std::string& dir) {
   if (renameat2(AT_FDCWD, fresh.c_str(), AT_FDCWD, dir.c_str(), RENAME_EXCHANGE) == 0) {
     old = fresh;
   } else {
-    if (errno != ENOENT && errno != EINVAL) return failed(errno);  // ENOENT: nothing at `dir`
-    if (errno == EINVAL) {
+    // ENOENT: nothing at `dir`. EINVAL, ENOSYS: no exchange here.
+    if (errno != ENOENT && errno != EINVAL && errno != ENOSYS) return failed(errno);
+    if (errno != ENOENT) {
       old = Aside(dir);
       RemoveAll(old);  // a leftover of a mkfs that died
       if (rename(dir.c_str(), old.c_str()) != 0) {
@@ -84,12 +85,15 @@ Status MoveIntoPlace(const std::string& fresh, const std::string& dir) {
     }
     if (rename(fresh.c_str(), dir.c_str()) != 0) {
       const int e = errno;
-      if (!old.empty()) (void)rename(old.c_str(), dir.c_str());
+      if (!old.empty() && rename(old.c_str(), dir.c_str()) != 0) {
+        return Status::Error(e, "cannot move the metadata store from " + fresh + " into " + dir + " (" +
+                                    strerror(e) + "), and the old one is left at " + old);
+      }
       return failed(e);
     }
   }
+  SyncParentDir(dir);  // the swap before the deletions
   if (!old.empty()) RemoveAll(old);
-  SyncParentDir(dir);
   return Status::Ok();
 }
 
@@ -218,8 +222,13 @@ int MkfsCommand(const MkfsArgs& args) {
   if (meta_dir.empty()) meta_dir = DefaultMetaDir(backing, dev->is_block_device(), UuidToString(sb.uuid));
   // One spelling: the names made beside it (.mkfs-tmp) must not fall inside
   // it, as they would after "meta/".
-  if (std::filesystem::path p = std::filesystem::path(meta_dir).lexically_normal(); !p.has_filename() && p.has_relative_path()) {
+  if (std::filesystem::path p = std::filesystem::path(meta_dir).lexically_normal();
+      !p.has_filename() && p.has_relative_path()) {
     meta_dir = p.parent_path().string();
+  }
+  if (const std::string last = std::filesystem::path(meta_dir).lexically_normal().filename(); last == "." || last == "..") {
+    undo_create();
+    return Fail("--meta " + meta_dir + " names a directory by . or ..: pass its path");
   }
   std::error_code ec;
   UniqueFd meta_lock;  // the replaced store's, see below

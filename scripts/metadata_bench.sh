@@ -29,6 +29,10 @@ while (($#)); do
     *) echo "metadata_bench.sh: unknown argument '$1': see the usage at the top of $0" >&2; exit 2 ;;
   esac
 done
+if ! [[ $jobs =~ ^[1-9][0-9]*$ && $files =~ ^[0-9]+$ ]] || ((jobs > files)); then
+  echo "metadata_bench.sh: --jobs must be 1 to --files ($files), --files a number" >&2
+  exit 2
+fi
 scripts/setup.sh >&2
 bin=build/deferfs
 
@@ -45,7 +49,8 @@ mkdir -p "$(dirname "$backing")"
 echo "metadata_bench.sh: $files files, $jobs job(s), -o completion=$mode${options:+,$options}, on $mnt" >&2
 
 python3 - "$mnt" "$files" "$jobs" <<'EOF'
-import multiprocessing as mp, os, sys, time
+import multiprocessing, os, sys, time
+mp = multiprocessing.get_context("fork")  # job() lives in a script read from stdin
 root, n, jobs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 ops = ("create", "stat", "rename", "unlink")
 each = n // jobs
@@ -56,7 +61,7 @@ def job(d, barrier, out):
     try:
         for op in ops:
             barrier.wait()  # the jobs start each operation together
-            t = time.perf_counter()
+            t = time.monotonic()
             for p in names:
                 if op == "create":
                     os.close(os.open(p, os.O_CREAT | os.O_WRONLY, 0o644))
@@ -66,7 +71,7 @@ def job(d, barrier, out):
                     os.rename(p, p + ".r")
                 else:
                     os.unlink(p + ".r")
-            spans[op] = (t, time.perf_counter())
+            spans[op] = (t, time.monotonic())
     except BaseException:
         barrier.abort()  # the others stop too, rather than wait for this one
         out.put(None)

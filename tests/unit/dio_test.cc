@@ -327,6 +327,7 @@ class DioTest : public testing::Test {
     FsOptions opt;
     opt.completion = mode_;
     opt.dirsync = dirsync_;
+    if (dirsync_) opt.commit_interval_s = 3600;  // no background sync stands in for the mount's own
     opt.pollers = 2;
     opt.cthreads = 2;
     opt.ring_depth = 64;
@@ -1029,9 +1030,11 @@ TEST_F(DioTest, DirsyncCreatesSyncWithoutHoldingTheNamespace) {
     gate->cv.notify_all();
   };
   Status made;
+  std::atomic<bool> mkdir_returned{false};
   std::thread mkdir([&] {
     struct stat st;
     made = fs_->Mkdir(Caller{0, 0, 022, nullptr}, kRootIno, "d", 0755, &st);
+    mkdir_returned = true;
   });
   {
     std::unique_lock l(gate->mu);
@@ -1047,6 +1050,7 @@ TEST_F(DioTest, DirsyncCreatesSyncWithoutHoldingTheNamespace) {
   // (until the release below) if the sync held the namespace lock.
   for (int i = 0; i < 3000 && !looked_up; i++) std::this_thread::sleep_for(10ms);
   EXPECT_TRUE(looked_up) << "a lookup waited for another directory change's WAL sync";
+  EXPECT_FALSE(mkdir_returned) << "the mkdir returned before its sync";
   release();
   lookup.join();
   mkdir.join();
