@@ -345,6 +345,7 @@ Status CheckPairing(rocksdb::DB* db, const std::string& dir, const Uuid& uuid) {
 }
 
 constexpr char kInUse[] = " is in use by another deferfs (a mount, fsck or mkfs)";
+constexpr char kWhenIdle[] = ": unmount it, or let fsck or mkfs finish, then try again";
 
 // Every mount, fsck and mkfs --force of a store holds a lock on RocksDB's
 // LOCK file: RocksDB itself a write lock when open read-write, OpenReadOnly
@@ -381,8 +382,7 @@ Status MetaStore::OpenReadWrite(const std::string& dir, const Uuid& uuid, std::u
   std::unique_ptr<MetaStore> store;
   rocksdb::Status s = OpenOrdered(dir, /*create=*/false, &store);
   if (s.IsIOError() && s.ToString().find("lock") != std::string::npos) {
-    return Status::Error(EBUSY, "metadata directory " + dir + kInUse +
-                                    ": unmount it, or let fsck or mkfs finish, then try again");
+    return Status::Error(EBUSY, "metadata directory " + dir + kInUse + kWhenIdle);
   }
   if (!s.ok()) return Status::IoError("cannot open metadata directory " + dir + ": " + s.ToString());
   // Again, now that it is locked: a mkfs --force may have put another
@@ -449,7 +449,7 @@ Status MetaStore::OpenReadOnly(const std::string& dir, const Uuid& uuid, std::un
   UniqueFd lock;
   if (Status l = LockStoreFile(dir, F_RDLCK, &lock); !l.ok()) {
     if (l.err() != EBUSY) return l;
-    return Status::Error(EBUSY, l.message() + ": unmount it, or let fsck or mkfs finish, then mount again");
+    return Status::Error(EBUSY, l.message() + kWhenIdle);
   }
   rocksdb::Options o = DbOptions();
   o.info_log = NewRocksLogger();
@@ -787,17 +787,14 @@ Status MetaStore::CommitDeferred(MetaBatch* batch) {
     append.inos = &held_inos_;
     append.writeout = writeouts_taken_ + 1;
     const rocksdb::Status it = batch->wb_->Iterate(&append);
-    // Refused (by Append, or by the Handler's defaults): committed below.
-    if (!it.ok() && !it.IsNotSupported() && !it.IsInvalidArgument()) {
-      deferred_.resize(before);
-      return FromRocks(it, "deferred commit");
-    }
     taken = it.ok();
-    if (taken) {
+    if (!taken) {
+      deferred_.resize(before);  // an inode noted stays noted: at worst a read writes out early
+      // Refused (by Append, or by the Handler's defaults): committed below.
+      if (!it.IsNotSupported() && !it.IsInvalidArgument()) return FromRocks(it, "deferred commit");
+    } else {
       ++deferred_batches_;
       deferred_ops_.fetch_add(deferred_.size() - before, std::memory_order_relaxed);
-    } else {
-      deferred_.resize(before);  // an inode noted stays noted: at worst a read writes out early
     }
     held = deferred_.size();
   }
