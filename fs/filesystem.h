@@ -97,7 +97,7 @@ struct FsOptions {
   unsigned io_buffers = 128;  // 1 MiB + 4 KiB each, registered with every ring
   unsigned workers = 1;       // reported only: the worker loop lives in mount/
   bool read_only = false;     // mounted ro: every change fails with EROFS; we commit nothing
-  // Mounted sync: every write is O_SYNC and every commit a durability point.
+  // Mounted sync: every write is O_DSYNC and every commit a durability point.
   bool sync = false;
   // Mounted dirsync (sync implies it): a change to a directory is durable when it returns.
   bool dirsync = false;

@@ -234,7 +234,7 @@ std::string MountOptionsHelp() {
          "  loglevel=LEVEL     error|warn|info|debug (default info); stderr with -f, else syslog\n"
          "  fault_inject       testing only: fail IO whose data carries a tag of backend/fault_inject.h\n"
          "  ro, rw             read-only (writes fail with EROFS) or read-write (default rw)\n"
-         "  sync, async        sync: every write O_SYNC, every change durable on return (default async)\n"
+         "  sync, async        sync: every write O_DSYNC, every change durable on return (default async)\n"
          "  dirsync            creates, links, unlinks and renames durable on return\n"
          "  allow_other, allow_root, auto_unmount, nosuid, nodev, noexec, noatime,\n"
          "  fsname=, subtype=, max_read=, blksize=\n"

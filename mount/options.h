@@ -35,7 +35,7 @@ struct MountOptions {
   FuseTransport transport = FuseTransport::kDev;
   unsigned uring_depth = 0;  // FUSE ring entries per kernel queue (per CPU); 0: derived
   bool read_only = false;
-  bool sync = false;     // `sync`: every write O_SYNC, every change durable on return
+  bool sync = false;     // `sync`: every write O_DSYNC, every change durable on return
   bool dirsync = false;  // `dirsync`: directory changes durable on return
   // CPUs every daemon thread may run on (`cpus=0-1:4`); empty: any the
   // mounting process may use. Sorted, no duplicates.

@@ -49,7 +49,7 @@ mkdir -p "$(dirname "$backing")"
 echo "metadata_bench.sh: $files files, $jobs job(s), -o completion=$mode${options:+,$options}, on $mnt" >&2
 
 python3 - "$mnt" "$files" "$jobs" <<'EOF'
-import multiprocessing, os, sys, time
+import multiprocessing, os, queue, sys, time
 mp = multiprocessing.get_context("fork")  # job() lives in a script read from stdin
 root, n, jobs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 ops = ("create", "stat", "rename", "unlink")
@@ -88,7 +88,18 @@ for rnd in (1, 2):
     procs = [mp.Process(target=job, args=(d, barrier, out)) for d in dirs]
     for p in procs:
         p.start()
-    spans = [out.get() for _ in procs]
+    spans = []
+    while len(spans) < jobs:
+        try:
+            spans.append(out.get(timeout=1))
+        except queue.Empty:
+            # A job killed by a signal reports nothing: stop the rest.
+            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                barrier.abort()
+                for p in procs:
+                    p.join()
+                sys.exit(f"metadata_bench.sh: a job died (exit status {dead[0]}; negative: killed by that signal)")
     for p in procs:
         p.join()
     if None in spans:

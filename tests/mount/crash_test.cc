@@ -545,7 +545,7 @@ TEST(SyncMountTest, DirsyncMakesDirectoryChangesDurable) {
   EXPECT_EQ(Err(access(fs.path("gone").c_str(), F_OK)), ENOENT);
 }
 
-// `sync`: writes are O_SYNC (the kernel does not say so for a direct_io
+// `sync`: writes are O_DSYNC (the kernel does not say so for a direct_io
 // file) and every change is durable on return: data, mode, xattr, names.
 TEST(SyncMountTest, SyncMakesWritesAndChangesDurable) {
   MountConfig cfg;
@@ -566,6 +566,36 @@ TEST(SyncMountTest, SyncMakesWritesAndChangesDurable) {
   std::vector<uint8_t> data = ReadAllDirect(path);
   ASSERT_EQ(data.size(), kBlock);
   EXPECT_EQ(data[100], 's');
+}
+
+// `sync` means O_DSYNC, as the kernel's IS_SYNC does: an allocating write
+// syncs its metadata before it returns; a pure overwrite goes write-through
+// (FUA) and owes no WAL sync and no device flush. Its data survives a crash.
+TEST(SyncMountTest, SyncOverwritesAreDatasync) {
+  MountConfig cfg;
+  cfg.options = {"sync", "completion=defer", "commit=300"};
+  MountedFs fs(cfg);
+  ASSERT_TRUE(fs.ok());
+  const std::string path = fs.path("f");
+  AlignedBuf buf(kBlock);
+  UniqueFd fd(open(path.c_str(), O_CREAT | O_WRONLY | O_DIRECT | O_CLOEXEC, 0644));
+  ASSERT_TRUE(fd.ok()) << strerror(errno);
+  Stats s0 = Stats::Read(fs);
+  std::memset(buf.data(), 'a', kBlock);
+  ASSERT_EQ(PwriteFull(fd.get(), buf.data(), kBlock, 0), 0);  // allocating
+  Stats s1 = Stats::Read(fs);
+  EXPECT_GE(s1["metadata.wal_syncs"] - s0["metadata.wal_syncs"], 1u) << s1.raw();
+  std::memset(buf.data(), 'b', kBlock);
+  ASSERT_EQ(PwriteFull(fd.get(), buf.data(), kBlock, 0), 0);  // pure overwrite
+  Stats s2 = Stats::Read(fs);
+  EXPECT_EQ(s2["metadata.wal_syncs"] - s1["metadata.wal_syncs"], 0u) << "an overwrite owes no metadata: " << s2.raw();
+  EXPECT_EQ(s2["metadata.device_flushes"] - s1["metadata.device_flushes"], 0u) << "FUA data owes no flush";
+  fd.reset();
+  ASSERT_TRUE(fs.Crash());
+  ASSERT_TRUE(fs.Mount());
+  std::vector<uint8_t> data = ReadAllDirect(path);
+  ASSERT_EQ(data.size(), kBlock);
+  EXPECT_EQ(data[100], 'b');
 }
 
 // The ordering as `deferfs stats` counts it: commits stay in memory until a
