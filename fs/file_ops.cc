@@ -475,16 +475,24 @@ Status Filesystem::Lseek(Inode* inode, uint64_t off, int whence, uint64_t* out) 
 }
 
 Status Filesystem::Fsync(Inode* inode, bool datasync) {
+  // fdatasync owes the data and what it takes to read it back, not the
+  // timestamps of pure overwrites (all that `dirty` ever holds). Once every
+  // commit of this inode is durable, that is one device flush, as ext4's
+  // fdatasync when only timestamps changed; the WAL stays as it is.
+  bool data_only;
   {
     std::lock_guard l(inode->mu);
-    if (inode->dirty && !inode->deleted) {
+    data_only = datasync && inode->meta_epoch <= synced_epoch_.load(std::memory_order_acquire);
+    if (!data_only && inode->dirty && !inode->deleted) {
       MetaBatch b;
       b.PutInode(inode->rec);
       DEFERFS_RETURN_IF_ERROR(CommitInode(inode, &b));
       inode->dirty = false;
     }
   }
-  return Sync();
+  if (!data_only) return Sync();
+  DEFERFS_RETURN_IF_ERROR(CheckLive());
+  return opt_.read_only ? Status::Ok() : meta_->barrier().Flush();
 }
 
 }  // namespace deferfs

@@ -470,17 +470,29 @@ TEST_P(CrashTest, SigkillAtRandomMomentsKeepsWhatWasPromised) {
   }
 }
 
+// Writes one block of `fill` at offset 0 through `fd` (O_DIRECT).
+void PwriteBlock(int fd, char fill) {
+  AlignedBuf buf(kBlock);
+  std::memset(buf.data(), fill, kBlock);
+  ASSERT_EQ(PwriteFull(fd, buf.data(), kBlock, 0), 0);
+}
+
 // Writes one block of `fill` at offset 0 of `path` (created) with O_DIRECT,
 // then fsyncs if asked.
 void WriteBlockDirect(const std::string& path, char fill, bool fsync_after) {
-  AlignedBuf buf(kBlock);
-  std::memset(buf.data(), fill, kBlock);
   UniqueFd fd(open(path.c_str(), O_CREAT | O_RDWR | O_DIRECT | O_CLOEXEC, 0644));
   ASSERT_TRUE(fd.ok()) << strerror(errno);
-  ASSERT_EQ(PwriteFull(fd.get(), buf.data(), kBlock, 0), 0);
+  ASSERT_NO_FATAL_FAILURE(PwriteBlock(fd.get(), fill));
   if (fsync_after) {
     ASSERT_EQ(fsync(fd.get()), 0);
   }
+}
+
+// Expects `path` to be one block of `fill` (as WriteBlockDirect left it).
+void ExpectOneBlockOf(const std::string& path, char fill) {
+  std::vector<uint8_t> data = ReadAllDirect(path);
+  ASSERT_EQ(data.size(), kBlock);
+  EXPECT_EQ(data[100], fill);
 }
 
 // O_SYNC (unlike O_DSYNC) promises the timestamps too: a pure overwrite's
@@ -492,15 +504,13 @@ TEST(CrashTimestampTest, OSyncOverwriteMakesItsMtimeDurable) {
   ASSERT_TRUE(fs.ok());
   const std::string path = fs.path("f");
   ASSERT_NO_FATAL_FAILURE(WriteBlockDirect(path, 'a', /*fsync_after=*/true));
-  AlignedBuf buf(kBlock);
   struct stat before{}, after{}, recovered{};
   ASSERT_EQ(stat(path.c_str(), &before), 0);
   std::this_thread::sleep_for(20ms);  // so the overwrite's mtime differs
   {
     UniqueFd fd(open(path.c_str(), O_WRONLY | O_DIRECT | O_SYNC | O_CLOEXEC));
     ASSERT_TRUE(fd.ok()) << strerror(errno);
-    std::memset(buf.data(), 'b', kBlock);
-    ASSERT_EQ(PwriteFull(fd.get(), buf.data(), kBlock, 0), 0);
+    ASSERT_NO_FATAL_FAILURE(PwriteBlock(fd.get(), 'b'));
     ASSERT_EQ(fstat(fd.get(), &after), 0);
   }
   ASSERT_NE(after.st_mtim.tv_nsec + after.st_mtim.tv_sec * 1'000'000'000LL,
@@ -510,9 +520,7 @@ TEST(CrashTimestampTest, OSyncOverwriteMakesItsMtimeDurable) {
   ASSERT_EQ(stat(path.c_str(), &recovered), 0);
   EXPECT_EQ(recovered.st_mtim.tv_sec, after.st_mtim.tv_sec);
   EXPECT_EQ(recovered.st_mtim.tv_nsec, after.st_mtim.tv_nsec);
-  std::vector<uint8_t> data = ReadAllDirect(path);
-  ASSERT_EQ(data.size(), kBlock);
-  EXPECT_EQ(data[100], 'b');
+  ExpectOneBlockOf(path, 'b');
 }
 
 // `dirsync`: every change to a directory is durable when the call returns,
@@ -563,9 +571,7 @@ TEST(SyncMountTest, SyncMakesWritesAndChangesDurable) {
   EXPECT_EQ(st.st_mode & 07777, 0600u);
   char v[4] = {};
   EXPECT_EQ(getxattr(path.c_str(), "user.k", v, sizeof(v)), 1);
-  std::vector<uint8_t> data = ReadAllDirect(path);
-  ASSERT_EQ(data.size(), kBlock);
-  EXPECT_EQ(data[100], 's');
+  ExpectOneBlockOf(path, 's');
 }
 
 // `sync` means O_DSYNC, as the kernel's IS_SYNC does: an allocating write
@@ -577,25 +583,20 @@ TEST(SyncMountTest, SyncOverwritesAreDatasync) {
   MountedFs fs(cfg);
   ASSERT_TRUE(fs.ok());
   const std::string path = fs.path("f");
-  AlignedBuf buf(kBlock);
   UniqueFd fd(open(path.c_str(), O_CREAT | O_WRONLY | O_DIRECT | O_CLOEXEC, 0644));
   ASSERT_TRUE(fd.ok()) << strerror(errno);
   Stats s0 = Stats::Read(fs);
-  std::memset(buf.data(), 'a', kBlock);
-  ASSERT_EQ(PwriteFull(fd.get(), buf.data(), kBlock, 0), 0);  // allocating
+  ASSERT_NO_FATAL_FAILURE(PwriteBlock(fd.get(), 'a'));  // allocating
   Stats s1 = Stats::Read(fs);
   EXPECT_GE(s1["metadata.wal_syncs"] - s0["metadata.wal_syncs"], 1u) << s1.raw();
-  std::memset(buf.data(), 'b', kBlock);
-  ASSERT_EQ(PwriteFull(fd.get(), buf.data(), kBlock, 0), 0);  // pure overwrite
+  ASSERT_NO_FATAL_FAILURE(PwriteBlock(fd.get(), 'b'));  // pure overwrite
   Stats s2 = Stats::Read(fs);
   EXPECT_EQ(s2["metadata.wal_syncs"] - s1["metadata.wal_syncs"], 0u) << "an overwrite owes no metadata: " << s2.raw();
   EXPECT_EQ(s2["metadata.device_flushes"] - s1["metadata.device_flushes"], 0u) << "FUA data owes no flush";
   fd.reset();
   ASSERT_TRUE(fs.Crash());
   ASSERT_TRUE(fs.Mount());
-  std::vector<uint8_t> data = ReadAllDirect(path);
-  ASSERT_EQ(data.size(), kBlock);
-  EXPECT_EQ(data[100], 'b');
+  ExpectOneBlockOf(path, 'b');
 }
 
 // The ordering as `deferfs stats` counts it: commits stay in memory until a
@@ -638,6 +639,36 @@ TEST(DurabilityPointTest, FlushesAndWalSyncsAreWhereTheyBelong) {
   Stats s5 = Stats::Read(fs);
   EXPECT_GE(delta(s4, s5, "metadata.wal_syncs"), 1u) << "O_DSYNC must sync its metadata: " << s5.raw();
   EXPECT_EQ(delta(s4, s5, "metadata.device_flushes"), 0u) << "FUA data owes no device flush";
+}
+
+// fdatasync owes what it takes to read the data back: after an allocating
+// write, the WAL; after pure overwrites of a file whose commits are all
+// durable, one device flush and no WAL sync (their new mtime can wait). The
+// overwrite survives a crash.
+TEST(DurabilityPointTest, FdatasyncSyncsTheWalOnlyWhenTheDataNeedsIt) {
+  MountConfig cfg;
+  cfg.options = {"completion=defer", "commit=300"};
+  MountedFs fs(cfg);
+  ASSERT_TRUE(fs.ok());
+  const std::string path = fs.path("f");
+  UniqueFd fd(open(path.c_str(), O_CREAT | O_RDWR | O_DIRECT | O_CLOEXEC, 0644));
+  ASSERT_TRUE(fd.ok()) << strerror(errno);
+  ASSERT_NO_FATAL_FAILURE(PwriteBlock(fd.get(), 'a'));  // allocating
+  Stats s0 = Stats::Read(fs);
+  ASSERT_EQ(fdatasync(fd.get()), 0);
+  Stats s1 = Stats::Read(fs);
+  EXPECT_EQ(s1["metadata.wal_syncs"] - s0["metadata.wal_syncs"], 1u) << "the new extent: " << s1.raw();
+
+  ASSERT_NO_FATAL_FAILURE(PwriteBlock(fd.get(), 'b'));  // pure overwrite
+  Stats s2 = Stats::Read(fs);
+  ASSERT_EQ(fdatasync(fd.get()), 0);
+  Stats s3 = Stats::Read(fs);
+  EXPECT_EQ(s3["metadata.wal_syncs"] - s2["metadata.wal_syncs"], 0u) << "only the mtime changed: " << s3.raw();
+  EXPECT_EQ(s3["metadata.device_flushes"] - s2["metadata.device_flushes"], 1u) << "the data is owed";
+  fd.reset();
+  ASSERT_TRUE(fs.Crash());
+  ASSERT_TRUE(fs.Mount());
+  ExpectOneBlockOf(path, 'b');
 }
 
 TEST(DurabilityPointTest, TheCommitIntervalSyncsWithoutBeingAsked) {
