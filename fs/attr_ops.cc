@@ -50,7 +50,7 @@ Status CheckXattrName(std::string_view name) {
 
 Filesystem::Filesystem(std::unique_ptr<Device> dev, std::unique_ptr<MetaStore> meta, const Superblock& sb,
                        const FsOptions& opt)
-    : dev_(std::move(dev)), meta_(std::move(meta)), sb_(sb), opt_(opt), inodes_(meta_.get()),
+    : dev_(std::move(dev)), meta_(std::move(meta)), sb_(sb), opt_(opt), inodes_(meta_.get(), &wal_epoch_),
       next_ino_(meta_->next_ino()) {
   // data=ordered: the store writes nothing to its own filesystem until the
   // data its commits reference is flushed (backend/data_barrier.h).

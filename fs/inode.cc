@@ -69,6 +69,7 @@ Status InodeTable::Get(uint64_t ino, Inode** out) {
   InodeRecord rec;
   DEFERFS_RETURN_IF_ERROR(meta_->GetInode(ino, &rec));
   *out = Insert(rec);
+  (*out)->meta_epoch = wal_epoch_->load(std::memory_order_acquire);
   return Status::Ok();
 }
 

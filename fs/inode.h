@@ -57,7 +57,9 @@ struct Inode {
   // overwrites); persisted by the next commit of this inode, fsync or release.
   bool dirty = false;  // guarded by mu
   // WAL epoch of this inode's last commit that may not be durable yet (see
-  // Filesystem::CommitInode); 0 when everything is. Guarded by mu.
+  // Filesystem::CommitInode); 0 when everything is. One loaded from the store
+  // starts at the epoch of its load: commits made before it was last evicted
+  // may not be durable yet. Guarded by mu.
   uint64_t meta_epoch = 0;
 
   // The last block an unaligned write covered, as it went to the device, so
@@ -91,7 +93,8 @@ void inode_dio_wait(Inode* inode);
 
 class InodeTable {
  public:
-  explicit InodeTable(MetaStore* meta) : meta_(meta) {}
+  // `wal_epoch`: the filesystem's current WAL epoch (Inode::meta_epoch).
+  InodeTable(MetaStore* meta, const std::atomic<uint64_t>* wal_epoch) : meta_(meta), wal_epoch_(wal_epoch) {}
 
   // The cached inode, or loads it from the store (ENOENT if it has none).
   Status Get(uint64_t ino, Inode** out);
@@ -112,6 +115,7 @@ class InodeTable {
 
  private:
   MetaStore* meta_;
+  const std::atomic<uint64_t>* const wal_epoch_;
   std::unordered_map<uint64_t, std::unique_ptr<Inode>> map_;
 };
 

@@ -671,6 +671,58 @@ TEST(DurabilityPointTest, FdatasyncSyncsTheWalOnlyWhenTheDataNeedsIt) {
   ExpectOneBlockOf(path, 'b');
 }
 
+// A new file's existence is what an fdatasync of it owes, even with no data
+// written (as ext4, whose fdatasync commits a new inode's transaction).
+TEST(DurabilityPointTest, FdatasyncOfANewEmptyFileKeepsIt) {
+  MountConfig cfg;
+  cfg.options = {"completion=defer", "commit=300"};
+  MountedFs fs(cfg);
+  ASSERT_TRUE(fs.ok());
+  {
+    UniqueFd fd(open(fs.path("new").c_str(), O_CREAT | O_WRONLY | O_CLOEXEC, 0644));
+    ASSERT_TRUE(fd.ok()) << strerror(errno);
+    ASSERT_EQ(fdatasync(fd.get()), 0);
+  }
+  ASSERT_TRUE(fs.Crash());
+  ASSERT_TRUE(fs.Mount());
+  EXPECT_EQ(access(fs.path("new").c_str(), F_OK), 0) << strerror(errno);
+}
+
+// An inode the kernel forgot (and deferfs dropped) may still have commits
+// that are not durable: once it is loaded again, fdatasync must sync them,
+// and an O_DSYNC overwrite must not settle for FUA alone.
+TEST(DurabilityPointTest, DatasyncAfterTheInodeWasDroppedSyncsItsCommits) {
+  MountConfig cfg;
+  cfg.options = {"completion=defer", "commit=300"};
+  MountedFs fs(cfg);
+  ASSERT_TRUE(fs.ok());
+  for (bool dsync_write : {false, true}) {
+    SCOPED_TRACE(dsync_write ? "O_DSYNC overwrite" : "fdatasync");
+    const std::string path = fs.path(dsync_write ? "dsync" : "fdatasync");
+    ASSERT_NO_FATAL_FAILURE(WriteBlockDirect(path, 'a', /*fsync_after=*/false));  // allocating
+    // The kernel forgets the unused inode, and deferfs drops it (root only left).
+    uint64_t cached = 0;
+    for (int i = 0; i < 250 && cached != 1; i++) {
+      std::ofstream("/proc/sys/vm/drop_caches") << "2\n";
+      cached = Stats::Read(fs)["live.inodes_cached"];
+      if (cached != 1) std::this_thread::sleep_for(20ms);
+    }
+    ASSERT_EQ(cached, 1u) << "the kernel did not forget the file";
+    {
+      UniqueFd fd(open(path.c_str(), O_RDWR | O_DIRECT | O_CLOEXEC | (dsync_write ? O_DSYNC : 0)));
+      ASSERT_TRUE(fd.ok()) << strerror(errno);
+      if (dsync_write) {
+        ASSERT_NO_FATAL_FAILURE(PwriteBlock(fd.get(), 'b'));  // pure overwrite
+      } else {
+        ASSERT_EQ(fdatasync(fd.get()), 0);
+      }
+    }
+    ASSERT_TRUE(fs.Crash());
+    ASSERT_TRUE(fs.Mount());
+    ExpectOneBlockOf(path, dsync_write ? 'b' : 'a');
+  }
+}
+
 TEST(DurabilityPointTest, TheCommitIntervalSyncsWithoutBeingAsked) {
   MountConfig cfg;
   cfg.options = {"completion=defer", "commit=1"};
