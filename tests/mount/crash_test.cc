@@ -1,8 +1,9 @@
 // Crash consistency: the daemon is SIGKILLed at a random moment of a mixed
 // workload (O_DIRECT writes at depth through io_uring, buffered and O_DSYNC
 // writes, fsync/fdatasync/syncfs, truncates, punches, fallocate, renames,
-// creates and unlinks), in every completion mode, many rounds. After each
-// crash the mount must recover by itself, and then:
+// creates and unlinks, the kernel forgetting inodes), in every completion
+// mode, many rounds. After each crash the mount must recover by itself,
+// and then:
 //  - every block a durability point promised (fsync, fdatasync or O_DSYNC
 //    returned before the kill) holds that write or a later one,
 //    unless a later truncate/punch/unlink of the file may have removed it;
@@ -124,7 +125,7 @@ class Workload {
     }
     for (;;) {
       bool ok = true;
-      switch (Pick({20, 10, 8, 8, 5, 5, 6, 6, 5, 4, 4, 3})) {
+      switch (Pick({20, 10, 8, 8, 5, 5, 6, 6, 5, 4, 4, 3, 2})) {
         case 0: ok = DirectWritesAtDepth(); break;
         case 1: ok = BufferedWrite(); break;
         case 2: ok = DsyncWrite(); break;
@@ -137,6 +138,7 @@ class Workload {
         case 9: ok = Create(); break;
         case 10: ok = Unlink(); break;
         case 11: ok = Reopen(); break;
+        case 12: ok = ForgetInodes(); break;
       }
       if (!ok) return;
     }
@@ -265,6 +267,13 @@ class Workload {
   bool SyncFs() {
     UniqueFd fd(open(root_.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
     return fd.ok() && syncfs(fd.get()) == 0;
+  }
+
+  // The kernel forgets every unused inode and deferfs drops its copy: the
+  // next open loads it from the store, knowing nothing of its last commits.
+  bool ForgetInodes() {
+    std::ofstream("/proc/sys/vm/drop_caches") << "2\n";
+    return true;
   }
 
   bool Truncate() {
