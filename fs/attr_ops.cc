@@ -320,13 +320,17 @@ Status Filesystem::DeleteXattr(uint64_t ino, std::string_view name) {
   return Status::Ok();
 }
 
+Status Filesystem::FlushData() {
+  DEFERFS_RETURN_IF_ERROR(CheckLive());
+  if (opt_.read_only) return Status::Ok();  // this mount wrote nothing to make durable
+  return meta_->barrier().Flush();
+}
+
 Status Filesystem::Sync() {
   // Data first, then the metadata that makes it reachable (see DESIGN.md);
   // after that, blocks freed before the sync are safe to reuse.
-  DEFERFS_RETURN_IF_ERROR(CheckLive());
-  if (opt_.read_only) return Status::Ok();  // this mount wrote nothing to make durable
-  DEFERFS_RETURN_IF_ERROR(meta_->barrier().Flush());
-  return SyncMeta();
+  DEFERFS_RETURN_IF_ERROR(FlushData());
+  return opt_.read_only ? Status::Ok() : SyncMeta();
 }
 
 }  // namespace deferfs

@@ -52,6 +52,7 @@ Status Filesystem::SyncMeta() {
     ready.swap(pending_free_);
   }
   const uint64_t epoch = wal_epoch_.fetch_add(1, std::memory_order_acq_rel);
+  std::atomic_thread_fence(std::memory_order_seq_cst);  // pairs with EpochAfterCommit
   Status st = CheckLive();
   if (st.ok()) {
     st = meta_->SyncWal();
@@ -73,7 +74,7 @@ Status Filesystem::CommitInode(Inode* inode, MetaBatch* b, bool sync, bool may_d
   DEFERFS_RETURN_IF_ERROR(Commit(b, sync, may_defer));
   // A synced commit makes everything before it in the WAL durable too. An
   // unsynced one is read against the epoch after it landed: conservative.
-  inode->meta_epoch = sync ? 0 : wal_epoch_.load(std::memory_order_acquire);
+  inode->meta_epoch = sync ? 0 : EpochAfterCommit(wal_epoch_);
   return Status::Ok();
 }
 
@@ -490,9 +491,7 @@ Status Filesystem::Fsync(Inode* inode, bool datasync) {
       inode->dirty = false;
     }
   }
-  if (!data_only) return Sync();
-  DEFERFS_RETURN_IF_ERROR(CheckLive());
-  return opt_.read_only ? Status::Ok() : meta_->barrier().Flush();
+  return data_only ? FlushData() : Sync();
 }
 
 }  // namespace deferfs

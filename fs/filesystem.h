@@ -18,6 +18,10 @@
 //     unmount) flush the device, then write out and fsync the WAL. (Linux
 //     does not forward syncfs(2) to FUSE servers other than virtiofs.)
 //     O_DSYNC data goes out FUA and its commit skips the flush it does not owe.
+//     fdatasync and O_DSYNC skip the WAL when every commit of the file is
+//     durable (Inode::meta_epoch <= synced_epoch_; its creation and a reload
+//     from the store count as commits): only a pure overwrite's mtime, which
+//     they do not owe, is then left.
 //  4. A freed block is reused only after the commit that freed it is durable
 //     (pending_free_, released by SyncMeta), so after a crash no block belongs
 //     to two files and no file shows another's old bytes.
@@ -184,6 +188,9 @@ class Filesystem {
 
   // Durability: the backing device flushed, then the metadata WAL synced.
   Status Sync();
+  // The first half of Sync: completed data writes durable (fdatasync's all,
+  // once the file's commits are).
+  Status FlushData();
 
   // True once a metadata commit or WAL sync failed: from then on every
   // change (and fsync) fails with EIO and reads keep working, so the store

@@ -121,7 +121,7 @@ std::unique_ptr<FuseIo> NewIo(fuse_req_t req, fuse_file_info* fi, off_t off, boo
   if (write && (fi->flags & O_SYNC) == O_SYNC) io->iocb.ki_flags |= IOCB_SYNC;  // O_SYNC includes O_DSYNC
   // A sync mount: the kernel's IS_SYNC, which never reaches us for a
   // direct_io file. Like iocb_is_dsync(), it means O_DSYNC (a pure overwrite
-  // owes no metadata); only an O_SYNC file asks for its timestamps too.
+  // owes no timestamps); only an O_SYNC file asks for them too.
   if (write && io->fs->synchronous()) io->iocb.ki_flags |= IOCB_DSYNC;
   // completion=sync: a synchronous kiocb, the worker waits for its own IO.
   if (io->fs->completion_mode() != CompletionMode::kSync) io->iocb.ki_complete = FuseKiComplete;

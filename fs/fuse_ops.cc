@@ -266,29 +266,34 @@ void OpenDir(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
 void ReadDirCommon(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, bool plus) {
   std::vector<char> buf(size);
   size_t used = 0;
-  Status s = Fs(req)->ReadDir(ino, static_cast<uint64_t>(off), plus,
-                              [&](std::string_view name, const struct stat& st, uint64_t next) {
-                                std::string n(name);
-                                size_t need;
-                                if (plus) {
-                                  fuse_entry_param e{};
-                                  e.ino = st.st_ino;
-                                  e.attr = st;
-                                  e.attr_timeout = kAttrTimeout;
-                                  e.entry_timeout = kEntryTimeout;
-                                  need = fuse_add_direntry_plus(req, buf.data() + used, size - used, n.c_str(),
-                                                                &e, static_cast<off_t>(next));
-                                } else {
-                                  need = fuse_add_direntry(req, buf.data() + used, size - used, n.c_str(), &st,
-                                                           static_cast<off_t>(next));
-                                }
-                                if (need > size - used) return false;
-                                used += need;
-                                return true;
-                              });
+  std::vector<uint64_t> counted;  // readdirplus: entries ReadDir counted a lookup for
+  Filesystem* fs = Fs(req);       // a reply frees req, sent or not
+  Status s = fs->ReadDir(ino, static_cast<uint64_t>(off), plus,
+                         [&](std::string_view name, const struct stat& st, uint64_t next) {
+                           std::string n(name);
+                           size_t need;
+                           if (plus) {
+                             fuse_entry_param e{};
+                             e.ino = st.st_ino;
+                             e.attr = st;
+                             e.attr_timeout = kAttrTimeout;
+                             e.entry_timeout = kEntryTimeout;
+                             need = fuse_add_direntry_plus(req, buf.data() + used, size - used, n.c_str(),
+                                                           &e, static_cast<off_t>(next));
+                           } else {
+                             need = fuse_add_direntry(req, buf.data() + used, size - used, n.c_str(), &st,
+                                                      static_cast<off_t>(next));
+                           }
+                           if (need > size - used) return false;
+                           used += need;
+                           if (plus && name != "." && name != "..") counted.push_back(st.st_ino);
+                           return true;
+                         });
   // Entries already placed must be returned even if a later one failed.
   if (!s.ok() && used == 0) return ReplyErr(req, s);
-  fuse_reply_buf(req, buf.data(), used);
+  if (fuse_reply_buf(req, buf.data(), used) != 0) {
+    for (uint64_t child : counted) ForgetUnreplied(fs, child);
+  }
 }
 
 void ReadDir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info*) {

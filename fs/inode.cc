@@ -69,13 +69,15 @@ Status InodeTable::Get(uint64_t ino, Inode** out) {
   InodeRecord rec;
   DEFERFS_RETURN_IF_ERROR(meta_->GetInode(ino, &rec));
   *out = Insert(rec);
-  (*out)->meta_epoch = wal_epoch_->load(std::memory_order_acquire);
   return Status::Ok();
 }
 
 Inode* InodeTable::Insert(const InodeRecord& rec) {
   auto& slot = map_[rec.ino];
-  if (!slot) slot = std::make_unique<Inode>(rec);
+  if (!slot) {
+    slot = std::make_unique<Inode>(rec);
+    slot->meta_epoch = EpochAfterCommit(*wal_epoch_);  // no other thread can reach it yet
+  }
   return slot.get();
 }
 

@@ -57,9 +57,9 @@ struct Inode {
   // overwrites); persisted by the next commit of this inode, fsync or release.
   bool dirty = false;  // guarded by mu
   // WAL epoch of this inode's last commit that may not be durable yet (see
-  // Filesystem::CommitInode); 0 when everything is. One loaded from the store
-  // starts at the epoch of its load: commits made before it was last evicted
-  // may not be durable yet. Guarded by mu.
+  // Filesystem::CommitInode); 0 when everything is. An inode starts at the
+  // epoch it was cached at: its creation, or commits made before it was last
+  // evicted, may not be durable yet. Guarded by mu.
   uint64_t meta_epoch = 0;
 
   // The last block an unaligned write covered, as it went to the device, so
@@ -85,6 +85,16 @@ struct Inode {
   bool is_reg() const { return S_ISREG(rec.mode); }
 };
 
+// The WAL epoch to record in Inode::meta_epoch after a commit has landed.
+// Store buffering: this thread stores the commit, then loads the epoch;
+// SyncMeta bumps the epoch, then loads what has landed. The fences on both
+// sides (here and in SyncMeta) keep both from missing the other, so a commit
+// that SyncWal did not cover is never recorded under the epoch it synced.
+inline uint64_t EpochAfterCommit(const std::atomic<uint64_t>& wal_epoch) {
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  return wal_epoch.load(std::memory_order_relaxed);
+}
+
 void inode_dio_begin(Inode* inode);
 void inode_dio_end(Inode* inode);
 // Waits until no DIO is in flight on the inode, running the caller's
@@ -103,7 +113,7 @@ class InodeTable {
     auto it = map_.find(ino);
     return it == map_.end() ? nullptr : it->second.get();
   }
-  // Caches a record just created by the caller.
+  // Caches a record just created by the caller (after its commit landed).
   Inode* Insert(const InodeRecord& rec);
   // Drops the inode if the kernel no longer references it and nothing has it open.
   void MaybeEvict(Inode* inode);

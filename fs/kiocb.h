@@ -14,7 +14,7 @@ struct Inode;
 
 enum : uint32_t {
   IOCB_WRITE = 1u << 0,
-  IOCB_DSYNC = 1u << 1,  // O_DSYNC/O_SYNC: durable before completion
+  IOCB_DSYNC = 1u << 1,  // O_DSYNC/O_SYNC or a sync mount: durable before completion
   IOCB_DIO_DEFER = 1u << 2,  // the issuer can run dio_complete from its own context
   // deferfs-internal: a read-modify-write of whole blocks whose caller sets
   // i_size itself (the block-rounded end is not the file's new end).

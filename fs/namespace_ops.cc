@@ -192,9 +192,6 @@ Status Filesystem::AddNode(const Caller& c, uint64_t parent_ino, std::string_vie
   parent->rec = prec;
   Inode* inode = inodes_.Insert(rec);
   inode->nlookup++;
-  // Its existence is what an fdatasync of the new file owes first (see
-  // Fsync), as CommitInode would record. No other thread can reach it yet.
-  inode->meta_epoch = wal_epoch_.load(std::memory_order_acquire);
   FillStat(*inode, out);
   return Status::Ok();
 }

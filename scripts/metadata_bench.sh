@@ -93,11 +93,12 @@ for rnd in (1, 2):
         try:
             spans.append(out.get(timeout=1))
         except queue.Empty:
-            # A job killed by a signal reports nothing: stop the rest.
+            # A job killed by a signal reports nothing: stop the rest (not
+            # through the barrier, whose lock the dead job may have held).
             dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
             if dead:
-                barrier.abort()
                 for p in procs:
+                    p.terminate()
                     p.join()
                 sys.exit(f"metadata_bench.sh: a job died (exit status {dead[0]}; negative: killed by that signal)")
     for p in procs:
