@@ -426,11 +426,6 @@ void CheckFiles(const std::string& root, const Promises& promises, std::vector<s
 
 // ------------------------------------------------------------------ tests
 
-uint64_t EnvOr(const char* name, uint64_t fallback) {
-  const char* v = getenv(name);
-  return v && *v ? std::strtoull(v, nullptr, 0) : fallback;
-}
-
 class CrashTest : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(CrashTest, SigkillAtRandomMomentsKeepsWhatWasPromised) {

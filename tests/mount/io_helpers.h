@@ -1,8 +1,8 @@
 // Shared helpers of the data-path and completion-mode mount tests: the mount
 // variants every test is parameterised over, `deferfs stats --json` as a
-// map, fio as a child process, aligned buffers, byte patterns, pre-filled
-// backing files, and a forked workload with a deadline (a hang becomes a
-// failure, never a stuck CI job).
+// map and its live gauges back at idle, fio as a child process, aligned
+// buffers, byte patterns, pre-filled backing files, and a forked workload
+// with a deadline (a hang becomes a failure, never a stuck CI job).
 #pragma once
 
 #include <fcntl.h>
@@ -210,6 +210,49 @@ class Stats {
   std::string raw_;
   std::map<std::string, std::string> values_;
 };
+
+// ------------------------------------------------------------ live gauges
+
+// The gauges that must read idle once every application is gone (no
+// request, buffer or file handle leaked), for a mount with `workers` FUSE
+// workers; "" if all do.
+inline std::string NotIdle(const Stats& s, int workers) {
+  std::string out;
+  auto want = [&](const std::string& key, uint64_t v) {
+    if (s[key] != v) out += key + "=" + s.text(key) + " (want " + std::to_string(v) + ") ";
+  };
+  want("live.fuse_requests", 0);
+  want("live.request_buffers", 0);
+  want("live.open_files", 0);
+  want("dio_inflight", 0);
+  // Each idle FUSE worker keeps exactly one receive buffer, and with
+  // transport=uring each ring slot its own.
+  const uint64_t kept = static_cast<uint64_t>(workers) + s["buffers.ring"];
+  want("buffers.in_use", kept);
+  want("buffers.free", s["buffers.total"] - kept);
+  return out;
+}
+
+// Polls the stats until the gauges are idle; the kernel releases files and
+// answers of killed processes asynchronously, so this may take a moment.
+inline ::testing::AssertionResult BecomesIdle(const MountedFs& fs, int workers) {
+  std::string last;
+  bool idle = WaitUntil(
+      [&] {
+        Stats s = Stats::Read(fs);
+        last = s.ok() ? NotIdle(s, workers) : "stats failed";
+        return last.empty();
+      },
+      std::chrono::seconds(120));
+  if (idle) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure() << "gauges not idle after 120 s: " << last << "\nraw: " << Stats::Read(fs).raw();
+}
+
+// A test knob from the environment (DEFERFS_CRASH_ROUNDS, say), or `fallback`.
+inline uint64_t EnvOr(const char* name, uint64_t fallback) {
+  const char* v = getenv(name);
+  return v && *v ? std::strtoull(v, nullptr, 0) : fallback;
+}
 
 // --------------------------------------------------------------------- fio
 

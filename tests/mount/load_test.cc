@@ -168,40 +168,6 @@ std::vector<std::string> FioArgs(const std::string& dir) {
           "--time_based", "--runtime=4"};
 }
 
-// ----------------------------------------------------------------- gauges
-
-// The gauges that must read idle once every application is gone; "" if all do.
-std::string NotIdle(const Stats& s) {
-  std::string out;
-  auto want = [&](const std::string& key, uint64_t v) {
-    if (s[key] != v) out += key + "=" + s.text(key) + " (want " + std::to_string(v) + ") ";
-  };
-  want("live.fuse_requests", 0);
-  want("live.request_buffers", 0);
-  want("live.open_files", 0);
-  want("dio_inflight", 0);
-  // Each idle FUSE worker keeps exactly one receive buffer, and with
-  // transport=uring each ring slot its own.
-  want("buffers.in_use", kWorkers + s["buffers.ring"]);
-  want("buffers.free", s["buffers.total"] - kWorkers - s["buffers.ring"]);
-  return out;
-}
-
-// Polls the stats until the gauges are idle; the kernel releases files and
-// answers of killed processes asynchronously, so this may take a moment.
-::testing::AssertionResult BecomesIdle(const MountedFs& fs) {
-  std::string last;
-  bool idle = WaitUntil(
-      [&] {
-        Stats s = Stats::Read(fs);
-        last = s.ok() ? NotIdle(s) : "stats failed";
-        return last.empty();
-      },
-      120s);
-  if (idle) return ::testing::AssertionSuccess();
-  return ::testing::AssertionFailure() << "gauges not idle after 120 s: " << last << "\nraw: " << Stats::Read(fs).raw();
-}
-
 // -------------------------------------------------------------- fixture
 
 class LoadTest : public ::testing::TestWithParam<MountVariant> {
@@ -223,7 +189,7 @@ class LoadTest : public ::testing::TestWithParam<MountVariant> {
 TEST_P(LoadTest, GaugesReturnToIdleAfterLoadAndKilledApps) {
   MountedFs& fs = *fs_;
   // Idle before anything ran: the baseline the load must return to.
-  ASSERT_TRUE(BecomesIdle(fs));
+  ASSERT_TRUE(BecomesIdle(fs, kWorkers));
 
   // Data written before the load; must survive it unchanged.
   std::mt19937_64 rng(7);
@@ -249,7 +215,7 @@ TEST_P(LoadTest, GaugesReturnToIdleAfterLoadAndKilledApps) {
   EXPECT_TRUE(apps.exited_ok) << "killed apps: " << apps.message;
 
   // Every request answered, every buffer back, every file released.
-  EXPECT_TRUE(BecomesIdle(fs));
+  EXPECT_TRUE(BecomesIdle(fs, kWorkers));
   Stats s = Stats::Read(fs);
   EXPECT_EQ(s["dio.errors"], 0u) << s.raw();
   EXPECT_GT(s["dio.writes"], 0u);
@@ -275,7 +241,7 @@ TEST_P(LoadTest, GaugesReturnToIdleAfterLoadAndKilledApps) {
   while (dirent* e = readdir(dp)) entries += std::strcmp(e->d_name, ".") != 0 && std::strcmp(e->d_name, "..") != 0;
   closedir(dp);
   EXPECT_EQ(entries, 0);
-  EXPECT_TRUE(BecomesIdle(fs));
+  EXPECT_TRUE(BecomesIdle(fs, kWorkers));
 }
 
 INSTANTIATE_TEST_SUITE_P(Modes, LoadTest, ::testing::ValuesIn(EveryMode(kWorkers, 2, 2)), VariantName());
