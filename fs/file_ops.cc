@@ -51,8 +51,7 @@ Status Filesystem::SyncMeta() {
     std::lock_guard l(free_mu_);
     ready.swap(pending_free_);
   }
-  const uint64_t epoch = wal_epoch_.fetch_add(1, std::memory_order_acq_rel);
-  std::atomic_thread_fence(std::memory_order_seq_cst);  // pairs with EpochAfterCommit
+  const uint64_t epoch = wal_epoch_.fetch_add(1, std::memory_order_acq_rel);  // see EpochAfterCommit
   Status st = CheckLive();
   if (st.ok()) {
     st = meta_->SyncWal();

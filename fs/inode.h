@@ -86,13 +86,14 @@ struct Inode {
 };
 
 // The WAL epoch to record in Inode::meta_epoch after a commit has landed.
-// Store buffering: this thread stores the commit, then loads the epoch;
-// SyncMeta bumps the epoch, then loads what has landed. The fences on both
-// sides (here and in SyncMeta) keep both from missing the other, so a commit
-// that SyncWal did not cover is never recorded under the epoch it synced.
-inline uint64_t EpochAfterCommit(const std::atomic<uint64_t>& wal_epoch) {
-  std::atomic_thread_fence(std::memory_order_seq_cst);
-  return wal_epoch.load(std::memory_order_relaxed);
+// A read-modify-write, not a load: SyncMeta bumps the epoch (another RMW),
+// then looks at what has landed. Either this RMW comes first, and SyncMeta's
+// acquires it and so sees the commit, or it reads the bumped epoch. A plain
+// load could miss the bump while SyncWal misses the commit (store
+// buffering), recording a commit SyncWal did not cover under the epoch it
+// synced.
+inline uint64_t EpochAfterCommit(std::atomic<uint64_t>& wal_epoch) {
+  return wal_epoch.fetch_add(0, std::memory_order_acq_rel);
 }
 
 void inode_dio_begin(Inode* inode);
@@ -104,7 +105,7 @@ void inode_dio_wait(Inode* inode);
 class InodeTable {
  public:
   // `wal_epoch`: the filesystem's current WAL epoch (Inode::meta_epoch).
-  InodeTable(MetaStore* meta, const std::atomic<uint64_t>* wal_epoch) : meta_(meta), wal_epoch_(wal_epoch) {}
+  InodeTable(MetaStore* meta, std::atomic<uint64_t>* wal_epoch) : meta_(meta), wal_epoch_(wal_epoch) {}
 
   // The cached inode, or loads it from the store (ENOENT if it has none).
   Status Get(uint64_t ino, Inode** out);
@@ -125,7 +126,7 @@ class InodeTable {
 
  private:
   MetaStore* meta_;
-  const std::atomic<uint64_t>* const wal_epoch_;
+  std::atomic<uint64_t>* const wal_epoch_;
   std::unordered_map<uint64_t, std::unique_ptr<Inode>> map_;
 };
 
