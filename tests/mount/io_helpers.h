@@ -13,6 +13,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cctype>
 #include <chrono>
 #include <cstdint>
@@ -26,6 +27,7 @@
 #include <string>
 #include <string_view>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -446,62 +448,104 @@ struct ChildOutcome {
   std::string message;     // what the child reported, or how it ended
 };
 
-// Runs `fn` in a forked child. fn returns "" on success, else what went
-// wrong (it must not use gtest assertions). If the child is still running at
-// the deadline it is SIGKILLed; if even that does not end it within a grace
-// period (stuck in an uninterruptible FUSE request of a hung daemon), the
-// daemon is SIGKILLed too, which aborts the FUSE connection — the fixture's
-// Unmount then reports the killed daemon and cleans up the mount.
+// `fn` run in a forked child, waited for under a deadline. fn returns "" on
+// success, else what went wrong (it must not use gtest assertions).
+//
+// Start children only while the forking thread is the process's only one:
+// a child inherits just that thread, so a lock another thread holds at the
+// instant of fork (the sanitizers' allocator has such locks) is never
+// released in the child, which hangs at its next allocation.
+class Child {
+ public:
+  explicit Child(const std::function<std::string()>& fn)
+      : msg_(memfd_create("child-msg", MFD_CLOEXEC)), started_(std::chrono::steady_clock::now()) {
+    if (!msg_.ok()) {
+      error_ = std::string("memfd_create: ") + strerror(errno);
+      return;
+    }
+    fflush(nullptr);
+    pid_ = fork();
+    if (pid_ < 0) {
+      error_ = std::string("fork: ") + strerror(errno);
+      return;
+    }
+    if (pid_ == 0) {
+      std::string m = fn();
+      if (!m.empty() && write(msg_.get(), m.data(), m.size()) < 0) _exit(3);
+      _exit(m.empty() ? 0 : 1);
+    }
+  }
+  Child(Child&& o) noexcept
+      : pid_(std::exchange(o.pid_, -1)), msg_(std::move(o.msg_)), started_(o.started_), error_(std::move(o.error_)) {}
+  Child& operator=(Child&&) = delete;
+  Child(const Child&) = delete;
+  // A child never waited for is killed and, unless stuck in a hung daemon's
+  // request, reaped.
+  ~Child() {
+    if (pid_ > 0) {
+      kill(pid_, SIGKILL);
+      WaitUntil([&] { return waitpid(pid_, nullptr, WNOHANG) == pid_; }, std::chrono::seconds(10));
+    }
+  }
+
+  // Waits until `budget` after the start. A child still running then is
+  // SIGKILLed; if even that does not end it within a grace period (stuck in
+  // an uninterruptible FUSE request of a hung daemon), the daemon is
+  // SIGKILLed too, which aborts the FUSE connection — the fixture's Unmount
+  // then reports the killed daemon and cleans up the mount.
+  ChildOutcome Wait(std::chrono::seconds budget, pid_t daemon_to_kill_if_stuck) {
+    ChildOutcome out;
+    if (pid_ < 0) {
+      out.message = error_.empty() ? "already waited for" : error_;
+      return out;
+    }
+    const pid_t pid = std::exchange(pid_, -1);
+    auto reap = [&](std::chrono::milliseconds within, int* status) {
+      return WaitUntil([&] { return waitpid(pid, status, WNOHANG) == pid; }, within);
+    };
+    int status = 0;
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(started_ + budget -
+                                                                      std::chrono::steady_clock::now());
+    if (!reap(std::max(left, std::chrono::milliseconds(0)), &status)) {
+      out.timed_out = true;
+      kill(pid, SIGKILL);
+      if (!reap(std::chrono::seconds(10), &status) && daemon_to_kill_if_stuck > 0) {
+        kill(daemon_to_kill_if_stuck, SIGKILL);
+        reap(std::chrono::seconds(30), &status);
+      }
+      out.message = "still running after " + std::to_string(budget.count()) + " s (killed)";
+      return out;
+    }
+    std::string text;
+    char buf[4096];
+    for (off_t off = 0;;) {
+      ssize_t n = pread(msg_.get(), buf, sizeof buf, off);
+      if (n <= 0) break;
+      text.append(buf, static_cast<size_t>(n));
+      off += n;
+    }
+    out.exited_ok = WIFEXITED(status) && WEXITSTATUS(status) == 0;
+    if (!text.empty()) {
+      out.message = text;
+    } else if (WIFSIGNALED(status)) {
+      out.message = std::string("killed by signal ") + strsignal(WTERMSIG(status));
+    } else if (!out.exited_ok) {
+      out.message = "exit status " + std::to_string(WEXITSTATUS(status));
+    }
+    return out;
+  }
+
+ private:
+  pid_t pid_ = -1;
+  UniqueFd msg_;
+  std::chrono::steady_clock::time_point started_;
+  std::string error_;  // why there is no child
+};
+
+// One child, started and waited for (see Child: no other thread may run).
 inline ChildOutcome RunWithDeadline(const std::function<std::string()>& fn, std::chrono::seconds deadline,
                                     pid_t daemon_to_kill_if_stuck) {
-  ChildOutcome out;
-  UniqueFd msg(memfd_create("child-msg", MFD_CLOEXEC));
-  if (!msg.ok()) {
-    out.message = std::string("memfd_create: ") + strerror(errno);
-    return out;
-  }
-  fflush(nullptr);
-  pid_t pid = fork();
-  if (pid < 0) {
-    out.message = std::string("fork: ") + strerror(errno);
-    return out;
-  }
-  if (pid == 0) {
-    std::string m = fn();
-    if (!m.empty() && write(msg.get(), m.data(), m.size()) < 0) _exit(3);
-    _exit(m.empty() ? 0 : 1);
-  }
-  auto reap = [&](std::chrono::milliseconds budget, int* status) {
-    return WaitUntil([&] { return waitpid(pid, status, WNOHANG) == pid; }, budget);
-  };
-  int status = 0;
-  if (!reap(deadline, &status)) {
-    out.timed_out = true;
-    kill(pid, SIGKILL);
-    if (!reap(std::chrono::seconds(10), &status) && daemon_to_kill_if_stuck > 0) {
-      kill(daemon_to_kill_if_stuck, SIGKILL);
-      reap(std::chrono::seconds(30), &status);
-    }
-    out.message = "still running after " + std::to_string(deadline.count()) + " s (killed)";
-    return out;
-  }
-  std::string text;
-  char buf[4096];
-  for (off_t off = 0;;) {
-    ssize_t n = pread(msg.get(), buf, sizeof buf, off);
-    if (n <= 0) break;
-    text.append(buf, static_cast<size_t>(n));
-    off += n;
-  }
-  out.exited_ok = WIFEXITED(status) && WEXITSTATUS(status) == 0;
-  if (!text.empty()) {
-    out.message = text;
-  } else if (WIFSIGNALED(status)) {
-    out.message = std::string("killed by signal ") + strsignal(WTERMSIG(status));
-  } else if (!out.exited_ok) {
-    out.message = "exit status " + std::to_string(WEXITSTATUS(status));
-  }
-  return out;
+  return Child(fn).Wait(deadline, daemon_to_kill_if_stuck);
 }
 
 }  // namespace deferfs_test

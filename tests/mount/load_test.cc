@@ -198,16 +198,14 @@ TEST_P(LoadTest, GaugesReturnToIdleAfterLoadAndKilledApps) {
   ASSERT_EQ(mkdir(fs.path("fio").c_str(), 0755), 0);
   ASSERT_EQ(mkdir(fs.path("apps").c_str(), 0755), 0);
 
+  // The children first, while this is the only thread (see Child).
+  Child churn_child([&] { return Churn(fs.path("churn")); });
+  Child apps_child([&] { return KillAppsMidIo(fs.path("apps")); });
   RunResult fio;
-  ChildOutcome churn, apps;
   std::thread fio_thread([&] { fio = RunCommand(FioArgs(fs.path("fio")), 600s); });
-  std::thread churn_thread([&] { churn = RunWithDeadline([&] { return Churn(fs.path("churn")); }, 600s, fs.daemon_pid()); });
-  std::thread apps_thread([&] {
-    apps = RunWithDeadline([&] { return KillAppsMidIo(fs.path("apps")); }, 600s, fs.daemon_pid());
-  });
+  const ChildOutcome churn = churn_child.Wait(600s, fs.daemon_pid());
+  const ChildOutcome apps = apps_child.Wait(600s, fs.daemon_pid());
   fio_thread.join();
-  churn_thread.join();
-  apps_thread.join();
 
   EXPECT_TRUE(FioSucceeded(fio, fs));
   EXPECT_EQ(fio.out.find("verify: bad"), std::string::npos) << fio.out;

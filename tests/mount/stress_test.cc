@@ -54,7 +54,6 @@
 #include <random>
 #include <set>
 #include <string>
-#include <thread>
 #include <type_traits>
 #include <unordered_map>
 #include <vector>
@@ -957,24 +956,21 @@ TEST_P(StressTest, ProcessesSharingFilesKeepEverySectorConsistent) {
 
   // The children, each under a deadline only a hang gets near (a default run
   // takes seconds); a hang kills it (and the daemon if even that does not
-  // end it), and the unmount at the end cleans up.
+  // end it), and the unmount at the end cleans up. All are forked from this
+  // thread, the process's only one (see Child).
   const std::chrono::seconds deadline(std::max<uint64_t>(120, ops * 12 / 1000));
   auto log_of = [&](uint32_t c) { return tmp / ("events" + std::to_string(c)); };
-  std::vector<ChildOutcome> outcomes(kChildren);
-  std::vector<std::thread> threads;
+  std::vector<Child> children;
   for (uint32_t c = 0; c < kChildren; c++) {
-    threads.emplace_back([&, c] {
-      outcomes[c] = RunWithDeadline(
-          [&] {
-            Worker w(fs->root(), c, seed + c, ops, &shared);
-            std::string err = w.Run();
-            std::string log_err = WriteEvents(log_of(c), w.events());
-            return err.empty() ? log_err : err;
-          },
-          deadline, fs->daemon_pid());
+    children.emplace_back([&, c] {
+      Worker w(fs->root(), c, seed + c, ops, &shared);
+      std::string err = w.Run();
+      std::string log_err = WriteEvents(log_of(c), w.events());
+      return err.empty() ? log_err : err;
     });
   }
-  for (std::thread& t : threads) t.join();
+  std::vector<ChildOutcome> outcomes;
+  for (Child& child : children) outcomes.push_back(child.Wait(deadline, fs->daemon_pid()));
   bool hung = false, failed = false;
   for (uint32_t c = 0; c < kChildren; c++) {
     hung |= outcomes[c].timed_out;
