@@ -481,6 +481,15 @@ TEST_P(CrashTest, SigkillAtRandomMomentsKeepsWhatWasPromised) {
   }
 }
 
+// A mount whose background commit is far away (300 s), so that what a test
+// finds durable after a crash was made durable by the call it checks.
+MountConfig CommitFarAway(std::vector<std::string> options) {
+  MountConfig cfg;
+  cfg.options = std::move(options);
+  cfg.options.push_back("commit=300");
+  return cfg;
+}
+
 // Writes one block of `fill` at offset 0 through `fd` (O_DIRECT).
 void PwriteBlock(int fd, char fill) {
   AlignedBuf buf(kBlock);
@@ -509,9 +518,7 @@ void ExpectOneBlockOf(const std::string& path, char fill) {
 // O_SYNC (unlike O_DSYNC) promises the timestamps too: a pure overwrite's
 // new mtime must survive a crash that comes before any background commit.
 TEST(CrashTimestampTest, OSyncOverwriteMakesItsMtimeDurable) {
-  MountConfig cfg;
-  cfg.options = {"completion=defer", "commit=300"};
-  MountedFs fs(cfg);
+  MountedFs fs(CommitFarAway({"completion=defer"}));
   ASSERT_TRUE(fs.ok());
   const std::string path = fs.path("f");
   ASSERT_NO_FATAL_FAILURE(WriteBlockDirect(path, 'a', /*fsync_after=*/true));
@@ -537,9 +544,7 @@ TEST(CrashTimestampTest, OSyncOverwriteMakesItsMtimeDurable) {
 // `dirsync`: every change to a directory is durable when the call returns,
 // with no fsync and the background commit far away.
 TEST(SyncMountTest, DirsyncMakesDirectoryChangesDurable) {
-  MountConfig cfg;
-  cfg.options = {"dirsync", "commit=300"};
-  MountedFs fs(cfg);
+  MountedFs fs(CommitFarAway({"dirsync"}));
   ASSERT_TRUE(fs.ok());
   ASSERT_EQ(mkdir(fs.path("d").c_str(), 0755), 0);
   ASSERT_EQ(mkdir(fs.path("gone").c_str(), 0755), 0);
@@ -567,9 +572,7 @@ TEST(SyncMountTest, DirsyncMakesDirectoryChangesDurable) {
 // `sync`: writes are O_DSYNC (the kernel does not say so for a direct_io
 // file) and every change is durable on return: data, mode, xattr, names.
 TEST(SyncMountTest, SyncMakesWritesAndChangesDurable) {
-  MountConfig cfg;
-  cfg.options = {"sync", "commit=300"};
-  MountedFs fs(cfg);
+  MountedFs fs(CommitFarAway({"sync"}));
   ASSERT_TRUE(fs.ok());
   const std::string path = fs.path("f");
   ASSERT_NO_FATAL_FAILURE(WriteBlockDirect(path, 's', /*fsync_after=*/false));
@@ -589,9 +592,7 @@ TEST(SyncMountTest, SyncMakesWritesAndChangesDurable) {
 // syncs its metadata before it returns; a pure overwrite goes write-through
 // (FUA) and owes no WAL sync and no device flush. Its data survives a crash.
 TEST(SyncMountTest, SyncOverwritesAreDatasync) {
-  MountConfig cfg;
-  cfg.options = {"sync", "completion=defer", "commit=300"};
-  MountedFs fs(cfg);
+  MountedFs fs(CommitFarAway({"sync", "completion=defer"}));
   ASSERT_TRUE(fs.ok());
   const std::string path = fs.path("f");
   UniqueFd fd(open(path.c_str(), O_CREAT | O_WRONLY | O_DIRECT | O_CLOEXEC, 0644));
@@ -599,11 +600,11 @@ TEST(SyncMountTest, SyncOverwritesAreDatasync) {
   Stats s0 = Stats::Read(fs);
   ASSERT_NO_FATAL_FAILURE(PwriteBlock(fd.get(), 'a'));  // allocating
   Stats s1 = Stats::Read(fs);
-  EXPECT_GE(s1["metadata.wal_syncs"] - s0["metadata.wal_syncs"], 1u) << s1.raw();
+  EXPECT_GE(s1.Since(s0, "metadata.wal_syncs"), 1u) << s1.raw();
   ASSERT_NO_FATAL_FAILURE(PwriteBlock(fd.get(), 'b'));  // pure overwrite
   Stats s2 = Stats::Read(fs);
-  EXPECT_EQ(s2["metadata.wal_syncs"] - s1["metadata.wal_syncs"], 0u) << "an overwrite owes no metadata: " << s2.raw();
-  EXPECT_EQ(s2["metadata.device_flushes"] - s1["metadata.device_flushes"], 0u) << "FUA data owes no flush";
+  EXPECT_EQ(s2.Since(s1, "metadata.wal_syncs"), 0u) << "an overwrite owes no metadata: " << s2.raw();
+  EXPECT_EQ(s2.Since(s1, "metadata.device_flushes"), 0u) << "FUA data owes no flush";
   fd.reset();
   ASSERT_TRUE(fs.Crash());
   ASSERT_TRUE(fs.Mount());
@@ -614,42 +615,39 @@ TEST(SyncMountTest, SyncOverwritesAreDatasync) {
 // durability point, which flushes the device once and then syncs the WAL;
 // O_DSYNC data (FUA) is not flushed again; the commit interval syncs alone.
 TEST(DurabilityPointTest, FlushesAndWalSyncsAreWhereTheyBelong) {
-  MountConfig cfg;
-  cfg.options = {"completion=defer", "commit=300"};
-  MountedFs fs(cfg);
+  MountedFs fs(CommitFarAway({"completion=defer"}));
   ASSERT_TRUE(fs.ok());
   AlignedBuf buf(16 * kBlock);
   std::memset(buf.data(), 'x', 16 * kBlock);
-  auto delta = [&](const Stats& a, const Stats& b, const char* key) { return b[key] - a[key]; };
 
   UniqueFd fd(open(fs.path("a").c_str(), O_CREAT | O_RDWR | O_DIRECT | O_CLOEXEC, 0644));
   ASSERT_TRUE(fd.ok()) << strerror(errno);
   Stats s0 = Stats::Read(fs);
   ASSERT_EQ(PwriteFull(fd.get(), buf.data(), 16 * kBlock, 0), 0);  // allocating
   Stats s1 = Stats::Read(fs);
-  EXPECT_GE(delta(s0, s1, "metadata.commits"), 1u) << s1.raw();
-  EXPECT_EQ(delta(s0, s1, "metadata.wal_syncs"), 0u) << "a plain write must not sync the WAL";
-  EXPECT_EQ(delta(s0, s1, "metadata.device_flushes"), 0u);
+  EXPECT_GE(s1.Since(s0, "metadata.commits"), 1u) << s1.raw();
+  EXPECT_EQ(s1.Since(s0, "metadata.wal_syncs"), 0u) << "a plain write must not sync the WAL";
+  EXPECT_EQ(s1.Since(s0, "metadata.device_flushes"), 0u);
   EXPECT_GE(s1["live.metadata_deferred"], 1u) << "the write's extent changes are held for the next sync";
 
   ASSERT_EQ(fsync(fd.get()), 0);
   Stats s2 = Stats::Read(fs);
   EXPECT_EQ(s2["live.metadata_deferred"], 0u) << "fsync lands them";
-  EXPECT_EQ(delta(s1, s2, "metadata.wal_syncs"), 1u) << s2.raw();
-  EXPECT_EQ(delta(s1, s2, "metadata.device_flushes"), 1u) << "one flush covers data and barrier";
+  EXPECT_EQ(s2.Since(s1, "metadata.wal_syncs"), 1u) << s2.raw();
+  EXPECT_EQ(s2.Since(s1, "metadata.device_flushes"), 1u) << "one flush covers data and barrier";
 
   ASSERT_EQ(fsync(fd.get()), 0);  // nothing new: the device only
   Stats s3 = Stats::Read(fs);
-  EXPECT_EQ(delta(s2, s3, "metadata.wal_syncs"), 0u) << s3.raw();
-  EXPECT_EQ(delta(s2, s3, "metadata.device_flushes"), 1u);
+  EXPECT_EQ(s3.Since(s2, "metadata.wal_syncs"), 0u) << s3.raw();
+  EXPECT_EQ(s3.Since(s2, "metadata.device_flushes"), 1u);
 
   UniqueFd dsync(open(fs.path("a").c_str(), O_RDWR | O_DIRECT | O_DSYNC | O_CLOEXEC));
   ASSERT_TRUE(dsync.ok()) << strerror(errno);
   Stats s4 = Stats::Read(fs);
   ASSERT_EQ(PwriteFull(dsync.get(), buf.data(), 16 * kBlock, 16 * kBlock), 0);  // allocating, FUA
   Stats s5 = Stats::Read(fs);
-  EXPECT_GE(delta(s4, s5, "metadata.wal_syncs"), 1u) << "O_DSYNC must sync its metadata: " << s5.raw();
-  EXPECT_EQ(delta(s4, s5, "metadata.device_flushes"), 0u) << "FUA data owes no device flush";
+  EXPECT_GE(s5.Since(s4, "metadata.wal_syncs"), 1u) << "O_DSYNC must sync its metadata: " << s5.raw();
+  EXPECT_EQ(s5.Since(s4, "metadata.device_flushes"), 0u) << "FUA data owes no device flush";
 }
 
 // fdatasync owes what it takes to read the data back: after an allocating
@@ -657,9 +655,7 @@ TEST(DurabilityPointTest, FlushesAndWalSyncsAreWhereTheyBelong) {
 // durable, one device flush and no WAL sync (their new mtime can wait). The
 // overwrite survives a crash.
 TEST(DurabilityPointTest, FdatasyncSyncsTheWalOnlyWhenTheDataNeedsIt) {
-  MountConfig cfg;
-  cfg.options = {"completion=defer", "commit=300"};
-  MountedFs fs(cfg);
+  MountedFs fs(CommitFarAway({"completion=defer"}));
   ASSERT_TRUE(fs.ok());
   const std::string path = fs.path("f");
   UniqueFd fd(open(path.c_str(), O_CREAT | O_RDWR | O_DIRECT | O_CLOEXEC, 0644));
@@ -668,14 +664,14 @@ TEST(DurabilityPointTest, FdatasyncSyncsTheWalOnlyWhenTheDataNeedsIt) {
   Stats s0 = Stats::Read(fs);
   ASSERT_EQ(fdatasync(fd.get()), 0);
   Stats s1 = Stats::Read(fs);
-  EXPECT_EQ(s1["metadata.wal_syncs"] - s0["metadata.wal_syncs"], 1u) << "the new extent: " << s1.raw();
+  EXPECT_EQ(s1.Since(s0, "metadata.wal_syncs"), 1u) << "the new extent: " << s1.raw();
 
   ASSERT_NO_FATAL_FAILURE(PwriteBlock(fd.get(), 'b'));  // pure overwrite
   Stats s2 = Stats::Read(fs);
   ASSERT_EQ(fdatasync(fd.get()), 0);
   Stats s3 = Stats::Read(fs);
-  EXPECT_EQ(s3["metadata.wal_syncs"] - s2["metadata.wal_syncs"], 0u) << "only the mtime changed: " << s3.raw();
-  EXPECT_EQ(s3["metadata.device_flushes"] - s2["metadata.device_flushes"], 1u) << "the data is owed";
+  EXPECT_EQ(s3.Since(s2, "metadata.wal_syncs"), 0u) << "only the mtime changed: " << s3.raw();
+  EXPECT_EQ(s3.Since(s2, "metadata.device_flushes"), 1u) << "the data is owed";
   fd.reset();
   ASSERT_TRUE(fs.Crash());
   ASSERT_TRUE(fs.Mount());
@@ -685,9 +681,7 @@ TEST(DurabilityPointTest, FdatasyncSyncsTheWalOnlyWhenTheDataNeedsIt) {
 // A new file's existence is what an fdatasync of it owes, even with no data
 // written (as ext4, whose fdatasync commits a new inode's transaction).
 TEST(DurabilityPointTest, FdatasyncOfANewEmptyFileKeepsIt) {
-  MountConfig cfg;
-  cfg.options = {"completion=defer", "commit=300"};
-  MountedFs fs(cfg);
+  MountedFs fs(CommitFarAway({"completion=defer"}));
   ASSERT_TRUE(fs.ok());
   {
     UniqueFd fd(open(fs.path("new").c_str(), O_CREAT | O_WRONLY | O_CLOEXEC, 0644));
@@ -721,9 +715,7 @@ TEST(DurabilityPointTest, FdatasyncKeepsSizeHolesAndZeros) {
       {"unaligned write past EOF", [&](int fd) { return pwrite(fd, "cc", 2, 2 * b + 99) == 2 ? 0 : -1; }, 2 * b + 101,
        2 * b + 100, 'c'},
   };
-  MountConfig cfg;
-  cfg.options = {"completion=defer", "commit=300"};
-  MountedFs fs(cfg);
+  MountedFs fs(CommitFarAway({"completion=defer"}));
   ASSERT_TRUE(fs.ok());
   AlignedBuf two(2 * kBlock);
   std::memset(two.data(), 'a', 2 * kBlock);
@@ -763,9 +755,7 @@ TEST(DurabilityPointTest, FdatasyncKeepsSizeHolesAndZeros) {
 // and an O_DSYNC overwrite must not settle for FUA alone.
 TEST(DurabilityPointTest, DatasyncAfterTheInodeWasDroppedSyncsItsCommits) {
   if (access("/proc/sys/vm/drop_caches", W_OK) != 0) GTEST_SKIP() << "needs to make the kernel forget inodes (root)";
-  MountConfig cfg;
-  cfg.options = {"completion=defer", "commit=300"};
-  MountedFs fs(cfg);
+  MountedFs fs(CommitFarAway({"completion=defer"}));
   ASSERT_TRUE(fs.ok());
   for (bool dsync_write : {false, true}) {
     SCOPED_TRACE(dsync_write ? "O_DSYNC overwrite" : "fdatasync");

@@ -132,6 +132,8 @@ class Stats {
     }
     return std::strtoull(it->second.c_str(), nullptr, 10);
   }
+  // How much counter `key` grew since `earlier` was read.
+  uint64_t Since(const Stats& earlier, const std::string& key) const { return (*this)[key] - earlier[key]; }
   // All completions, whatever path they took.
   uint64_t completions() const {
     const Stats& s = *this;
