@@ -543,12 +543,14 @@ Status MetaStore::GetSymlink(uint64_t ino, std::string* target) {
 }
 
 Status MetaStore::GetXattr(uint64_t ino, std::string_view name, std::string* value) {
+  xattr_reads_.fetch_add(1, std::memory_order_relaxed);
   rocksdb::Status s = db_->Get(rocksdb::ReadOptions(), Key(kXattr, ino, name), value);
   if (s.IsNotFound()) return Status::Error(ENODATA, "no such attribute");
   return FromRocks(s, "getxattr");
 }
 
 Status MetaStore::ListXattrs(uint64_t ino, std::vector<std::string>* names) {
+  xattr_reads_.fetch_add(1, std::memory_order_relaxed);
   std::string prefix = Key(kXattr, ino);
   return Scan(db_.get(), prefix, prefix, [&](const rocksdb::Slice& k, const rocksdb::Slice&) {
     if (!WellFormed(k)) return true;

@@ -219,6 +219,8 @@ class MetaStore {
   // For `deferfs stats`: batches committed, and WAL write-outs with fsync.
   uint64_t commits() const { return commits_.load(std::memory_order_relaxed); }
   uint64_t wal_syncs() const { return wal_syncs_.load(std::memory_order_relaxed); }
+  // GetXattr and ListXattrs calls: store reads made for xattrs.
+  uint64_t xattr_reads() const { return xattr_reads_.load(std::memory_order_relaxed); }
   // Changes CommitDeferred() took that are not in RocksDB yet.
   size_t deferred_ops() const { return deferred_ops_.load(std::memory_order_relaxed); }
 
@@ -248,6 +250,7 @@ class MetaStore {
   std::atomic<uint64_t> landed_{0};   // of those, the ones in RocksDB (the WAL buffer)
   std::atomic<uint64_t> synced_{0};   // landed_ covered by the last SyncWal()
   std::atomic<uint64_t> wal_syncs_{0};
+  std::atomic<uint64_t> xattr_reads_{0};
   std::mutex commit_mu_;              // one Write() at a time (taken before deferred_mu_)
   std::mutex deferred_mu_;            // guards deferred_*, writer_stop_
   std::condition_variable deferred_cv_;

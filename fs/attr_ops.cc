@@ -259,7 +259,7 @@ Status Filesystem::PutXattr(uint64_t ino, std::string_view name, std::string_vie
   Inode* inode;
   DEFERFS_RETURN_IF_ERROR(GetLocked(ino, &inode));
   std::string old;
-  Status st = meta_->GetXattr(ino, name, &old);
+  Status st = LookupXattr(inode, name, &old);
   if (!st.ok() && st.err() != ENODATA) return st;
   if ((flags & XATTR_CREATE) && st.ok()) return Status::Error(EEXIST, "attribute exists");
   if ((flags & XATTR_REPLACE) && !st.ok()) return Status::Error(ENODATA, "no such attribute");
@@ -271,7 +271,18 @@ Status Filesystem::PutXattr(uint64_t ino, std::string_view name, std::string_vie
   b.PutInode(rec);
   DEFERFS_RETURN_IF_ERROR(Commit(&b));
   inode->rec = rec;
+  inode->xattrs = Inode::Xattrs::kSome;
   return Status::Ok();
+}
+
+Status Filesystem::LookupXattr(Inode* inode, std::string_view name, std::string* value) {
+  if (inode->xattrs == Inode::Xattrs::kUnknown) {
+    std::vector<std::string> names;
+    DEFERFS_RETURN_IF_ERROR(meta_->ListXattrs(inode->ino, &names));
+    inode->xattrs = names.empty() ? Inode::Xattrs::kNone : Inode::Xattrs::kSome;
+  }
+  if (inode->xattrs == Inode::Xattrs::kNone) return Status::Error(ENODATA, "no such attribute");
+  return meta_->GetXattr(inode->ino, name, value);
 }
 
 Status Filesystem::GetXattr(uint64_t ino, std::string_view name, std::string* value) {
@@ -280,7 +291,7 @@ Status Filesystem::GetXattr(uint64_t ino, std::string_view name, std::string* va
   DEFERFS_RETURN_IF_ERROR(GetLocked(ino, &inode));
   // ACLs stored by an older deferfs stay hidden (removexattr still clears them).
   DEFERFS_RETURN_IF_ERROR(CheckXattrName(name));
-  return meta_->GetXattr(ino, name, value);
+  return LookupXattr(inode, name, value);
 }
 
 Status Filesystem::ListXattr(uint64_t ino, std::string* names) {
@@ -289,6 +300,7 @@ Status Filesystem::ListXattr(uint64_t ino, std::string* names) {
   DEFERFS_RETURN_IF_ERROR(GetLocked(ino, &inode));
   std::vector<std::string> v;
   DEFERFS_RETURN_IF_ERROR(meta_->ListXattrs(ino, &v));
+  inode->xattrs = v.empty() ? Inode::Xattrs::kNone : Inode::Xattrs::kSome;
   names->clear();
   for (const auto& n : v) {
     if (!CheckXattrName(n).ok()) continue;
@@ -308,7 +320,7 @@ Status Filesystem::DeleteXattr(uint64_t ino, std::string_view name) {
   Inode* inode;
   DEFERFS_RETURN_IF_ERROR(GetLocked(ino, &inode));
   std::string old;
-  DEFERFS_RETURN_IF_ERROR(meta_->GetXattr(ino, name, &old));
+  DEFERFS_RETURN_IF_ERROR(LookupXattr(inode, name, &old));
   std::lock_guard l(inode->mu);
   InodeRecord rec = inode->rec;
   rec.ctime_ns = NowNs();

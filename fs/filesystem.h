@@ -282,6 +282,9 @@ class Filesystem {
                    unsigned flags);
   Status PutXattr(uint64_t ino, std::string_view name, std::string_view value, int flags);
   Status DeleteXattr(uint64_t ino, std::string_view name);
+  // The store's xattr `name` of `inode`, ENODATA without a store read when
+  // it has none (Inode::xattrs). ns_mu_ held.
+  Status LookupXattr(Inode* inode, std::string_view name, std::string* value);
   // Drops one link of `victim` (named by `e` in `dir`) into `b`.
   void DropLink(Inode* dir, const DirEntry& e, Inode* victim, int64_t now, MetaBatch* b,
                 std::vector<BlockRange>* freed);

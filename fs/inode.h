@@ -77,6 +77,13 @@ struct Inode {
   std::atomic<int> dio_count{0};  // in-flight DIOs: inode_dio_begin/end
   WaitQueue dio_wq;               // inode_dio_wait() sleepers
 
+  // Whether the store holds xattrs of this inode, so that getxattr of a file
+  // with none (the kernel asks for "security.capability" before every
+  // buffered write, in file_remove_privs) needs no store read. kUnknown
+  // until a read finds out; removexattr leaves kSome. Guarded by ns_mu_.
+  enum class Xattrs : uint8_t { kUnknown, kNone, kSome };
+  Xattrs xattrs = Xattrs::kUnknown;
+
   uint64_t nlookup = 0;     // the kernel's lookup count (FUSE forget protocol)
   uint32_t open_count = 0;  // open file handles
   bool deleted = false;     // record gone from the store (nothing referenced it)

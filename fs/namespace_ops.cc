@@ -191,6 +191,7 @@ Status Filesystem::AddNode(const Caller& c, uint64_t parent_ino, std::string_vie
   live_inodes_++;
   parent->rec = prec;
   Inode* inode = inodes_.Insert(rec);
+  inode->xattrs = Inode::Xattrs::kNone;  // inode numbers are never reused
   inode->nlookup++;
   FillStat(*inode, out);
   return Status::Ok();

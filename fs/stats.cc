@@ -104,6 +104,7 @@ std::string Filesystem::StatsJson(bool reset, size_t max_bytes) {
   c.push_back({"metadata", "commits", meta_->commits()});
   c.push_back({"metadata", "wal_syncs", meta_->wal_syncs()});
   c.push_back({"metadata", "device_flushes", meta_->barrier().flushes()});
+  c.push_back({"metadata", "xattr_reads", meta_->xattr_reads()});
 
   // Counters only grow: a reset is a baseline subtracted from then on.
   if (stats_base_.size() != c.size()) stats_base_.assign(c.size(), {"", 0});

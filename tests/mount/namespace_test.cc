@@ -28,6 +28,7 @@
 #include <gtest/gtest.h>
 
 #include "tests/mount/fresh_fs_test.h"
+#include "tests/mount/io_helpers.h"
 #include "tests/mount/mounted_fs.h"
 
 namespace deferfs_test {
@@ -893,6 +894,43 @@ TEST_F(NamespaceTest, XattrsPersist) {
   EXPECT_EQ(Xattrs(P("f")), want);
   EXPECT_EQ((Xattrs(P("d"))), (std::map<std::string, std::string>{{"user.dir", "D"}}));
   EXPECT_EQ(Err(getxattr(P("f").c_str(), "user.gone", buf, sizeof buf)), ENODATA);
+}
+
+// The kernel asks for "security.capability" before every buffered write
+// (file_remove_privs): a file known to have no xattrs answers it, and any
+// getxattr, without a store read. A file's first xattr, and xattrs from
+// before a remount (when nothing is known yet), are found all the same.
+TEST_F(NamespaceTest, GetxattrOfAFileWithoutXattrsReadsNoStore) {
+  MakeFile(P("plain"));
+  MakeFile(P("tagged"));
+  MakeFile(P("untouched"));
+  ASSERT_EQ(setxattr(P("tagged").c_str(), "user.k", "v", 1, 0), 0) << strerror(errno);
+  auto buffered_writes = [&](const std::string& path) {
+    UniqueFd fd(open(path.c_str(), O_WRONLY | O_CLOEXEC));
+    ASSERT_TRUE(fd.ok()) << strerror(errno);
+    for (off_t off = 0; off < 5; off++) ASSERT_EQ(pwrite(fd.get(), "x", 1, off), 1) << strerror(errno);
+  };
+  char buf[8];
+  const Stats s0 = Stats::Read(*fs_);
+  ASSERT_NO_FATAL_FAILURE(buffered_writes(P("plain")));
+  EXPECT_EQ(Err(getxattr(P("plain").c_str(), "user.k", buf, sizeof buf)), ENODATA);
+  EXPECT_EQ(Stats::Read(*fs_).Since(s0, "metadata.xattr_reads"), 0u);
+
+  ASSERT_EQ(setxattr(P("plain").c_str(), "user.k", "first", 5, XATTR_CREATE), 0) << strerror(errno);
+  EXPECT_EQ(getxattr(P("plain").c_str(), "user.k", buf, sizeof buf), 5);
+  EXPECT_EQ(std::string(buf, 5), "first");
+
+  ASSERT_TRUE(Remount());
+  EXPECT_EQ(getxattr(P("tagged").c_str(), "user.k", buf, sizeof buf), 1) << strerror(errno);
+  EXPECT_EQ(buf[0], 'v');
+  EXPECT_EQ(getxattr(P("plain").c_str(), "user.k", buf, sizeof buf), 5) << strerror(errno);
+  MakeFile(P("other"));
+  const Stats s1 = Stats::Read(*fs_);
+  ASSERT_NO_FATAL_FAILURE(buffered_writes(P("other")));  // new: known to have none
+  const Stats s2 = Stats::Read(*fs_);
+  EXPECT_EQ(s2.Since(s1, "metadata.xattr_reads"), 0u);
+  ASSERT_NO_FATAL_FAILURE(buffered_writes(P("untouched")));  // read once, to learn it has none
+  EXPECT_EQ(Stats::Read(*fs_).Since(s2, "metadata.xattr_reads"), 1u);
 }
 
 // ------------------------------------------------------------------- names
