@@ -119,7 +119,7 @@ void Filesystem::Release(Inode* inode) {
       b.PutInode(inode->rec);
     }
     if (!b.empty()) {
-      if (CommitInode(inode, &b).ok()) {
+      if (CommitInode(inode, &b, /*sync=*/false, /*may_defer=*/true).ok()) {
         inode->dirty = false;
         FreeBlocksLater(freed);
         if (inode->deleted) live_inodes_--;
@@ -225,7 +225,7 @@ ssize_t Filesystem::WriteIter(Kiocb* iocb, IoBuffer* buf, const uint8_t* data, s
     rec.mtime_ns = rec.ctime_ns = NowNs();
     MetaBatch b;
     b.PutInode(rec);
-    Status st = CommitInode(inode, &b, (iocb->ki_flags & IOCB_DSYNC) != 0);
+    Status st = CommitInode(inode, &b, (iocb->ki_flags & IOCB_DSYNC) != 0, /*may_defer=*/true);
     inode->rmw_lblk = (end - kB) >> kBlockShift;  // on the device either way
     if (st.ok()) {
       inode->rec = rec;

@@ -255,9 +255,10 @@ class Filesystem {
   Status SyncMeta();
   // Commits a batch that changes `inode` (caller holds inode->mu) and
   // remembers whether it is durable, for O_DSYNC writes (IOMAP_F_DIRTY).
-  // may_defer: the batch holds only the inode's record and extents (a write's
-  // end_io), so the store may hold it back and sort it in with others
-  // (MetaStore::CommitDeferred) unless it must be durable now.
+  // may_defer: the store may hold the batch back and sort it in with others
+  // (MetaStore::CommitDeferred) unless it must be durable now; it does so
+  // only with inode and extent records (a write's end_io, an unaligned
+  // write's size, setattr, a last close) and commits anything else at once.
   Status CommitInode(Inode* inode, MetaBatch* b, bool sync = false, bool may_defer = false);
 
   Status GetLocked(uint64_t ino, Inode** out);

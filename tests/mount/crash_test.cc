@@ -784,6 +784,33 @@ TEST(DurabilityPointTest, DatasyncAfterTheInodeWasDroppedSyncsItsCommits) {
   }
 }
 
+// Changes to an inode's record alone (an attribute, an unaligned write's
+// size) are held with the writes' extent changes rather than committed
+// alone; fsync lands them, and they survive a crash.
+TEST(DurabilityPointTest, InodeOnlyChangesAreHeldUntilADurabilityPoint) {
+  MountedFs fs(CommitFarAway({"completion=defer"}));
+  ASSERT_TRUE(fs.ok());
+  const std::string path = fs.path("f");
+  ASSERT_NO_FATAL_FAILURE(WriteBlockDirect(path, 'a', /*fsync_after=*/true));
+  UniqueFd fd(open(path.c_str(), O_WRONLY | O_APPEND | O_CLOEXEC));  // buffered: the append reaches us unaligned
+  ASSERT_TRUE(fd.ok()) << strerror(errno);
+  const uint64_t held0 = Stats::Read(fs)["live.metadata_deferred"];
+  ASSERT_EQ(fchmod(fd.get(), 0600), 0) << strerror(errno);
+  const uint64_t held1 = Stats::Read(fs)["live.metadata_deferred"];
+  EXPECT_GT(held1, held0) << "the chmod was committed alone";
+  ASSERT_EQ(write(fd.get(), "tail", 4), 4) << strerror(errno);
+  EXPECT_GT(Stats::Read(fs)["live.metadata_deferred"], held1) << "the append was committed alone";
+  ASSERT_EQ(fsync(fd.get()), 0);
+  EXPECT_EQ(Stats::Read(fs)["live.metadata_deferred"], 0u) << "fsync lands them";
+  fd.reset();
+  ASSERT_TRUE(fs.Crash());
+  ASSERT_TRUE(fs.Mount());
+  struct stat st{};
+  ASSERT_EQ(stat(path.c_str(), &st), 0) << strerror(errno);
+  EXPECT_EQ(st.st_mode & 07777, 0600u);
+  EXPECT_EQ(st.st_size, static_cast<off_t>(kBlock + 4));
+}
+
 TEST(DurabilityPointTest, TheCommitIntervalSyncsWithoutBeingAsked) {
   MountConfig cfg;
   cfg.options = {"completion=defer", "commit=1"};
