@@ -1208,6 +1208,32 @@ TEST_F(NamespaceTest, ManyOpenFiles) {
   EXPECT_EQ(List(P("")).size(), static_cast<size_t>(kFiles));
 }
 
+// A close costs the daemon its RELEASE only: deferfs has nothing to do at
+// FLUSH, so it declines the first one and the kernel sends no more.
+TEST_F(NamespaceTest, CloseSendsNoFlush) {
+  MakeFile(P("f"));
+  constexpr uint64_t kOpens = 50;
+  auto requests = [&] { return Stats::Read(*fs_)["fuse.dev_requests"]; };
+  auto open_files = [&] { return Stats::Read(*fs_)["live.open_files"]; };
+  auto open_close = [&] {
+    UniqueFd fd(open(P("f").c_str(), O_RDONLY | O_CLOEXEC));
+    ASSERT_TRUE(fd.ok()) << strerror(errno);
+  };
+  ASSERT_NO_FATAL_FAILURE(open_close());  // the connection's first FLUSH, if any
+  ASSERT_TRUE(WaitUntil([&] { return open_files() == 0; }, 30s));
+  const uint64_t r0 = requests();
+  const uint64_t per_read = requests() - r0;  // what reading the stats costs
+  const uint64_t r1 = requests();
+  for (uint64_t i = 0; i < kOpens; i++) ASSERT_NO_FATAL_FAILURE(open_close());
+  uint64_t reads = 0;  // of the stats, while the releases trail the closes
+  while (++reads < 3000 && open_files() != 0) std::this_thread::sleep_for(10ms);
+  const uint64_t served = requests() - r1 - (reads + 1) * per_read;
+  // An OPEN and a RELEASE per open and close; a FLUSH each would make it
+  // 3 * kOpens. The slack is for lookups and getattrs whose 1 s cache ran out.
+  EXPECT_GE(served, 2 * kOpens);
+  EXPECT_LE(served, 2 * kOpens + 10) << "the kernel still sends FLUSH";
+}
+
 // ----------------------------------------------------- whole-tree persistence
 
 // Everything observable about one name, as a comparable string.
