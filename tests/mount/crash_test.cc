@@ -762,13 +762,13 @@ TEST(DurabilityPointTest, DatasyncAfterTheInodeWasDroppedSyncsItsCommits) {
     const std::string path = fs.path(dsync_write ? "dsync" : "fdatasync");
     ASSERT_NO_FATAL_FAILURE(WriteBlockDirect(path, 'a', /*fsync_after=*/false));  // allocating
     // The kernel forgets the unused inode, and deferfs drops it (root only left).
-    uint64_t cached = 0;
-    for (int i = 0; i < 250 && cached != 1; i++) {
-      std::ofstream("/proc/sys/vm/drop_caches") << "2\n";
-      cached = Stats::Read(fs)["live.inodes_cached"];
-      if (cached != 1) std::this_thread::sleep_for(20ms);
-    }
-    ASSERT_EQ(cached, 1u) << "the kernel did not forget the file";
+    ASSERT_TRUE(WaitUntil(
+        [&] {
+          std::ofstream("/proc/sys/vm/drop_caches") << "2\n";
+          return Stats::Read(fs)["live.inodes_cached"] == 1;
+        },
+        10s))
+        << "the kernel did not forget the file";
     {
       UniqueFd fd(open(path.c_str(), O_RDWR | O_DIRECT | O_CLOEXEC | (dsync_write ? O_DSYNC : 0)));
       ASSERT_TRUE(fd.ok()) << strerror(errno);

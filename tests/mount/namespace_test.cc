@@ -1234,7 +1234,7 @@ TEST_F(NamespaceTest, CloseSendsNoFlush) {
   const uint64_t r1 = requests();
   for (uint64_t i = 0; i < kOpens; i++) ASSERT_NO_FATAL_FAILURE(open_close());
   uint64_t reads = 0;  // of the stats, while the releases trail the closes
-  while (++reads < 3000 && open_files() != 0) std::this_thread::sleep_for(10ms);
+  ASSERT_TRUE(WaitUntil([&] { reads++; return open_files() == 0; }, 30s));
   const uint64_t served = requests() - r1 - (reads + 1) * per_read;
   // An OPEN and a RELEASE per open and close; a FLUSH each would make it
   // 3 * kOpens. The slack is for lookups and getattrs whose 1 s cache ran out.
