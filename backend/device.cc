@@ -12,6 +12,7 @@
 #include <string>
 
 #include "backend/ring.h"
+#include "backend/undo_log.h"
 
 // glibc 2.36 takes struct statx from <linux/stat.h>; older kernel headers
 // lack the DIO alignment bit (the fields then stay zero and we fall back).
@@ -198,6 +199,7 @@ Status Device::ReadSync(uint64_t off, void* buf, uint32_t len) {
 
 Status Device::WriteSync(uint64_t off, const void* buf, uint32_t len) {
   DEFERFS_RETURN_IF_ERROR(CheckAligned("write", off, buf, len));
+  if (undo_log_) DEFERFS_RETURN_IF_ERROR(undo_log_->BeforeWrite(off, len));
   int res =
       RunSync([&](struct io_uring_sqe* sqe) { io_uring_prep_write(sqe, fd(), buf, len, off); });
   if (res < 0) {
@@ -214,11 +216,15 @@ Status Device::WriteSync(uint64_t off, const void* buf, uint32_t len) {
 }
 
 Status Device::FlushSync() {
+  const uint64_t mark = undo_log_ ? undo_log_->FlushStarts() : 0;
   int res = RunSync([&](struct io_uring_sqe* sqe) { io_uring_prep_fsync(sqe, fd(), 0); });
   if (res < 0) {
     return Status::Error(-res, "flush of " + path_ + " failed: " + Errno(-res));
   }
+  if (undo_log_) undo_log_->Flushed(mark);
   return Status::Ok();
 }
+
+Status Device::KeepUndoLog(const std::string& path) { return UndoLog::Create(path, fd(), dio_align_, &undo_log_); }
 
 }  // namespace deferfs

@@ -15,6 +15,7 @@
 namespace deferfs {
 
 class Ring;
+class UndoLog;
 
 // A zero-filled heap buffer whose address is a multiple of `align` (a power
 // of two >= sizeof(void*)), as O_DIRECT needs. data() is nullptr when the
@@ -65,6 +66,13 @@ class Device {
   Status WriteSync(uint64_t off, const void* buf, uint32_t len);
   Status FlushSync();  // fsync: data and metadata of a file backing
 
+  // Testing only (mount option undo_log=PATH): from now on every write and
+  // flush through this Device, or through a Poller started over it, is
+  // recorded in a new undo log at `path` (backend/undo_log.h). Call it
+  // before the first Poller starts.
+  Status KeepUndoLog(const std::string& path);
+  UndoLog* undo_log() const { return undo_log_.get(); }
+
  private:
   class Key {
     friend class Device;
@@ -89,6 +97,7 @@ class Device {
   std::mutex mu_;                    // guards locked_ and sync_ring_
   bool locked_ = false;
   std::unique_ptr<Ring> sync_ring_;  // set by Open; not single-issuer
+  std::unique_ptr<UndoLog> undo_log_;  // set before any IO that it records
 };
 
 }  // namespace deferfs

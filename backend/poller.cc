@@ -12,6 +12,7 @@
 #include "backend/fault_inject.h"
 #include "backend/log.h"
 #include "backend/ring.h"
+#include "backend/undo_log.h"
 
 namespace deferfs {
 
@@ -30,6 +31,7 @@ void Bump(std::atomic<uint64_t>& c) {
 Poller::Poller(Key, const Device& dev, UniqueFd event_fd, PollerOptions opt)
     : dev_fd_(dev.fd()),
       dio_align_(dev.dio_align()),
+      undo_log_(dev.undo_log()),
       event_fd_(std::move(event_fd)),
       opt_(std::move(opt)) {}
 
@@ -231,6 +233,13 @@ void Poller::Issue() {
         EndIo(idx, fault);  // a failed write leaves the device untouched
         continue;
       }
+      if (undo_log_ != nullptr && bio->op == Bio::Op::kWrite) [[unlikely]] {
+        if (Status u = undo_log_->BeforeWrite(bio->dev_offset, bio->len); !u.ok()) {
+          LogError("%s", u.message().c_str());
+          EndIo(idx, -EIO);
+          continue;
+        }
+      }
     } else {
       break;
     }
@@ -329,6 +338,9 @@ void Poller::OnCqe(uint64_t user_data, int res) {
     int32_t fault;
     if (opt_.fault_inject && bio->op == Bio::Op::kRead && InjectedFault(*bio, &fault)) [[unlikely]] {
       return EndIo(idx, fault);  // judged by the data the device returned
+    }
+    if (undo_log_ != nullptr && bio->op == Bio::Op::kWrite && bio->fua) [[unlikely]] {
+      undo_log_->Durable(bio->dev_offset, bio->len);
     }
     return EndIo(idx, static_cast<int32_t>(bio->len));
   }

@@ -18,6 +18,7 @@
 namespace deferfs {
 
 class Ring;
+class UndoLog;
 
 struct PollerOptions {
   unsigned ring_depth = 128;         // SQ entries; the CQ gets twice that
@@ -43,6 +44,7 @@ class Poller {
   // A bio not aligned to dev.dio_align(), of length 0, or with a buf_index
   // outside opt.buffers completes with -EINVAL without reaching the kernel.
   // With opt.fault_inject, tagged bios complete with the injected result.
+  // With an undo log on `dev`, writes are logged before they are issued.
   void Submit(Bio* bio);
 
   struct Stats {
@@ -95,6 +97,7 @@ class Poller {
 
   const int dev_fd_;
   const uint32_t dio_align_;  // power of two
+  UndoLog* const undo_log_;   // testing only: nullptr unless the Device keeps one
   const UniqueFd event_fd_;  // EFD_NONBLOCK: the ring polls it, never blocks on it
   const PollerOptions opt_;
 

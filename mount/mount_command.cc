@@ -144,6 +144,7 @@ int MountCommand(const MountArgs& args) {
   // through the same spelling.
   backing = Absolute(backing);
   if (!opts.meta_dir.empty()) opts.meta_dir = Absolute(opts.meta_dir);
+  if (!opts.undo_log.empty()) opts.undo_log = Absolute(opts.undo_log);
 
   // Signals are taken through a signalfd: block them before any thread
   // (RocksDB's included) exists, so none is delivered elsewhere.
@@ -176,6 +177,7 @@ int MountCommand(const MountArgs& args) {
   pthread_sigmask(SIG_UNBLOCK, &sigs, nullptr);
   if (s.ok()) s = LockBacking(dev.get(), backing);
   pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
+  if (s.ok() && !opts.undo_log.empty()) s = dev->KeepUndoLog(opts.undo_log);
   if (!s.ok()) return report.Error(s.message());
   if (dev->size() < kSuperblockBytes) {
     return report.Error(backing + " is too small to hold a deferfs: format it with 'deferfs mkfs " + backing + " --size SIZE'");

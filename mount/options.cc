@@ -126,6 +126,11 @@ Status ParseOne(std::string_view opt, MountOptions* o) {
     o->fault_inject = true;
     return Status::Ok();
   }
+  if (key == "undo_log") {
+    if (!has_val || val.empty()) return BadValue(opt, "undo_log takes the path of the log file to write");
+    o->undo_log = val;
+    return Status::Ok();
+  }
   if (key == "loglevel") {
     if (!has_val || !ParseLogLevel(std::string(val).c_str(), &o->log_level)) {
       return BadValue(opt, "loglevel is one of error, warn, info, debug");
@@ -210,7 +215,8 @@ std::string MountOptions::Describe() const {
          ",transport=" + std::string(FuseTransportName(transport)) +
          (uring_depth ? ",uring_depth=" + std::to_string(uring_depth) : std::string()) +
          cpu_list + (read_only ? ",ro" : ",rw") +
-         ",loglevel=" + LogLevelName(log_level) + (fault_inject ? ",fault_inject" : "");
+         ",loglevel=" + LogLevelName(log_level) + (fault_inject ? ",fault_inject" : "") +
+         (undo_log.empty() ? "" : ",undo_log=" + undo_log);
 }
 
 std::string MountOptionsHelp() {
@@ -233,6 +239,8 @@ std::string MountOptionsHelp() {
          "  meta=DIR           metadata directory (default BACKING.meta, /var/lib/deferfs/UUID for a block device)\n"
          "  loglevel=LEVEL     error|warn|info|debug (default info); stderr with -f, else syslog\n"
          "  fault_inject       testing only: fail IO whose data carries a tag of backend/fault_inject.h\n"
+         "  undo_log=FILE      testing only: log what each device write overwrites, so that a crash test\n"
+         "                     can roll back what no flush covered, as a power cut may (backend/undo_log.h)\n"
          "  ro, rw             read-only (writes fail with EROFS) or read-write (default rw)\n"
          "  sync, async        sync: every write O_DSYNC, every change durable on return (default async)\n"
          "  dirsync            creates, links, unlinks and renames durable on return\n"

@@ -41,6 +41,7 @@ struct MountOptions {
   // mounting process may use. Sorted, no duplicates.
   std::vector<unsigned> cpus;
   bool fault_inject = false;  // testing only: pollers fail tagged bios (backend/fault_inject.h)
+  std::string undo_log;       // testing only: the device's undo log (backend/undo_log.h); empty: none
   LogLevel log_level = LogLevel::kInfo;
   // Options for libfuse/the kernel mount (allow_other, ro, fsname=...), in order.
   std::vector<std::string> fuse_opts;

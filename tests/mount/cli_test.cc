@@ -435,7 +435,8 @@ TEST_F(CliTest, MountRejectsBadOptions) {
       {"bogus=1", "bogus"},          {"workers=0", "workers"},   {"workers=abc", "workers"},
       {"completion=fast", "completion"}, {"workers=", "workers"}, {"allow_other,bogus", "bogus"},
       {"remount", "unmount and mount again"}, {"cpus=", "cpus"}, {"cpus=2-1", "cpus"}, {"cpus=0:", "cpus"},
-      {"cpus=1024", "cpus"}, {"cpus=1023", "choose among"}};
+      {"cpus=1024", "cpus"}, {"cpus=1023", "choose among"}, {"undo_log=", "undo_log"},
+      {"undo_log=" + (tmp_ / "missing/undo.log"), "cannot create the undo log"}};
   for (const auto& [opt, mention] : cases) {
     SCOPED_TRACE("-o " + opt);
     EXPECT_TRUE(IsCliError(MountBg(img, {"-o", opt}), mention));

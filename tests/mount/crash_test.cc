@@ -2,8 +2,11 @@
 // workload (O_DIRECT writes at depth through io_uring, buffered and O_DSYNC
 // writes, fsync/fdatasync/syncfs, truncates, punches, fallocate, renames,
 // creates and unlinks, the kernel forgetting inodes), in every completion
-// mode, many rounds. After each crash the mount must recover by itself,
-// and then:
+// mode, many rounds. Each crash is a power cut: the device loses every
+// write that no flush or FUA write made durable (MountConfig::power_cut),
+// while the metadata store keeps whatever reached its own filesystem, so
+// a record that got there ahead of its data's flush shows. After each
+// crash the mount must recover by itself, and then:
 //  - every block a durability point promised (fsync, fdatasync or O_DSYNC
 //    returned before the kill) holds that write or a later one,
 //    unless a later truncate/punch/unlink of the file may have removed it;
@@ -438,6 +441,7 @@ TEST_P(CrashTest, SigkillAtRandomMomentsKeepsWhatWasPromised) {
   const std::string backing = tmp / "backing.img";
   ASSERT_TRUE(MakePrefilledBacking(backing, 128ull << 20, kStale));
   const std::string log = tmp / "promises.log";
+  uint64_t lost_bytes = 0;
 
   for (uint64_t round = 0; round < rounds; round++) {
     SCOPED_TRACE("round " + std::to_string(round));
@@ -445,6 +449,7 @@ TEST_P(CrashTest, SigkillAtRandomMomentsKeepsWhatWasPromised) {
     // Odd rounds commit in the background every second, so crashes also land
     // after (and during) background commits, not only before the first one.
     cfg.options = {"completion=" + GetParam(), "workers=2", round % 2 ? "commit=1" : "commit=5"};
+    cfg.power_cut = true;
     MountedFs fs(cfg);
     ASSERT_TRUE(fs.ok());
 
@@ -460,6 +465,7 @@ TEST_P(CrashTest, SigkillAtRandomMomentsKeepsWhatWasPromised) {
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(150 + rng() % 1500));
     ASSERT_TRUE(fs.Crash()) << fs.DaemonLog();
+    lost_bytes += fs.lost_bytes();
     kill(child, SIGKILL);
     int status;
     waitpid(child, &status, 0);
@@ -479,14 +485,17 @@ TEST_P(CrashTest, SigkillAtRandomMomentsKeepsWhatWasPromised) {
     RunResult fsck = RunDeferfs({"fsck", backing});
     ASSERT_TRUE(fsck.succeeded()) << "fsck after round " << round << ": " << fsck.Describe();
   }
+  EXPECT_GT(lost_bytes, 0u) << "no power cut lost a write: the checks above had nothing to find";
 }
 
 // A mount whose background commit is far away (300 s), so that what a test
-// finds durable after a crash was made durable by the call it checks.
+// finds durable after a crash was made durable by the call it checks, and
+// whose crash is a power cut, so that data no flush covered is gone.
 MountConfig CommitFarAway(std::vector<std::string> options) {
   MountConfig cfg;
   cfg.options = std::move(options);
   cfg.options.push_back("commit=300");
+  cfg.power_cut = true;
   return cfg;
 }
 
@@ -513,6 +522,25 @@ void ExpectOneBlockOf(const std::string& path, char fill) {
   std::vector<uint8_t> data = ReadAllDirect(path);
   ASSERT_EQ(data.size(), kBlock);
   EXPECT_EQ(data[100], fill);
+}
+
+// The crashes below are power cuts (undo_log=): an overwrite that nothing
+// made durable is gone after one, so a missing flush cannot pass unseen.
+TEST(PowerCutTest, AnOverwriteNoFlushCoveredIsLost) {
+  MountedFs fs(CommitFarAway({"completion=defer"}));
+  ASSERT_TRUE(fs.ok());
+  const std::string path = fs.path("f");
+  ASSERT_NO_FATAL_FAILURE(WriteBlockDirect(path, 'a', /*fsync_after=*/true));
+  {
+    UniqueFd fd(open(path.c_str(), O_WRONLY | O_DIRECT | O_CLOEXEC));
+    ASSERT_TRUE(fd.ok()) << strerror(errno);
+    ASSERT_NO_FATAL_FAILURE(PwriteBlock(fd.get(), 'b'));  // a pure overwrite: no flush owed
+  }
+  ASSERT_NO_FATAL_FAILURE(ExpectOneBlockOf(path, 'b'));
+  ASSERT_TRUE(fs.Crash());
+  EXPECT_GE(fs.lost_bytes(), kBlock);
+  ASSERT_TRUE(fs.Mount());
+  ExpectOneBlockOf(path, 'a');
 }
 
 // O_SYNC (unlike O_DSYNC) promises the timestamps too: a pure overwrite's

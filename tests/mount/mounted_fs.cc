@@ -19,6 +19,8 @@
 
 #include <gtest/gtest.h>
 
+#include "backend/undo_log.h"
+
 namespace deferfs_test {
 namespace {
 
@@ -278,6 +280,7 @@ bool MountedFs::Mount() {
   std::string opts = "allow_other";
   for (const auto& o : cfg_.options) opts += "," + o;
   if (!cfg_.meta.empty()) opts += ",meta=" + cfg_.meta;
+  if (cfg_.power_cut) opts += ",undo_log=" + UndoLogPath();
   if (const char* extra = getenv("DEFERFS_MOUNT_OPTS"); extra != nullptr && *extra != '\0') {
     opts += std::string(",") + extra;
   }
@@ -395,7 +398,15 @@ bool MountedFs::Crash() {
     ADD_FAILURE() << "umount -l " << root_ << " after the crash failed";
     clean = false;
   }
-  return WaitBackingFree() && clean;
+  if (!WaitBackingFree()) return false;
+  if (cfg_.power_cut) {
+    deferfs::Status s = deferfs::RollBackUnflushedWrites(UndoLogPath(), backing_, &lost_bytes_);
+    if (!s.ok()) {
+      ADD_FAILURE() << "the power cut failed: " << s.ToString();
+      return false;
+    }
+  }
+  return clean;
 }
 
 bool MountedFs::StopWithSignal(int sig) {

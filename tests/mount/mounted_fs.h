@@ -129,6 +129,9 @@ struct MountConfig {
   uint64_t size = 256ull << 20;      // size of the sparse backing file
   std::string existing_backing;      // if set: mount this formatted backing, no mkfs
   std::string meta;                  // if set: passed as -o meta=; else deferfs' default
+  // Crash() is a power cut: it also loses every device write that no flush
+  // or FUA made durable (mounts with -o undo_log=, backend/undo_log.h).
+  bool power_cut = false;
 
   // Mount an already formatted backing file.
   static MountConfig Existing(std::string backing) {
@@ -179,8 +182,11 @@ class MountedFs {
   // detached, and the test fails.
   bool WaitForExit(const std::string& cause);
   // SIGKILLs the daemon (a crash), reaps it and detaches the dead mount;
-  // returns once the backing is free for Mount() to recover it.
+  // returns once the backing is free for Mount() to recover it. With
+  // cfg.power_cut, then rolls the backing back to its last durable points.
   bool Crash();
+  // Bytes of device writes the last power cut undid.
+  uint64_t lost_bytes() const { return lost_bytes_; }
 
   // The daemon's stderr/stdout so far.
   std::string DaemonLog() const;
@@ -188,12 +194,14 @@ class MountedFs {
  private:
   bool Format();
   bool WaitBackingFree();
+  std::string UndoLogPath() const { return tmp_ + "/undo.log"; }
 
   MountConfig cfg_;
   bool reference_ = false;
   bool ok_ = false;
   std::string tmp_, root_, backing_, meta_, log_;
   pid_t daemon_ = -1;
+  uint64_t lost_bytes_ = 0;
 };
 
 }  // namespace deferfs_test

@@ -1,0 +1,66 @@
+// UndoLog: the device's volatile write cache made visible, for crash tests.
+// A device may lose, at a power cut, every write that neither a flush nor FUA
+// has made durable; a SIGKILLed daemon loses none (the backing file keeps
+// them), so a crash test alone cannot tell whether a flush was missing. With
+// the mount option `undo_log=PATH`, every write records the prior contents of
+// its blocks before it reaches the device, and every flush and every completed
+// FUA write records what it made durable. After the crash,
+// RollBackUnflushedWrites returns each block to what it held at its last
+// durable point: the worst a power cut may do to the data. (The metadata
+// store's files are on another filesystem and keep what reached it.)
+// Thread-safe: pollers and flushing threads append under one mutex.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include "backend/status.h"
+#include "backend/unique_fd.h"
+
+namespace deferfs {
+
+class UndoLog {
+ public:
+  // A new (truncated) log at `path` for the device open at `dev_fd` (O_DIRECT;
+  // every IO `dio_align`-aligned). `dev_fd` must outlive the UndoLog.
+  static Status Create(const std::string& path, int dev_fd, uint32_t dio_align, std::unique_ptr<UndoLog>* out);
+
+  // Before a write of [off, off + len) is submitted: logs the blocks' contents
+  // (one synchronous read of the device).
+  Status BeforeWrite(uint64_t off, uint32_t len);
+  // After a FUA write of [off, off + len) completed.
+  void Durable(uint64_t off, uint32_t len);
+  // A flush covers the writes logged before FlushStarts(); Flushed(mark) says
+  // it completed. (A write still in flight when the flush starts counts as
+  // covered: the model is lenient there.)
+  uint64_t FlushStarts();
+  void Flushed(uint64_t mark);
+
+ private:
+  class Key {
+    friend class UndoLog;
+    Key() = default;
+  };
+
+ public:
+  UndoLog(Key, UniqueFd log_fd, int dev_fd, uint32_t dio_align);
+
+ private:
+  Status Append(uint8_t type, uint64_t off, uint32_t len, uint64_t covers, const void* data);
+
+  const UniqueFd log_fd_;  // O_APPEND
+  const int dev_fd_;
+  const uint32_t dio_align_;
+  std::mutex mu_;
+  uint64_t next_seq_ = 1;  // guarded by mu_: the order of records
+};
+
+// Restores, in the device or file at `device_path`, every block that a write
+// logged in `log_path` changed after the block's last durable point. A torn
+// last record (the daemon killed while logging) is ignored: its write had not
+// been submitted. *bytes_restored: how much was rolled back.
+Status RollBackUnflushedWrites(const std::string& log_path, const std::string& device_path, uint64_t* bytes_restored);
+
+}  // namespace deferfs
