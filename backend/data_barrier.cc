@@ -2,7 +2,10 @@
 
 #include <rocksdb/file_system.h>
 
+#include <atomic>
 #include <utility>
+
+#include "backend/undo_log.h"
 
 namespace deferfs {
 
@@ -45,72 +48,114 @@ rocksdb::IOStatus ToIo(const Status& st) {
   return rocksdb::IOStatus::IOError("data barrier: " + st.message());
 }
 
+// With an undo log (testing only), a file this wrapper created is logged, and
+// so is the length each of its syncs made durable.
 class OrderedWritableFile : public rocksdb::FSWritableFileOwnerWrapper {
  public:
-  OrderedWritableFile(std::unique_ptr<rocksdb::FSWritableFile> f, std::shared_ptr<DataBarrier> barrier)
-      : FSWritableFileOwnerWrapper(std::move(f)), barrier_(std::move(barrier)) {}
+  OrderedWritableFile(std::unique_ptr<rocksdb::FSWritableFile> f, std::shared_ptr<DataBarrier> barrier,
+                      UndoLog* undo_log, std::string path)
+      : FSWritableFileOwnerWrapper(std::move(f)), barrier_(std::move(barrier)), undo_log_(undo_log),
+        path_(std::move(path)) {
+    if (undo_log_) undo_log_->FileCreated(path_);
+  }
 
   rocksdb::IOStatus Append(const rocksdb::Slice& data, const rocksdb::IOOptions& o,
                            rocksdb::IODebugContext* dbg) override {
     rocksdb::IOStatus s = ToIo(barrier_->Pass());
-    return s.ok() ? target()->Append(data, o, dbg) : s;
+    if (s.ok()) s = target()->Append(data, o, dbg);
+    if (s.ok()) size_.fetch_add(data.size(), std::memory_order_relaxed);
+    return s;
   }
   rocksdb::IOStatus Append(const rocksdb::Slice& data, const rocksdb::IOOptions& o,
                            const rocksdb::DataVerificationInfo& v, rocksdb::IODebugContext* dbg) override {
     rocksdb::IOStatus s = ToIo(barrier_->Pass());
-    return s.ok() ? target()->Append(data, o, v, dbg) : s;
+    if (s.ok()) s = target()->Append(data, o, v, dbg);
+    if (s.ok()) size_.fetch_add(data.size(), std::memory_order_relaxed);
+    return s;
   }
   rocksdb::IOStatus PositionedAppend(const rocksdb::Slice& data, uint64_t off, const rocksdb::IOOptions& o,
                                      rocksdb::IODebugContext* dbg) override {
     rocksdb::IOStatus s = ToIo(barrier_->Pass());
-    return s.ok() ? target()->PositionedAppend(data, off, o, dbg) : s;
+    if (s.ok()) s = target()->PositionedAppend(data, off, o, dbg);
+    if (s.ok()) Grow(off + data.size());
+    return s;
   }
   rocksdb::IOStatus PositionedAppend(const rocksdb::Slice& data, uint64_t off, const rocksdb::IOOptions& o,
                                      const rocksdb::DataVerificationInfo& v, rocksdb::IODebugContext* dbg) override {
     rocksdb::IOStatus s = ToIo(barrier_->Pass());
-    return s.ok() ? target()->PositionedAppend(data, off, o, v, dbg) : s;
+    if (s.ok()) s = target()->PositionedAppend(data, off, o, v, dbg);
+    if (s.ok()) Grow(off + data.size());
+    return s;
+  }
+  // A sync covers what was appended before it began (RocksDB syncs a WAL
+  // while another thread may append to it).
+  rocksdb::IOStatus Sync(const rocksdb::IOOptions& o, rocksdb::IODebugContext* dbg) override {
+    const uint64_t covered = size_.load(std::memory_order_relaxed);
+    return Synced(target()->Sync(o, dbg), covered);
+  }
+  rocksdb::IOStatus Fsync(const rocksdb::IOOptions& o, rocksdb::IODebugContext* dbg) override {
+    const uint64_t covered = size_.load(std::memory_order_relaxed);
+    return Synced(target()->Fsync(o, dbg), covered);
   }
 
  private:
+  rocksdb::IOStatus Synced(rocksdb::IOStatus s, uint64_t covered) {
+    if (s.ok() && undo_log_) undo_log_->FileSynced(path_, covered);
+    return s;
+  }
+  void Grow(uint64_t end) {
+    uint64_t cur = size_.load(std::memory_order_relaxed);
+    while (cur < end && !size_.compare_exchange_weak(cur, end, std::memory_order_relaxed)) {
+    }
+  }
+
   std::shared_ptr<DataBarrier> barrier_;
+  UndoLog* const undo_log_;
+  const std::string path_;
+  std::atomic<uint64_t> size_{0};  // bytes appended
 };
 
 class OrderedFileSystem : public rocksdb::FileSystemWrapper {
  public:
-  explicit OrderedFileSystem(std::shared_ptr<DataBarrier> barrier)
-      : FileSystemWrapper(rocksdb::FileSystem::Default()), barrier_(std::move(barrier)) {}
+  OrderedFileSystem(std::shared_ptr<DataBarrier> barrier, UndoLog* undo_log)
+      : FileSystemWrapper(rocksdb::FileSystem::Default()), barrier_(std::move(barrier)), undo_log_(undo_log) {}
 
   const char* Name() const override { return "DeferfsOrderedFileSystem"; }
 
   rocksdb::IOStatus NewWritableFile(const std::string& f, const rocksdb::FileOptions& fo,
                                     std::unique_ptr<rocksdb::FSWritableFile>* r,
                                     rocksdb::IODebugContext* dbg) override {
-    return Wrap(target()->NewWritableFile(f, fo, r, dbg), r);
+    return Wrap(target()->NewWritableFile(f, fo, r, dbg), f, r);
   }
+  // Not logged as created: the file keeps what it held.
   rocksdb::IOStatus ReopenWritableFile(const std::string& f, const rocksdb::FileOptions& fo,
                                        std::unique_ptr<rocksdb::FSWritableFile>* r,
                                        rocksdb::IODebugContext* dbg) override {
-    return Wrap(target()->ReopenWritableFile(f, fo, r, dbg), r);
+    rocksdb::IOStatus s = target()->ReopenWritableFile(f, fo, r, dbg);
+    if (s.ok()) *r = std::make_unique<OrderedWritableFile>(std::move(*r), barrier_, nullptr, f);
+    return s;
   }
   rocksdb::IOStatus ReuseWritableFile(const std::string& f, const std::string& old,
                                       const rocksdb::FileOptions& fo, std::unique_ptr<rocksdb::FSWritableFile>* r,
                                       rocksdb::IODebugContext* dbg) override {
-    return Wrap(target()->ReuseWritableFile(f, old, fo, r, dbg), r);
+    return Wrap(target()->ReuseWritableFile(f, old, fo, r, dbg), f, r);
   }
 
  private:
-  rocksdb::IOStatus Wrap(rocksdb::IOStatus s, std::unique_ptr<rocksdb::FSWritableFile>* r) {
-    if (s.ok()) *r = std::make_unique<OrderedWritableFile>(std::move(*r), barrier_);
+  // A new (empty) file.
+  rocksdb::IOStatus Wrap(rocksdb::IOStatus s, const std::string& f, std::unique_ptr<rocksdb::FSWritableFile>* r) {
+    if (s.ok()) *r = std::make_unique<OrderedWritableFile>(std::move(*r), barrier_, undo_log_, f);
     return s;
   }
 
   std::shared_ptr<DataBarrier> barrier_;
+  UndoLog* const undo_log_;
 };
 
 }  // namespace
 
-std::shared_ptr<rocksdb::FileSystem> NewOrderedFileSystem(std::shared_ptr<DataBarrier> barrier) {
-  return std::make_shared<OrderedFileSystem>(std::move(barrier));
+std::shared_ptr<rocksdb::FileSystem> NewOrderedFileSystem(std::shared_ptr<DataBarrier> barrier, UndoLog* undo_log) {
+  return std::make_shared<OrderedFileSystem>(std::move(barrier), undo_log);
 }
 
 }  // namespace deferfs

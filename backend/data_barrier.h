@@ -21,6 +21,8 @@ class FileSystem;
 
 namespace deferfs {
 
+class UndoLog;
+
 class DataBarrier {
  public:
   // Until SetFlush, Pass() only disarms: there is no data to order (mkfs, fsck).
@@ -46,6 +48,8 @@ class DataBarrier {
 
 // A RocksDB file system that forwards everything to the default one and calls
 // barrier->Pass() before every write to a writable file (WAL, SST, MANIFEST).
-std::shared_ptr<rocksdb::FileSystem> NewOrderedFileSystem(std::shared_ptr<DataBarrier> barrier);
+// With `undo_log` (testing only) it logs the files it creates and their syncs.
+std::shared_ptr<rocksdb::FileSystem> NewOrderedFileSystem(std::shared_ptr<DataBarrier> barrier,
+                                                          UndoLog* undo_log = nullptr);
 
 }  // namespace deferfs

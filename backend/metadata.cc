@@ -168,9 +168,10 @@ rocksdb::Options DbOptions(rocksdb::Env* env = nullptr) {
 }
 
 // Opens `dir` read-write through the ordered file system (DataBarrier).
-rocksdb::Status OpenOrdered(const std::string& dir, bool create, std::unique_ptr<MetaStore>* out) {
+rocksdb::Status OpenOrdered(const std::string& dir, bool create, std::unique_ptr<MetaStore>* out,
+                            UndoLog* undo_log = nullptr) {
   auto barrier = std::make_shared<DataBarrier>();
-  std::unique_ptr<rocksdb::Env> env = rocksdb::NewCompositeEnv(NewOrderedFileSystem(barrier));
+  std::unique_ptr<rocksdb::Env> env = rocksdb::NewCompositeEnv(NewOrderedFileSystem(barrier, undo_log));
   rocksdb::Options o = DbOptions(env.get());
   o.info_log = NewRocksLogger();  // not a LOG file on the store's own filesystem
   o.create_if_missing = create;
@@ -375,12 +376,13 @@ Status LockStoreFile(const std::string& dir, short type, UniqueFd* held) {
 
 }  // namespace
 
-Status MetaStore::OpenReadWrite(const std::string& dir, const Uuid& uuid, std::unique_ptr<MetaStore>* out) {
+Status MetaStore::OpenReadWrite(const std::string& dir, const Uuid& uuid, std::unique_ptr<MetaStore>* out,
+                                UndoLog* undo_log) {
   // Check the pairing read-only first: opening read-write replays and
   // rewrites the log, and a store that is not ours must stay untouched.
   DEFERFS_RETURN_IF_ERROR(CheckPaired(dir, uuid));
   std::unique_ptr<MetaStore> store;
-  rocksdb::Status s = OpenOrdered(dir, /*create=*/false, &store);
+  rocksdb::Status s = OpenOrdered(dir, /*create=*/false, &store, undo_log);
   if (s.IsIOError() && s.ToString().find("lock") != std::string::npos) {
     return Status::Error(EBUSY, "metadata directory " + dir + kInUse + kWhenIdle);
   }
@@ -421,9 +423,10 @@ bool MetaStore::IsStore(const std::string& dir) {
 
 Status MetaStore::LockIdle(const std::string& dir, UniqueFd* held) { return LockStoreFile(dir, F_WRLCK, held); }
 
-Status MetaStore::Open(const std::string& dir, const Uuid& uuid, std::unique_ptr<MetaStore>* out) {
+Status MetaStore::Open(const std::string& dir, const Uuid& uuid, std::unique_ptr<MetaStore>* out,
+                       UndoLog* undo_log) {
   std::unique_ptr<MetaStore> store;
-  DEFERFS_RETURN_IF_ERROR(OpenReadWrite(dir, uuid, &store));
+  DEFERFS_RETURN_IF_ERROR(OpenReadWrite(dir, uuid, &store, undo_log));
   DEFERFS_RETURN_IF_ERROR(store->LoadInodeCounter(dir));
   // The thread that writes deferred commits: a mounted store's only.
   store->writer_ = std::thread([raw = store.get()] { raw->DeferredWriterMain(); });

@@ -30,6 +30,8 @@ struct ReadOptions;
 
 namespace deferfs {
 
+class UndoLog;
+
 inline constexpr uint64_t kRootIno = 1;
 // Readdir offsets 1 and 2 are "." and ".."; entry cookies start above them.
 inline constexpr uint64_t kFirstDirCookie = 3;
@@ -122,8 +124,10 @@ class MetaStore {
   // mkfs: creates a fresh store in `dir` (which must not exist) holding the
   // pairing record for `uuid` and the root directory owned by uid/gid.
   static Status Create(const std::string& dir, const Uuid& uuid, uint32_t uid, uint32_t gid);
-  // mount: opens the store in `dir` and checks it belongs to `uuid`.
-  static Status Open(const std::string& dir, const Uuid& uuid, std::unique_ptr<MetaStore>* out);
+  // mount: opens the store in `dir` and checks it belongs to `uuid`. With
+  // `undo_log` (testing only) the store's files and syncs are logged there.
+  static Status Open(const std::string& dir, const Uuid& uuid, std::unique_ptr<MetaStore>* out,
+                     UndoLog* undo_log = nullptr);
   // fsck: the same, but a missing or corrupt inode counter is left for fsck
   // to report and repair: next_ino() is 0.
   static Status OpenForFsck(const std::string& dir, const Uuid& uuid, std::unique_ptr<MetaStore>* out);
@@ -226,7 +230,8 @@ class MetaStore {
 
  private:
   Status LookupAt(const rocksdb::ReadOptions& ro, uint64_t dir, std::string_view name, DirEntry* e);
-  static Status OpenReadWrite(const std::string& dir, const Uuid& uuid, std::unique_ptr<MetaStore>* out);
+  static Status OpenReadWrite(const std::string& dir, const Uuid& uuid, std::unique_ptr<MetaStore>* out,
+                              UndoLog* undo_log = nullptr);
   Status LoadInodeCounter(const std::string& dir);
   // Writes the deferred changes, if any (commit_mu_ held, or taken).
   Status ApplyDeferred();

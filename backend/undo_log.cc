@@ -17,7 +17,9 @@ namespace deferfs {
 namespace {
 
 constexpr uint32_t kMagic = 0x4f444e55;  // "UNDO"
-enum : uint8_t { kWrite = 1, kDurable = 2, kFlush = 3 };
+// kFileCreated and kFileSynced carry the file's path (len bytes); off is the
+// synced length.
+enum : uint8_t { kWrite = 1, kDurable = 2, kFlush = 3, kFileCreated = 4, kFileSynced = 5 };
 // Blocks are tracked in units of the smallest DIO alignment: every logged
 // range is a multiple of it.
 constexpr uint64_t kUnit = 512;
@@ -27,7 +29,7 @@ struct Header {
   uint32_t magic;
   uint8_t type;
   uint8_t pad[3];
-  uint32_t len;     // bytes of the range; a kWrite record carries them after the header
+  uint32_t len;     // bytes of the range or path; kWrite and the file records carry them
   uint32_t pad2;
   uint64_t off;     // device offset of the range
   uint64_t seq;     // order of the record
@@ -129,8 +131,20 @@ void UndoLog::Flushed(uint64_t mark) {
   (void)Append(kFlush, 0, 0, mark, nullptr);
 }
 
-Status RollBackUnflushedWrites(const std::string& log_path, const std::string& device_path, uint64_t* bytes_restored) {
-  *bytes_restored = 0;
+// Lost records make the roll-back stricter than the device, as above.
+void UndoLog::FileCreated(const std::string& path) {
+  std::lock_guard<std::mutex> l(mu_);
+  (void)Append(kFileCreated, 0, static_cast<uint32_t>(path.size()), 0, path.data());
+}
+
+void UndoLog::FileSynced(const std::string& path, uint64_t size) {
+  std::lock_guard<std::mutex> l(mu_);
+  (void)Append(kFileSynced, size, static_cast<uint32_t>(path.size()), 0, path.data());
+}
+
+Status RollBackUnflushedWrites(const std::string& log_path, const std::string& device_path, UnsyncedFiles files,
+                               uint64_t* bytes_undone) {
+  *bytes_undone = 0;
   UniqueFd log(open(log_path.c_str(), O_RDONLY | O_CLOEXEC));
   if (!log.valid()) return Status::Error(errno, "cannot open the undo log " + log_path + ": " + Errno(errno));
   UniqueFd dev(open(device_path.c_str(), O_RDWR | O_CLOEXEC));
@@ -148,16 +162,27 @@ Status RollBackUnflushedWrites(const std::string& log_path, const std::string& d
   if (fstat(log.get(), &st) != 0) return Status::Error(errno, "cannot stat " + log_path + ": " + Errno(errno));
   const uint64_t log_size = static_cast<uint64_t>(st.st_size);
   uint64_t flushed = 0;  // writes with seq < flushed are durable
+  std::unordered_map<std::string, uint64_t> synced;  // file created -> its durable length
   uint64_t pos = 0;
   for (;;) {
     Header h;
     if (!PreadFull(log.get(), &h, sizeof h, pos)) break;  // the end, or a torn header
-    if (h.magic != kMagic || h.len % kUnit || h.off % kUnit) {
+    const bool file = h.type == kFileCreated || h.type == kFileSynced;
+    if (h.magic != kMagic || (!file && (h.len % kUnit || h.off % kUnit))) {
       return Status::Invalid(log_path + " is not an undo log, or is damaged at byte " + std::to_string(pos));
     }
     const uint64_t data = pos + sizeof h;
-    if (h.type == kWrite) {
-      if (data + h.len > log_size) break;  // torn: its write was never submitted
+    if (data + (h.type == kWrite || file ? h.len : 0) > log_size) break;  // torn: it never happened
+    if (file) {
+      std::string path(h.len, '\0');
+      if (!PreadFull(log.get(), path.data(), h.len, data)) break;
+      if (h.type == kFileCreated) {
+        synced[path] = 0;
+      } else if (auto it = synced.find(path); it != synced.end()) {
+        it->second = h.off;
+      }
+      pos = data + h.len;
+    } else if (h.type == kWrite) {
       for (uint64_t i = 0; i < h.len / kUnit; i++) {
         Unit& u = units[h.off / kUnit + i];
         if (u.first == 0 || u.first < std::max(flushed, u.durable)) {
@@ -184,9 +209,19 @@ Status RollBackUnflushedWrites(const std::string& log_path, const std::string& d
     if (!PreadFull(log.get(), buf.data(), kUnit, u.pos) || !PwriteFull(dev.get(), buf.data(), kUnit, unit * kUnit)) {
       return Status::IoError("rolling back " + device_path + " from " + log_path + " failed: " + Errno(errno));
     }
-    *bytes_restored += kUnit;
+    *bytes_undone += kUnit;
   }
   if (fsync(dev.get()) != 0) return Status::Error(errno, "fsync of " + device_path + " failed: " + Errno(errno));
+  if (files == UnsyncedFiles::kWrittenBack) return Status::Ok();
+  for (const auto& [path, length] : synced) {
+    struct stat fst;
+    if (stat(path.c_str(), &fst) != 0) continue;  // removed since
+    if (static_cast<uint64_t>(fst.st_size) <= length) continue;
+    if (truncate(path.c_str(), static_cast<off_t>(length)) != 0) {
+      return Status::Error(errno, "cutting " + path + " back to its last sync failed: " + Errno(errno));
+    }
+    *bytes_undone += static_cast<uint64_t>(fst.st_size) - length;
+  }
   return Status::Ok();
 }
 

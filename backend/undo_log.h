@@ -4,11 +4,11 @@
 // them), so a crash test alone cannot tell whether a flush was missing. With
 // the mount option `undo_log=PATH`, every write records the prior contents of
 // its blocks before it reaches the device, and every flush and every completed
-// FUA write records what it made durable. After the crash,
+// FUA write records what it made durable; the metadata store records the
+// files it creates and how much of each every sync covered. After the crash,
 // RollBackUnflushedWrites returns each block to what it held at its last
-// durable point: the worst a power cut may do to the data. (The metadata
-// store's files are on another filesystem and keep what reached it.)
-// Thread-safe: pollers and flushing threads append under one mutex.
+// durable point and cuts each of those files back to its last sync: the
+// worst a power cut may do. Thread-safe: appends are under one mutex.
 #pragma once
 
 #include <cstdint>
@@ -37,6 +37,10 @@ class UndoLog {
   // covered: the model is lenient there.)
   uint64_t FlushStarts();
   void Flushed(uint64_t mark);
+  // A file (of the metadata store) created empty, and the length of it a
+  // completed sync made durable.
+  void FileCreated(const std::string& path);
+  void FileSynced(const std::string& path, uint64_t size);
 
  private:
   class Key {
@@ -57,10 +61,18 @@ class UndoLog {
   uint64_t next_seq_ = 1;  // guarded by mu_: the order of records
 };
 
+// What a power cut leaves of the metadata store's files: what no sync covered
+// may be lost, or the page cache may have written all of it back before the
+// cut (the case the data barrier is for). Both happen.
+enum class UnsyncedFiles { kLost, kWrittenBack };
+
 // Restores, in the device or file at `device_path`, every block that a write
-// logged in `log_path` changed after the block's last durable point. A torn
-// last record (the daemon killed while logging) is ignored: its write had not
-// been submitted. *bytes_restored: how much was rolled back.
-Status RollBackUnflushedWrites(const std::string& log_path, const std::string& device_path, uint64_t* bytes_restored);
+// logged in `log_path` changed after the block's last durable point; with
+// kLost, also cuts every file the log saw created back to its last sync (a
+// file since removed is left so). A torn last record (the daemon killed
+// while logging) is ignored: what it announced had not happened yet.
+// *bytes_undone: the bytes restored plus the bytes cut.
+Status RollBackUnflushedWrites(const std::string& log_path, const std::string& device_path, UnsyncedFiles files,
+                               uint64_t* bytes_undone);
 
 }  // namespace deferfs

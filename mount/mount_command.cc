@@ -193,7 +193,7 @@ int MountCommand(const MountArgs& args) {
   }
   if (opts.meta_dir.empty()) opts.meta_dir = DefaultMetaDir(backing, dev->is_block_device(), UuidToString(sb.uuid));
   std::unique_ptr<MetaStore> meta;
-  s = opts.read_only ? MetaStore::OpenReadOnly(opts.meta_dir, sb.uuid, &meta) : MetaStore::Open(opts.meta_dir, sb.uuid, &meta);
+  s = opts.read_only ? MetaStore::OpenReadOnly(opts.meta_dir, sb.uuid, &meta) : MetaStore::Open(opts.meta_dir, sb.uuid, &meta, dev->undo_log());
   if (!s.ok()) return report.Error(s.message());
 
   FsOptions fopt;

@@ -400,7 +400,8 @@ bool MountedFs::Crash() {
   }
   if (!WaitBackingFree()) return false;
   if (cfg_.power_cut) {
-    deferfs::Status s = deferfs::RollBackUnflushedWrites(UndoLogPath(), backing_, &lost_bytes_);
+    const auto files = cfg_.metadata_written_back ? deferfs::UnsyncedFiles::kWrittenBack : deferfs::UnsyncedFiles::kLost;
+    deferfs::Status s = deferfs::RollBackUnflushedWrites(UndoLogPath(), backing_, files, &lost_bytes_);
     if (!s.ok()) {
       ADD_FAILURE() << "the power cut failed: " << s.ToString();
       return false;

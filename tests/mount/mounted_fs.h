@@ -130,8 +130,11 @@ struct MountConfig {
   std::string existing_backing;      // if set: mount this formatted backing, no mkfs
   std::string meta;                  // if set: passed as -o meta=; else deferfs' default
   // Crash() is a power cut: it also loses every device write that no flush
-  // or FUA made durable (mounts with -o undo_log=, backend/undo_log.h).
+  // or FUA made durable (mounts with -o undo_log=, backend/undo_log.h), and
+  // the metadata store's files lose what no sync covered, unless
+  // `metadata_written_back` (then they keep all that reached them).
   bool power_cut = false;
+  bool metadata_written_back = false;
 
   // Mount an already formatted backing file.
   static MountConfig Existing(std::string backing) {
@@ -185,7 +188,7 @@ class MountedFs {
   // returns once the backing is free for Mount() to recover it. With
   // cfg.power_cut, then rolls the backing back to its last durable points.
   bool Crash();
-  // Bytes of device writes the last power cut undid.
+  // Bytes the last power cut undid: device blocks restored, metadata cut.
   uint64_t lost_bytes() const { return lost_bytes_; }
 
   // The daemon's stderr/stdout so far.

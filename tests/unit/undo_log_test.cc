@@ -60,7 +60,7 @@ class UndoLogTest : public ::testing::Test {
   uint64_t PowerCut() {
     dev_.reset();
     uint64_t restored = 0;
-    Status s = RollBackUnflushedWrites(log_, backing_, &restored);
+    Status s = RollBackUnflushedWrites(log_, backing_, UnsyncedFiles::kLost, &restored);
     EXPECT_TRUE(s.ok()) << s.ToString();
     return restored;
   }
@@ -163,17 +163,45 @@ TEST_F(UndoLogTest, ATornLastRecordIsIgnored) {
   ASSERT_EQ(::stat(log_.c_str(), &st), 0);
   ASSERT_EQ(::truncate(log_.c_str(), st.st_size - 100), 0);
   uint64_t restored = 0;
-  Status s = RollBackUnflushedWrites(log_, backing_, &restored);
+  Status s = RollBackUnflushedWrites(log_, backing_, UnsyncedFiles::kLost, &restored);
   ASSERT_TRUE(s.ok()) << s.ToString();
   EXPECT_EQ(restored, uint64_t{kBlock});
   EXPECT_EQ(Blocks(), "zbzzzzzzzzzzzzzz");
+}
+
+// The metadata store's files: each created file is cut back to its last
+// sync (to nothing if never synced); a file since removed stays removed.
+TEST_F(UndoLogTest, CreatedFilesAreCutBackToTheirLastSync) {
+  auto make = [&](const std::string& name, size_t size) {
+    const std::string path = dir_.Sub(name);
+    UniqueFd fd(::open(path.c_str(), O_CREAT | O_TRUNC | O_WRONLY | O_CLOEXEC, 0600));
+    EXPECT_EQ(::ftruncate(fd.get(), static_cast<off_t>(size)), 0);
+    return path;
+  };
+  auto size_of = [](const std::string& path) {
+    struct stat st{};
+    return ::stat(path.c_str(), &st) == 0 ? st.st_size : -1;
+  };
+  UndoLog* log = dev_->undo_log();
+  const std::string wal = make("000007.log", 300), never = make("000008.log", 200);
+  const std::string gone = make("000009.sst", 100), old = make("000006.log", 50);
+  for (const std::string* p : {&wal, &never, &gone}) log->FileCreated(*p);
+  log->FileSynced(wal, 120);
+  log->FileSynced(wal, 250);
+  log->FileSynced(old, 10);  // not created by this mount: kept whole
+  ASSERT_EQ(::unlink(gone.c_str()), 0);
+  EXPECT_EQ(PowerCut(), 50u + 200u);
+  EXPECT_EQ(size_of(wal), 250);
+  EXPECT_EQ(size_of(never), 0);
+  EXPECT_EQ(size_of(gone), -1);
+  EXPECT_EQ(size_of(old), 50);
 }
 
 TEST_F(UndoLogTest, AFileThatIsNoUndoLogIsRefusedUntouched) {
   Write(0, 'a');
   dev_.reset();
   uint64_t restored = 0;
-  Status s = RollBackUnflushedWrites(backing_, backing_, &restored);
+  Status s = RollBackUnflushedWrites(backing_, backing_, UnsyncedFiles::kLost, &restored);
   EXPECT_EQ(s.err(), EINVAL) << s.ToString();
   EXPECT_NE(s.message().find("not an undo log"), std::string::npos) << s.message();
   EXPECT_EQ(restored, 0u);
