@@ -207,7 +207,7 @@ Status Filesystem::SetAttr(uint64_t ino, const SetAttrRequest& req, struct stat*
   req.ApplyTo(&rec, NowNs());
   MetaBatch b;
   b.PutInode(rec);
-  DEFERFS_RETURN_IF_ERROR(CommitInode(inode, &b, /*sync=*/false, /*may_defer=*/true));
+  DEFERFS_RETURN_IF_ERROR(CommitInode(inode, &b));
   inode->rec = rec;
   inode->dirty = false;
   FillStat(*inode, out);

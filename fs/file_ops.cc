@@ -68,9 +68,9 @@ Status Filesystem::SyncMeta() {
   return Status::Ok();
 }
 
-Status Filesystem::CommitInode(Inode* inode, MetaBatch* b, bool sync, bool may_defer) {
+Status Filesystem::CommitInode(Inode* inode, MetaBatch* b, bool sync) {
   sync = sync || opt_.sync;
-  DEFERFS_RETURN_IF_ERROR(Commit(b, sync, may_defer));
+  DEFERFS_RETURN_IF_ERROR(Commit(b, sync, /*may_defer=*/true));
   // A synced commit makes everything before it in the WAL durable too. An
   // unsynced one is read against the epoch after it landed: conservative.
   inode->meta_epoch = sync ? 0 : EpochAfterCommit(wal_epoch_);
@@ -119,7 +119,7 @@ void Filesystem::Release(Inode* inode) {
       b.PutInode(inode->rec);
     }
     if (!b.empty()) {
-      if (CommitInode(inode, &b, /*sync=*/false, /*may_defer=*/true).ok()) {
+      if (CommitInode(inode, &b).ok()) {
         inode->dirty = false;
         FreeBlocksLater(freed);
         if (inode->deleted) live_inodes_--;
@@ -225,7 +225,7 @@ ssize_t Filesystem::WriteIter(Kiocb* iocb, IoBuffer* buf, const uint8_t* data, s
     rec.mtime_ns = rec.ctime_ns = NowNs();
     MetaBatch b;
     b.PutInode(rec);
-    Status st = CommitInode(inode, &b, (iocb->ki_flags & IOCB_DSYNC) != 0, /*may_defer=*/true);
+    Status st = CommitInode(inode, &b, (iocb->ki_flags & IOCB_DSYNC) != 0);
     inode->rmw_lblk = (end - kB) >> kBlockShift;  // on the device either way
     if (st.ok()) {
       inode->rec = rec;
@@ -285,7 +285,7 @@ int Filesystem::WriteEndIo(std::span<Dio* const> dios) {
       ApplyDelta(inode->ino, delta, &b);
       b.PutInode(rec);
       if (any_dsync && all_dsync) b.set_data_durable();  // all FUA: no device flush owed
-      Status st = CommitInode(inode, &b, any_dsync, /*may_defer=*/true);
+      Status st = CommitInode(inode, &b, any_dsync);
       if (st.ok()) {
         inode->rec = rec;
         inode->dirty = false;

@@ -255,11 +255,11 @@ class Filesystem {
   Status SyncMeta();
   // Commits a batch that changes `inode` (caller holds inode->mu) and
   // remembers whether it is durable, for O_DSYNC writes (IOMAP_F_DIRTY).
-  // may_defer: the store may hold the batch back and sort it in with others
-  // (MetaStore::CommitDeferred) unless it must be durable now; it does so
-  // only with inode and extent records (a write's end_io, an unaligned
-  // write's size, setattr, a last close) and commits anything else at once.
-  Status CommitInode(Inode* inode, MetaBatch* b, bool sync = false, bool may_defer = false);
+  // Unless it must be durable now (`sync`, or a sync mount), the store holds
+  // the batch back and sorts it in with others (MetaStore::CommitDeferred):
+  // it holds only inode and extent records, and commits anything else at
+  // once. Whatever reads, commits directly or syncs lands the held first.
+  Status CommitInode(Inode* inode, MetaBatch* b, bool sync = false);
 
   Status GetLocked(uint64_t ino, Inode** out);
   Status CheckName(std::string_view name) const;
@@ -301,7 +301,8 @@ class Filesystem {
   // Caller holds inode.mu.
   void FillStat(Inode& inode, struct stat* st);
   // Every metadata commit goes through here: refused once shut down, and
-  // the first failure shuts the filesystem down. may_defer: see CommitInode.
+  // the first failure shuts the filesystem down. may_defer: the store may
+  // hold the batch (CommitInode passes it).
   // The `sync` mount option is the callers' to apply (CommitInode, SyncedIf;
   // Forget's deletions of unlinked inodes need none: their orphan marks are
   // durable, and the next mount frees them).
