@@ -816,9 +816,10 @@ TEST(DurabilityPointTest, DatasyncAfterTheInodeWasDroppedSyncsItsCommits) {
   }
 }
 
-// Changes to an inode's record alone (an attribute, an unaligned write's
-// size) are held with the writes' extent changes rather than committed
-// alone; fsync lands them, and they survive a crash.
+// Changes to one file's inode and extents (an attribute, an unaligned
+// write's size, a truncate, a fallocate) are held with the writes' extent
+// changes rather than committed alone; fsync lands them, and they survive
+// a crash.
 TEST(DurabilityPointTest, InodeOnlyChangesAreHeldUntilADurabilityPoint) {
   MountedFs fs(CommitFarAway({"completion=defer"}));
   ASSERT_TRUE(fs.ok());
@@ -831,7 +832,13 @@ TEST(DurabilityPointTest, InodeOnlyChangesAreHeldUntilADurabilityPoint) {
   const uint64_t held1 = Stats::Read(fs)["live.metadata_deferred"];
   EXPECT_GT(held1, held0) << "the chmod was committed alone";
   ASSERT_EQ(write(fd.get(), "tail", 4), 4) << strerror(errno);
-  EXPECT_GT(Stats::Read(fs)["live.metadata_deferred"], held1) << "the append was committed alone";
+  const uint64_t held2 = Stats::Read(fs)["live.metadata_deferred"];
+  EXPECT_GT(held2, held1) << "the append was committed alone";
+  ASSERT_EQ(fallocate(fd.get(), FALLOC_FL_KEEP_SIZE, 0, 4 * kBlock), 0) << strerror(errno);
+  const uint64_t held3 = Stats::Read(fs)["live.metadata_deferred"];
+  EXPECT_GT(held3, held2) << "the fallocate was committed alone";
+  ASSERT_EQ(ftruncate(fd.get(), kBlock + 2), 0) << strerror(errno);
+  EXPECT_GT(Stats::Read(fs)["live.metadata_deferred"], held3) << "the truncate was committed alone";
   ASSERT_EQ(fsync(fd.get()), 0);
   EXPECT_EQ(Stats::Read(fs)["live.metadata_deferred"], 0u) << "fsync lands them";
   fd.reset();
@@ -840,7 +847,8 @@ TEST(DurabilityPointTest, InodeOnlyChangesAreHeldUntilADurabilityPoint) {
   struct stat st{};
   ASSERT_EQ(stat(path.c_str(), &st), 0) << strerror(errno);
   EXPECT_EQ(st.st_mode & 07777, 0600u);
-  EXPECT_EQ(st.st_size, static_cast<off_t>(kBlock + 4));
+  EXPECT_EQ(st.st_size, static_cast<off_t>(kBlock + 2));
+  EXPECT_EQ(st.st_blocks, static_cast<blkcnt_t>(2 * kBlock / 512)) << "the truncate freed the preallocation";
 }
 
 TEST(DurabilityPointTest, TheCommitIntervalSyncsWithoutBeingAsked) {
