@@ -52,11 +52,17 @@ rocksdb::IOStatus ToIo(const Status& st) {
 // so is the length each of its syncs made durable.
 class OrderedWritableFile : public rocksdb::FSWritableFileOwnerWrapper {
  public:
+  // `created`: a new, empty file; else one reopened with what it holds.
   OrderedWritableFile(std::unique_ptr<rocksdb::FSWritableFile> f, std::shared_ptr<DataBarrier> barrier,
-                      UndoLog* undo_log, std::string path)
+                      UndoLog* undo_log, std::string path, bool created)
       : FSWritableFileOwnerWrapper(std::move(f)), barrier_(std::move(barrier)), undo_log_(undo_log),
         path_(std::move(path)) {
-    if (undo_log_) undo_log_->FileCreated(path_);
+    if (!undo_log_) return;
+    if (created) {
+      undo_log_->FileCreated(path_);
+    } else {
+      size_.store(target()->GetFileSize(rocksdb::IOOptions(), nullptr), std::memory_order_relaxed);
+    }
   }
 
   rocksdb::IOStatus Append(const rocksdb::Slice& data, const rocksdb::IOOptions& o,
@@ -125,26 +131,23 @@ class OrderedFileSystem : public rocksdb::FileSystemWrapper {
   rocksdb::IOStatus NewWritableFile(const std::string& f, const rocksdb::FileOptions& fo,
                                     std::unique_ptr<rocksdb::FSWritableFile>* r,
                                     rocksdb::IODebugContext* dbg) override {
-    return Wrap(target()->NewWritableFile(f, fo, r, dbg), f, r);
+    return Wrap(target()->NewWritableFile(f, fo, r, dbg), f, /*created=*/true, r);
   }
-  // Not logged as created: the file keeps what it held.
   rocksdb::IOStatus ReopenWritableFile(const std::string& f, const rocksdb::FileOptions& fo,
                                        std::unique_ptr<rocksdb::FSWritableFile>* r,
                                        rocksdb::IODebugContext* dbg) override {
-    rocksdb::IOStatus s = target()->ReopenWritableFile(f, fo, r, dbg);
-    if (s.ok()) *r = std::make_unique<OrderedWritableFile>(std::move(*r), barrier_, nullptr, f);
-    return s;
+    return Wrap(target()->ReopenWritableFile(f, fo, r, dbg), f, /*created=*/false, r);
   }
   rocksdb::IOStatus ReuseWritableFile(const std::string& f, const std::string& old,
                                       const rocksdb::FileOptions& fo, std::unique_ptr<rocksdb::FSWritableFile>* r,
                                       rocksdb::IODebugContext* dbg) override {
-    return Wrap(target()->ReuseWritableFile(f, old, fo, r, dbg), f, r);
+    return Wrap(target()->ReuseWritableFile(f, old, fo, r, dbg), f, /*created=*/true, r);
   }
 
  private:
-  // A new (empty) file.
-  rocksdb::IOStatus Wrap(rocksdb::IOStatus s, const std::string& f, std::unique_ptr<rocksdb::FSWritableFile>* r) {
-    if (s.ok()) *r = std::make_unique<OrderedWritableFile>(std::move(*r), barrier_, undo_log_, f);
+  rocksdb::IOStatus Wrap(rocksdb::IOStatus s, const std::string& f, bool created,
+                         std::unique_ptr<rocksdb::FSWritableFile>* r) {
+    if (s.ok()) *r = std::make_unique<OrderedWritableFile>(std::move(*r), barrier_, undo_log_, f, created);
     return s;
   }
 

@@ -199,7 +199,8 @@ Status Device::ReadSync(uint64_t off, void* buf, uint32_t len) {
 
 Status Device::WriteSync(uint64_t off, const void* buf, uint32_t len) {
   DEFERFS_RETURN_IF_ERROR(CheckAligned("write", off, buf, len));
-  if (undo_log_) DEFERFS_RETURN_IF_ERROR(undo_log_->BeforeWrite(off, len));
+  uint64_t undo_seq = 0;
+  if (undo_log_) DEFERFS_RETURN_IF_ERROR(undo_log_->BeforeWrite(off, len, &undo_seq));
   int res =
       RunSync([&](struct io_uring_sqe* sqe) { io_uring_prep_write(sqe, fd(), buf, len, off); });
   if (res < 0) {
@@ -212,6 +213,7 @@ Status Device::WriteSync(uint64_t off, const void* buf, uint32_t len) {
                            std::to_string(len) + " bytes at offset " + std::to_string(off) +
                            " (device full?)");
   }
+  if (undo_log_) undo_log_->Completed(undo_seq, /*fua=*/false);
   return Status::Ok();
 }
 

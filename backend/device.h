@@ -69,7 +69,8 @@ class Device {
   // Testing only (mount option undo_log=PATH): from now on every write and
   // flush through this Device, or through a Poller started over it, is
   // recorded in a new undo log at `path` (backend/undo_log.h). Call it
-  // before the first Poller starts.
+  // before the first Poller starts; the Device must outlive every Poller
+  // and MetaStore given undo_log().
   Status KeepUndoLog(const std::string& path);
   UndoLog* undo_log() const { return undo_log_.get(); }
 

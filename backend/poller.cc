@@ -233,8 +233,11 @@ void Poller::Issue() {
         EndIo(idx, fault);  // a failed write leaves the device untouched
         continue;
       }
+      if (undo_log_ != nullptr && bio->op == Bio::Op::kFlush) [[unlikely]] {
+        slots_[idx].undo_seq = undo_log_->FlushStarts();
+      }
       if (undo_log_ != nullptr && bio->op == Bio::Op::kWrite) [[unlikely]] {
-        if (Status u = undo_log_->BeforeWrite(bio->dev_offset, bio->len); !u.ok()) {
+        if (Status u = undo_log_->BeforeWrite(bio->dev_offset, bio->len, &slots_[idx].undo_seq); !u.ok()) {
           LogError("%s", u.message().c_str());
           EndIo(idx, -EIO);
           continue;
@@ -329,7 +332,10 @@ void Poller::OnCqe(uint64_t user_data, int res) {
   Slot& s = slots_[idx];
   Bio* bio = s.bio;
   if (res < 0) return EndIo(idx, res);
-  if (bio->op == Bio::Op::kFlush) return EndIo(idx, 0);
+  if (bio->op == Bio::Op::kFlush) {
+    if (undo_log_ != nullptr) [[unlikely]] undo_log_->Flushed(s.undo_seq);
+    return EndIo(idx, 0);
+  }
   // A regular file may transfer less than asked (a block device never
   // does); continue with the rest. Zero bytes means we hit the end.
   if (res == 0) return EndIo(idx, -EIO);
@@ -339,9 +345,7 @@ void Poller::OnCqe(uint64_t user_data, int res) {
     if (opt_.fault_inject && bio->op == Bio::Op::kRead && InjectedFault(*bio, &fault)) [[unlikely]] {
       return EndIo(idx, fault);  // judged by the data the device returned
     }
-    if (undo_log_ != nullptr && bio->op == Bio::Op::kWrite && bio->fua) [[unlikely]] {
-      undo_log_->Durable(bio->dev_offset, bio->len);
-    }
+    if (undo_log_ != nullptr && bio->op == Bio::Op::kWrite) [[unlikely]] undo_log_->Completed(s.undo_seq, bio->fua);
     return EndIo(idx, static_cast<int32_t>(bio->len));
   }
   s.next = kNoSlot;

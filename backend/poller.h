@@ -44,7 +44,8 @@ class Poller {
   // A bio not aligned to dev.dio_align(), of length 0, or with a buf_index
   // outside opt.buffers completes with -EINVAL without reaching the kernel.
   // With opt.fault_inject, tagged bios complete with the injected result.
-  // With an undo log on `dev`, writes are logged before they are issued.
+  // With an undo log on `dev`, writes and flushes are logged as they are
+  // issued and complete.
   void Submit(Bio* bio);
 
   struct Stats {
@@ -76,6 +77,7 @@ class Poller {
     Bio* bio = nullptr;
     uint32_t done = 0;  // bytes transferred so far
     uint32_t next = 0;  // free list / retry list link
+    uint64_t undo_seq = 0;  // with an undo log: the write's or flush's name in it
   };
   static constexpr uint32_t kNoSlot = UINT32_MAX;
   static constexpr uint64_t kEventTag = UINT64_MAX;  // user_data of the eventfd read

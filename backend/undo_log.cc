@@ -17,9 +17,11 @@ namespace deferfs {
 namespace {
 
 constexpr uint32_t kMagic = 0x4f444e55;  // "UNDO"
-// kFileCreated and kFileSynced carry the file's path (len bytes); off is the
-// synced length.
-enum : uint8_t { kWrite = 1, kDurable = 2, kFlush = 3, kFileCreated = 4, kFileSynced = 5 };
+// kWrite carries the range's prior contents (len bytes). kCompleted names
+// its write in `covers`. kFlush covers the writes completed before record
+// `covers`. kFileCreated and kFileSynced carry the file's path (len bytes);
+// kFileSynced's off is the synced length.
+enum : uint8_t { kWrite = 1, kCompleted = 2, kFlush = 3, kFileCreated = 4, kFileSynced = 5 };
 // Blocks are tracked in units of the smallest DIO alignment: every logged
 // range is a multiple of it.
 constexpr uint64_t kUnit = 512;
@@ -28,15 +30,16 @@ constexpr uint64_t kUnit = 512;
 struct Header {
   uint32_t magic;
   uint8_t type;
-  uint8_t pad[3];
-  uint32_t len;     // bytes of the range or path; kWrite and the file records carry them
+  uint8_t fua;  // kCompleted: the write was FUA
+  uint8_t pad[2];
+  uint32_t len;  // bytes of the range or path that follow (kWrite, file records)
   uint32_t pad2;
-  uint64_t off;     // device offset of the range
-  uint64_t seq;     // order of the record
-  uint64_t covers;  // kFlush: the writes with seq < covers are durable
+  uint64_t off;
+  uint64_t seq;  // order of the record
+  uint64_t covers;
 };
 
-std::string Errno(int err) { return std::strerror(err); }
+bool HasPayload(uint8_t type) { return type == kWrite || type == kFileCreated || type == kFileSynced; }
 
 // Whole-buffer IO on a regular file; false with errno on error, or with
 // errno 0 at a short read (the end of the log).
@@ -73,7 +76,10 @@ bool PwriteFull(int fd, const void* buf, size_t len, uint64_t off) {
 
 Status UndoLog::Create(const std::string& path, int dev_fd, uint32_t dio_align, std::unique_ptr<UndoLog>* out) {
   UniqueFd fd(open(path.c_str(), O_CREAT | O_TRUNC | O_WRONLY | O_APPEND | O_CLOEXEC, 0600));
-  if (!fd.valid()) return Status::Error(errno, "cannot create the undo log " + path + ": " + Errno(errno));
+  if (!fd.valid()) {
+    return Status::Error(errno, "cannot create the undo log " + path + ": " + std::strerror(errno) +
+                                    ": give undo_log= a file in a writable directory");
+  }
   *out = std::make_unique<UndoLog>(Key(), std::move(fd), dev_fd, dio_align);
   return Status::Ok();
 }
@@ -83,27 +89,24 @@ UndoLog::UndoLog(Key, UniqueFd log_fd, int dev_fd, uint32_t dio_align)
 
 // Called with mu_ held. One writev per record, so a kill tears at most the
 // last one.
-Status UndoLog::Append(uint8_t type, uint64_t off, uint32_t len, uint64_t covers, const void* data) {
+uint64_t UndoLog::Append(uint8_t type, uint64_t off, uint32_t len, uint64_t covers, const void* data, bool fua) {
   Header h{};
   h.magic = kMagic;
   h.type = type;
-  h.len = len;
+  h.fua = fua;
+  h.len = data ? len : 0;
   h.off = off;
   h.seq = next_seq_++;
   h.covers = covers;
-  struct iovec iov[2] = {{&h, sizeof h}, {const_cast<void*>(data), data ? len : 0u}};
-  const size_t want = sizeof h + (data ? len : 0u);
+  struct iovec iov[2] = {{&h, sizeof h}, {const_cast<void*>(data), h.len}};
   ssize_t n;
   do {
     n = writev(log_fd_.get(), iov, data ? 2 : 1);
   } while (n < 0 && errno == EINTR);
-  if (n != static_cast<ssize_t>(want)) {
-    return Status::IoError("undo log write failed: " + (n < 0 ? Errno(errno) : std::string("short write")));
-  }
-  return Status::Ok();
+  return n == static_cast<ssize_t>(sizeof h + h.len) ? h.seq : 0;
 }
 
-Status UndoLog::BeforeWrite(uint64_t off, uint32_t len) {
+Status UndoLog::BeforeWrite(uint64_t off, uint32_t len, uint64_t* seq) {
   AlignedBuffer prior(len, dio_align_);
   if (prior.data() == nullptr) return Status::Error(ENOMEM, "undo log: no memory for " + std::to_string(len) + " bytes");
   std::lock_guard<std::mutex> l(mu_);
@@ -111,14 +114,18 @@ Status UndoLog::BeforeWrite(uint64_t off, uint32_t len) {
   // write of these blocks whose record it might otherwise overtake.
   if (!PreadFull(dev_fd_, prior.data(), len, off)) {
     return Status::IoError("undo log: reading the " + std::to_string(len) + " bytes at " + std::to_string(off) +
-                           " before their write failed: " + (errno ? Errno(errno) : std::string("end of device")));
+                           " before their write failed: " + (errno ? std::strerror(errno) : "end of device"));
   }
-  return Append(kWrite, off, len, 0, prior.data());
+  *seq = Append(kWrite, off, len, 0, prior.data());
+  if (*seq == 0) return Status::IoError("undo log: writing it failed: free space where undo_log= points");
+  return Status::Ok();
 }
 
-void UndoLog::Durable(uint64_t off, uint32_t len) {
+// A lost kCompleted or kFlush record makes the roll-back stricter than the
+// device; a lost kFileCreated or kFileSynced one makes it keep more of a file.
+void UndoLog::Completed(uint64_t seq, bool fua) {
   std::lock_guard<std::mutex> l(mu_);
-  (void)Append(kDurable, off, len, 0, nullptr);  // lost: the roll-back is stricter than the device
+  Append(kCompleted, 0, 0, seq, nullptr, fua);
 }
 
 uint64_t UndoLog::FlushStarts() {
@@ -128,99 +135,106 @@ uint64_t UndoLog::FlushStarts() {
 
 void UndoLog::Flushed(uint64_t mark) {
   std::lock_guard<std::mutex> l(mu_);
-  (void)Append(kFlush, 0, 0, mark, nullptr);
+  Append(kFlush, 0, 0, mark, nullptr);
 }
 
-// Lost records make the roll-back stricter than the device, as above.
 void UndoLog::FileCreated(const std::string& path) {
   std::lock_guard<std::mutex> l(mu_);
-  (void)Append(kFileCreated, 0, static_cast<uint32_t>(path.size()), 0, path.data());
+  Append(kFileCreated, 0, static_cast<uint32_t>(path.size()), 0, path.data());
 }
 
 void UndoLog::FileSynced(const std::string& path, uint64_t size) {
   std::lock_guard<std::mutex> l(mu_);
-  (void)Append(kFileSynced, size, static_cast<uint32_t>(path.size()), 0, path.data());
+  Append(kFileSynced, size, static_cast<uint32_t>(path.size()), 0, path.data());
 }
 
 Status RollBackUnflushedWrites(const std::string& log_path, const std::string& device_path, UnsyncedFiles files,
-                               uint64_t* bytes_undone) {
-  *bytes_undone = 0;
+                               RolledBack* out) {
+  *out = RolledBack{};
   UniqueFd log(open(log_path.c_str(), O_RDONLY | O_CLOEXEC));
-  if (!log.valid()) return Status::Error(errno, "cannot open the undo log " + log_path + ": " + Errno(errno));
+  if (!log.valid()) return Status::Error(errno, "cannot open the undo log " + log_path + ": " + std::strerror(errno));
   UniqueFd dev(open(device_path.c_str(), O_RDWR | O_CLOEXEC));
-  if (!dev.valid()) return Status::Error(errno, "cannot open " + device_path + ": " + Errno(errno));
-
-  // Per unit: the first write logged since its last durable point, whose
-  // prior contents are what a power cut leaves there.
-  struct Unit {
-    uint64_t durable = 0;  // seq of the last completed FUA write over it
-    uint64_t first = 0;    // seq of that first write; 0: none
-    uint64_t pos = 0;      // where its prior contents are in the log
-  };
-  std::unordered_map<uint64_t, Unit> units;
+  if (!dev.valid()) return Status::Error(errno, "cannot open " + device_path + ": " + std::strerror(errno));
   struct stat st;
-  if (fstat(log.get(), &st) != 0) return Status::Error(errno, "cannot stat " + log_path + ": " + Errno(errno));
+  if (fstat(log.get(), &st) != 0) return Status::Error(errno, "cannot stat " + log_path + ": " + std::strerror(errno));
   const uint64_t log_size = static_cast<uint64_t>(st.st_size);
-  uint64_t flushed = 0;  // writes with seq < flushed are durable
-  std::unordered_map<std::string, uint64_t> synced;  // file created -> its durable length
-  uint64_t pos = 0;
-  for (;;) {
+
+  struct Write {
+    uint64_t completed = 0;  // seq of its kCompleted record; 0: never completed
+    bool fua = false;
+  };
+  struct Change {
+    uint64_t seq;  // of the write
+    uint64_t pos;  // of the unit's prior contents in the log
+  };
+  std::unordered_map<uint64_t, Write> writes;
+  std::unordered_map<uint64_t, std::vector<Change>> units;  // each in log order
+  std::unordered_map<std::string, uint64_t> synced;         // file created -> its durable length
+  uint64_t flushed = 0;  // writes completed before record `flushed` are durable
+  for (uint64_t pos = 0;;) {
     Header h;
     if (!PreadFull(log.get(), &h, sizeof h, pos)) break;  // the end, or a torn header
-    const bool file = h.type == kFileCreated || h.type == kFileSynced;
-    if (h.magic != kMagic || (!file && (h.len % kUnit || h.off % kUnit))) {
+    const bool ranged = h.type == kWrite;
+    if (h.magic != kMagic || h.type < kWrite || h.type > kFileSynced || (ranged && (h.len % kUnit || h.off % kUnit))) {
       return Status::Invalid(log_path + " is not an undo log, or is damaged at byte " + std::to_string(pos));
     }
     const uint64_t data = pos + sizeof h;
-    if (data + (h.type == kWrite || file ? h.len : 0) > log_size) break;  // torn: it never happened
-    if (file) {
-      std::string path(h.len, '\0');
-      if (!PreadFull(log.get(), path.data(), h.len, data)) break;
-      if (h.type == kFileCreated) {
-        synced[path] = 0;
-      } else if (auto it = synced.find(path); it != synced.end()) {
-        it->second = h.off;
-      }
-      pos = data + h.len;
-    } else if (h.type == kWrite) {
-      for (uint64_t i = 0; i < h.len / kUnit; i++) {
-        Unit& u = units[h.off / kUnit + i];
-        if (u.first == 0 || u.first < std::max(flushed, u.durable)) {
-          u.first = h.seq;
-          u.pos = data + i * kUnit;
+    const uint64_t len = HasPayload(h.type) ? h.len : 0;
+    if (data + len > log_size) break;  // torn: what it announced never happened
+    pos = data + len;
+    switch (h.type) {
+      case kWrite:
+        writes[h.seq];
+        for (uint64_t i = 0; i < h.len / kUnit; i++) units[h.off / kUnit + i].push_back({h.seq, data + i * kUnit});
+        break;
+      case kCompleted:
+        writes[h.covers] = {h.seq, h.fua != 0};
+        break;
+      case kFlush:
+        flushed = std::max(flushed, h.covers);
+        break;
+      default: {
+        std::string path(h.len, '\0');
+        if (!PreadFull(log.get(), path.data(), h.len, data)) return Status::IoError("reading " + log_path + " failed");
+        if (h.type == kFileCreated) {
+          synced[path] = 0;
+        } else if (auto it = synced.find(path); it != synced.end()) {
+          it->second = h.off;
         }
       }
-      pos = data + h.len;
-    } else if (h.type == kDurable) {
-      for (uint64_t i = 0; i < h.len / kUnit; i++) units[h.off / kUnit + i].durable = h.seq;
-      pos = data;
-    } else if (h.type == kFlush) {
-      flushed = std::max(flushed, h.covers);
-      pos = data;
-    } else {
-      return Status::Invalid(log_path + " has a record of unknown type " + std::to_string(h.type) + " at byte " +
-                             std::to_string(pos));
     }
   }
 
+  // A unit holds what its last durable write left: restore the prior
+  // contents of the first write after that one (of the first write, if
+  // none was durable).
   std::vector<uint8_t> buf(kUnit);
-  for (const auto& [unit, u] : units) {
-    if (u.first == 0 || u.first < std::max(flushed, u.durable)) continue;
-    if (!PreadFull(log.get(), buf.data(), kUnit, u.pos) || !PwriteFull(dev.get(), buf.data(), kUnit, unit * kUnit)) {
-      return Status::IoError("rolling back " + device_path + " from " + log_path + " failed: " + Errno(errno));
+  for (const auto& [unit, changes] : units) {
+    size_t first_lost = 0;
+    for (size_t i = changes.size(); i-- > 0;) {
+      const Write& w = writes[changes[i].seq];
+      if (w.completed != 0 && (w.fua || w.completed < flushed)) {
+        first_lost = i + 1;
+        break;
+      }
     }
-    *bytes_undone += kUnit;
+    if (first_lost == changes.size()) continue;
+    if (!PreadFull(log.get(), buf.data(), kUnit, changes[first_lost].pos) ||
+        !PwriteFull(dev.get(), buf.data(), kUnit, unit * kUnit)) {
+      return Status::IoError("rolling back " + device_path + " from " + log_path + " failed: " + std::strerror(errno));
+    }
+    out->device_bytes += kUnit;
   }
-  if (fsync(dev.get()) != 0) return Status::Error(errno, "fsync of " + device_path + " failed: " + Errno(errno));
+  if (fsync(dev.get()) != 0) return Status::Error(errno, "fsync of " + device_path + " failed: " + std::strerror(errno));
   if (files == UnsyncedFiles::kWrittenBack) return Status::Ok();
   for (const auto& [path, length] : synced) {
     struct stat fst;
     if (stat(path.c_str(), &fst) != 0) continue;  // removed since
     if (static_cast<uint64_t>(fst.st_size) <= length) continue;
     if (truncate(path.c_str(), static_cast<off_t>(length)) != 0) {
-      return Status::Error(errno, "cutting " + path + " back to its last sync failed: " + Errno(errno));
+      return Status::Error(errno, "cutting " + path + " back to its last sync failed: " + std::strerror(errno));
     }
-    *bytes_undone += static_cast<uint64_t>(fst.st_size) - length;
+    out->file_bytes += static_cast<uint64_t>(fst.st_size) - length;
   }
   return Status::Ok();
 }

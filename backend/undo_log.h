@@ -23,18 +23,18 @@ namespace deferfs {
 
 class UndoLog {
  public:
-  // A new (truncated) log at `path` for the device open at `dev_fd` (O_DIRECT;
-  // every IO `dio_align`-aligned). `dev_fd` must outlive the UndoLog.
+  // A new log at `path` (truncated: one per mount) for the device open at
+  // `dev_fd` (O_DIRECT; every IO `dio_align`-aligned). `dev_fd` must outlive
+  // the UndoLog. The log grows by the size of every write.
   static Status Create(const std::string& path, int dev_fd, uint32_t dio_align, std::unique_ptr<UndoLog>* out);
 
   // Before a write of [off, off + len) is submitted: logs the blocks' contents
-  // (one synchronous read of the device).
-  Status BeforeWrite(uint64_t off, uint32_t len);
-  // After a FUA write of [off, off + len) completed.
-  void Durable(uint64_t off, uint32_t len);
-  // A flush covers the writes logged before FlushStarts(); Flushed(mark) says
-  // it completed. (A write still in flight when the flush starts counts as
-  // covered: the model is lenient there.)
+  // (one synchronous read of the device); *seq names the write for Completed.
+  Status BeforeWrite(uint64_t off, uint32_t len, uint64_t* seq);
+  // The write `seq` completed in full; with `fua`, it is durable already.
+  void Completed(uint64_t seq, bool fua);
+  // A flush covers the writes that completed before FlushStarts();
+  // Flushed(mark) says it completed. Writes still in flight are not covered.
   uint64_t FlushStarts();
   void Flushed(uint64_t mark);
   // A file (of the metadata store) created empty, and the length of it a
@@ -52,7 +52,8 @@ class UndoLog {
   UndoLog(Key, UniqueFd log_fd, int dev_fd, uint32_t dio_align);
 
  private:
-  Status Append(uint8_t type, uint64_t off, uint32_t len, uint64_t covers, const void* data);
+  // Appends one record; returns its seq, or 0 if it could not be written.
+  uint64_t Append(uint8_t type, uint64_t off, uint32_t len, uint64_t covers, const void* data, bool fua = false);
 
   const UniqueFd log_fd_;  // O_APPEND
   const int dev_fd_;
@@ -66,13 +67,18 @@ class UndoLog {
 // cut (the case the data barrier is for). Both happen.
 enum class UnsyncedFiles { kLost, kWrittenBack };
 
+struct RolledBack {
+  uint64_t device_bytes = 0;  // restored to their contents at the last durable point
+  uint64_t file_bytes = 0;    // cut from the metadata store's files
+};
+
 // Restores, in the device or file at `device_path`, every block that a write
 // logged in `log_path` changed after the block's last durable point; with
 // kLost, also cuts every file the log saw created back to its last sync (a
 // file since removed is left so). A torn last record (the daemon killed
-// while logging) is ignored: what it announced had not happened yet.
-// *bytes_undone: the bytes restored plus the bytes cut.
+// while logging) is ignored: what it announced had not happened yet. The
+// log is read whole before anything changes.
 Status RollBackUnflushedWrites(const std::string& log_path, const std::string& device_path, UnsyncedFiles files,
-                               uint64_t* bytes_undone);
+                               RolledBack* out);
 
 }  // namespace deferfs

@@ -401,7 +401,9 @@ bool MountedFs::Crash() {
   if (!WaitBackingFree()) return false;
   if (cfg_.power_cut) {
     const auto files = cfg_.metadata_written_back ? deferfs::UnsyncedFiles::kWrittenBack : deferfs::UnsyncedFiles::kLost;
-    deferfs::Status s = deferfs::RollBackUnflushedWrites(UndoLogPath(), backing_, files, &lost_bytes_);
+    deferfs::RolledBack undone;
+    deferfs::Status s = deferfs::RollBackUnflushedWrites(UndoLogPath(), backing_, files, &undone);
+    lost_bytes_ = undone.device_bytes;
     if (!s.ok()) {
       ADD_FAILURE() << "the power cut failed: " << s.ToString();
       return false;

@@ -188,7 +188,7 @@ class MountedFs {
   // returns once the backing is free for Mount() to recover it. With
   // cfg.power_cut, then rolls the backing back to its last durable points.
   bool Crash();
-  // Bytes the last power cut undid: device blocks restored, metadata cut.
+  // Bytes of the device the last power cut restored to older contents.
   uint64_t lost_bytes() const { return lost_bytes_; }
 
   // The daemon's stderr/stdout so far.

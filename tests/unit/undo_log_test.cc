@@ -13,6 +13,9 @@
 #include <string>
 #include <vector>
 
+#include <rocksdb/file_system.h>
+
+#include "backend/data_barrier.h"
 #include "backend/device.h"
 #include "backend/poller.h"
 #include "tests/unit/temp_dir.h"
@@ -23,6 +26,11 @@ namespace {
 constexpr uint32_t kBlock = 4096;
 constexpr uint64_t kBlocks = 16;
 constexpr char kPrefill = 'z';
+
+off_t SizeOf(const std::string& path) {
+  struct stat st{};
+  return ::stat(path.c_str(), &st) == 0 ? st.st_size : -1;
+}
 
 class UndoLogTest : public ::testing::Test {
  protected:
@@ -55,14 +63,28 @@ class UndoLogTest : public ::testing::Test {
     ASSERT_TRUE(s.ok()) << s.ToString();
   }
 
-  // Ends the "mount" (the device closes, as a killed daemon's would) and
-  // rolls back; returns the bytes restored.
-  uint64_t PowerCut() {
-    dev_.reset();
-    uint64_t restored = 0;
-    Status s = RollBackUnflushedWrites(log_, backing_, UnsyncedFiles::kLost, &restored);
+  // A write the test drives itself: logged, written, and (if `complete`)
+  // reported complete. Returns its seq.
+  uint64_t LoggedWrite(uint64_t block, char fill, bool complete = true, bool fua = false) {
+    uint64_t seq = 0;
+    Status s = dev_->undo_log()->BeforeWrite(block * kBlock, kBlock, &seq);
     EXPECT_TRUE(s.ok()) << s.ToString();
-    return restored;
+    std::vector<char> buf(kBlock, fill);
+    UniqueFd fd(::open(backing_.c_str(), O_WRONLY | O_CLOEXEC));
+    EXPECT_EQ(::pwrite(fd.get(), buf.data(), kBlock, static_cast<off_t>(block * kBlock)), kBlock);
+    EXPECT_EQ(::fdatasync(fd.get()), 0);  // so the log's O_DIRECT reads see it
+    if (complete) dev_->undo_log()->Completed(seq, fua);
+    return seq;
+  }
+
+  // Ends the "mount" (the device closes, as a killed daemon's would) and
+  // rolls back.
+  RolledBack PowerCut(UnsyncedFiles files = UnsyncedFiles::kLost) {
+    dev_.reset();
+    RolledBack r;
+    Status s = RollBackUnflushedWrites(log_, backing_, files, &r);
+    EXPECT_TRUE(s.ok()) << s.ToString();
+    return r;
   }
 
   // The first byte of each block (every block is one byte repeated).
@@ -97,7 +119,7 @@ TEST_F(UndoLogTest, EachBlockGoesBackToWhatItHeldAtTheLastFlush) {
   Write(2, 'd');
   Write(2, 'e');  // two unflushed writes: back to before the first
   ASSERT_EQ(Blocks(), "bcefzzzzzzzzzzzz");
-  EXPECT_EQ(PowerCut(), 3u * kBlock);
+  EXPECT_EQ(PowerCut().device_bytes, 3u * kBlock);
   EXPECT_EQ(Blocks(), "azzfzzzzzzzzzzzz");
 }
 
@@ -105,7 +127,7 @@ TEST_F(UndoLogTest, NothingToRollBackAfterAFinalFlush) {
   Write(0, 'a');
   Write(5, 'b');
   Flush();
-  EXPECT_EQ(PowerCut(), 0u);
+  EXPECT_EQ(PowerCut().device_bytes, 0u);
   EXPECT_EQ(Blocks(), "azzzzbzzzzzzzzzz");
 }
 
@@ -149,7 +171,7 @@ TEST_F(UndoLogTest, PollerWritesAreLoggedAndFuaIsDurable) {
   write(2, 'e', /*fua=*/false);  // lost: back to 'd'
   poller.reset();
   ASSERT_EQ(Blocks(), "abezzzzzzzzzzzzz");
-  EXPECT_EQ(PowerCut(), 2u * kBlock);
+  EXPECT_EQ(PowerCut().device_bytes, 2u * kBlock);
   EXPECT_EQ(Blocks(), "azdzzzzzzzzzzzzz");
 }
 
@@ -162,25 +184,22 @@ TEST_F(UndoLogTest, ATornLastRecordIsIgnored) {
   struct stat st{};
   ASSERT_EQ(::stat(log_.c_str(), &st), 0);
   ASSERT_EQ(::truncate(log_.c_str(), st.st_size - 100), 0);
-  uint64_t restored = 0;
-  Status s = RollBackUnflushedWrites(log_, backing_, UnsyncedFiles::kLost, &restored);
+  RolledBack r;
+  Status s = RollBackUnflushedWrites(log_, backing_, UnsyncedFiles::kLost, &r);
   ASSERT_TRUE(s.ok()) << s.ToString();
-  EXPECT_EQ(restored, uint64_t{kBlock});
+  EXPECT_EQ(r.device_bytes, uint64_t{kBlock});
   EXPECT_EQ(Blocks(), "zbzzzzzzzzzzzzzz");
 }
 
 // The metadata store's files: each created file is cut back to its last
 // sync (to nothing if never synced); a file since removed stays removed.
 TEST_F(UndoLogTest, CreatedFilesAreCutBackToTheirLastSync) {
+  RolledBack r;
   auto make = [&](const std::string& name, size_t size) {
     const std::string path = dir_.Sub(name);
     UniqueFd fd(::open(path.c_str(), O_CREAT | O_TRUNC | O_WRONLY | O_CLOEXEC, 0600));
     EXPECT_EQ(::ftruncate(fd.get(), static_cast<off_t>(size)), 0);
     return path;
-  };
-  auto size_of = [](const std::string& path) {
-    struct stat st{};
-    return ::stat(path.c_str(), &st) == 0 ? st.st_size : -1;
   };
   UndoLog* log = dev_->undo_log();
   const std::string wal = make("000007.log", 300), never = make("000008.log", 200);
@@ -190,21 +209,61 @@ TEST_F(UndoLogTest, CreatedFilesAreCutBackToTheirLastSync) {
   log->FileSynced(wal, 250);
   log->FileSynced(old, 10);  // not created by this mount: kept whole
   ASSERT_EQ(::unlink(gone.c_str()), 0);
-  EXPECT_EQ(PowerCut(), 50u + 200u);
-  EXPECT_EQ(size_of(wal), 250);
-  EXPECT_EQ(size_of(never), 0);
-  EXPECT_EQ(size_of(gone), -1);
-  EXPECT_EQ(size_of(old), 50);
+  // Written back before the cut: every file keeps what reached it.
+  ASSERT_EQ(RollBackUnflushedWrites(log_, backing_, UnsyncedFiles::kWrittenBack, &r).ok(), true);
+  EXPECT_EQ(r.file_bytes, 0u);
+  EXPECT_EQ(SizeOf(wal), 300);
+  EXPECT_EQ(PowerCut().file_bytes, 50u + 200u);
+  EXPECT_EQ(SizeOf(wal), 250);
+  EXPECT_EQ(SizeOf(never), 0);
+  EXPECT_EQ(SizeOf(gone), -1);
+  EXPECT_EQ(SizeOf(old), 50);
+}
+
+// The store's files through the ordered file system: creation, and what
+// each sync covered, are logged.
+TEST_F(UndoLogTest, TheStoresFileSystemLogsItsFilesAndSyncs) {
+  std::shared_ptr<rocksdb::FileSystem> fs = NewOrderedFileSystem(std::make_shared<DataBarrier>(), dev_->undo_log());
+  const std::string path = dir_.Sub("000012.log");
+  std::unique_ptr<rocksdb::FSWritableFile> f;
+  ASSERT_TRUE(fs->NewWritableFile(path, rocksdb::FileOptions(), &f, nullptr).ok());
+  const std::string bytes(150, 'w');
+  ASSERT_TRUE(f->Append(rocksdb::Slice(bytes.data(), 100), rocksdb::IOOptions(), nullptr).ok());
+  ASSERT_TRUE(f->Sync(rocksdb::IOOptions(), nullptr).ok());
+  ASSERT_TRUE(f->Append(rocksdb::Slice(bytes.data(), 50), rocksdb::IOOptions(), nullptr).ok());
+  ASSERT_TRUE(f->Close(rocksdb::IOOptions(), nullptr).ok());
+  f.reset();
+  ASSERT_EQ(SizeOf(path), 150);
+  EXPECT_EQ(PowerCut().file_bytes, 50u);
+  EXPECT_EQ(SizeOf(path), 100);
+}
+
+// A flush covers only the writes that completed before it started, and a
+// FUA write's completion only that write.
+TEST_F(UndoLogTest, FlushAndFuaCoverOnlyWhatCompletedBeforeThem) {
+  UndoLog* log = dev_->undo_log();
+  LoggedWrite(0, 'a');
+  const uint64_t in_flight = LoggedWrite(1, 'c', /*complete=*/false);
+  const uint64_t mark = log->FlushStarts();
+  LoggedWrite(0, 'b');           // during the flush: not covered
+  log->Completed(in_flight, false);  // completed after the flush began: not covered
+  log->Flushed(mark);
+  const uint64_t fua = LoggedWrite(2, 'd', /*complete=*/false, /*fua=*/true);
+  LoggedWrite(2, 'e');  // while the FUA write is in flight: not covered by its completion
+  log->Completed(fua, /*fua=*/true);
+  ASSERT_EQ(Blocks(), "bcezzzzzzzzzzzzz");
+  EXPECT_EQ(PowerCut().device_bytes, 3u * kBlock);
+  EXPECT_EQ(Blocks(), "azdzzzzzzzzzzzzz");
 }
 
 TEST_F(UndoLogTest, AFileThatIsNoUndoLogIsRefusedUntouched) {
   Write(0, 'a');
   dev_.reset();
-  uint64_t restored = 0;
-  Status s = RollBackUnflushedWrites(backing_, backing_, UnsyncedFiles::kLost, &restored);
+  RolledBack r;
+  Status s = RollBackUnflushedWrites(backing_, backing_, UnsyncedFiles::kLost, &r);
   EXPECT_EQ(s.err(), EINVAL) << s.ToString();
   EXPECT_NE(s.message().find("not an undo log"), std::string::npos) << s.message();
-  EXPECT_EQ(restored, 0u);
+  EXPECT_EQ(r.device_bytes, 0u);
   EXPECT_EQ(Blocks(), "azzzzzzzzzzzzzzz");
 }
 
