@@ -69,28 +69,28 @@ class OrderedWritableFile : public rocksdb::FSWritableFileOwnerWrapper {
                            rocksdb::IODebugContext* dbg) override {
     rocksdb::IOStatus s = ToIo(barrier_->Pass());
     if (s.ok()) s = target()->Append(data, o, dbg);
-    if (s.ok()) size_.fetch_add(data.size(), std::memory_order_relaxed);
+    if (s.ok() && undo_log_) size_.fetch_add(data.size(), std::memory_order_relaxed);
     return s;
   }
   rocksdb::IOStatus Append(const rocksdb::Slice& data, const rocksdb::IOOptions& o,
                            const rocksdb::DataVerificationInfo& v, rocksdb::IODebugContext* dbg) override {
     rocksdb::IOStatus s = ToIo(barrier_->Pass());
     if (s.ok()) s = target()->Append(data, o, v, dbg);
-    if (s.ok()) size_.fetch_add(data.size(), std::memory_order_relaxed);
+    if (s.ok() && undo_log_) size_.fetch_add(data.size(), std::memory_order_relaxed);
     return s;
   }
   rocksdb::IOStatus PositionedAppend(const rocksdb::Slice& data, uint64_t off, const rocksdb::IOOptions& o,
                                      rocksdb::IODebugContext* dbg) override {
     rocksdb::IOStatus s = ToIo(barrier_->Pass());
     if (s.ok()) s = target()->PositionedAppend(data, off, o, dbg);
-    if (s.ok()) Grow(off + data.size());
+    if (s.ok() && undo_log_) Grow(off + data.size());
     return s;
   }
   rocksdb::IOStatus PositionedAppend(const rocksdb::Slice& data, uint64_t off, const rocksdb::IOOptions& o,
                                      const rocksdb::DataVerificationInfo& v, rocksdb::IODebugContext* dbg) override {
     rocksdb::IOStatus s = ToIo(barrier_->Pass());
     if (s.ok()) s = target()->PositionedAppend(data, off, o, v, dbg);
-    if (s.ok()) Grow(off + data.size());
+    if (s.ok() && undo_log_) Grow(off + data.size());
     return s;
   }
   // A sync covers what was appended before it began (RocksDB syncs a WAL
@@ -118,7 +118,7 @@ class OrderedWritableFile : public rocksdb::FSWritableFileOwnerWrapper {
   std::shared_ptr<DataBarrier> barrier_;
   UndoLog* const undo_log_;
   const std::string path_;
-  std::atomic<uint64_t> size_{0};  // bytes appended
+  std::atomic<uint64_t> size_{0};  // bytes appended; counted only with an undo log
 };
 
 class OrderedFileSystem : public rocksdb::FileSystemWrapper {
