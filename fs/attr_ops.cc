@@ -46,6 +46,11 @@ Status CheckXattrName(std::string_view name) {
   return Status::Error(EOPNOTSUPP, "unsupported attribute namespace (user., trusted. and security. are)");
 }
 
+// What a full listing of an inode's xattrs says about it.
+Inode::Xattrs XattrsOf(const std::vector<std::string>& names) {
+  return names.empty() ? Inode::Xattrs::kNone : Inode::Xattrs::kSome;
+}
+
 }  // namespace
 
 Filesystem::Filesystem(std::unique_ptr<Device> dev, std::unique_ptr<MetaStore> meta, const Superblock& sb,
@@ -279,7 +284,7 @@ Status Filesystem::LookupXattr(Inode* inode, std::string_view name, std::string*
   if (inode->xattrs == Inode::Xattrs::kUnknown) {
     std::vector<std::string> names;
     DEFERFS_RETURN_IF_ERROR(meta_->ListXattrs(inode->ino, &names));
-    inode->xattrs = names.empty() ? Inode::Xattrs::kNone : Inode::Xattrs::kSome;
+    inode->xattrs = XattrsOf(names);
   }
   if (inode->xattrs == Inode::Xattrs::kNone) return Status::Error(ENODATA, "no such attribute");
   return meta_->GetXattr(inode->ino, name, value);
@@ -300,7 +305,7 @@ Status Filesystem::ListXattr(uint64_t ino, std::string* names) {
   DEFERFS_RETURN_IF_ERROR(GetLocked(ino, &inode));
   std::vector<std::string> v;
   DEFERFS_RETURN_IF_ERROR(meta_->ListXattrs(ino, &v));
-  inode->xattrs = v.empty() ? Inode::Xattrs::kNone : Inode::Xattrs::kSome;
+  inode->xattrs = XattrsOf(v);
   names->clear();
   for (const auto& n : v) {
     if (!CheckXattrName(n).ok()) continue;
