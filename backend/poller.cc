@@ -205,9 +205,13 @@ bool Poller::Valid(const Bio& bio) const {
   return bio.buf_index < 0 || static_cast<size_t>(bio.buf_index) < opt_.buffers.size();
 }
 
-// Turns retries, then pending bios, into SQEs while slots last; submits.
+// Turns retries, then pending bios, into SQEs while slots last; submits
+// them. The eventfd read need only be armed before the poller sleeps, so it
+// waits for the next submit (at the latest the sleep's own) rather than
+// costing an io_uring_enter of its own after each wakeup.
 void Poller::Issue() {
   if (!event_armed_ && !stop_.load(std::memory_order_relaxed)) event_armed_ = PrepEventRead();
+  bool bios = false;
   for (;;) {
     uint32_t idx;
     if (retry_head_ != kNoSlot) {
@@ -253,8 +257,9 @@ void Poller::Issue() {
       if (retry_tail_ == kNoSlot) retry_tail_ = idx;
       break;
     }
+    bios = true;
   }
-  if (prepared_ > 0) SubmitBatch();
+  if (bios && prepared_ > 0) SubmitBatch();
 }
 
 bool Poller::PrepEventRead() {

@@ -166,7 +166,7 @@ void TaskWork::WaitUntil(const std::function<bool()>& cond, WaitQueue* wq) {
     if (cond()) break;
     if (!PrepareSleep()) continue;
     if (cond()) {
-      Awake();
+      Awake(/*consume=*/false);  // did not sleep: a racing Wake only makes the next Sleep return at once
       break;
     }
     if (plug_) plug_->Flush();

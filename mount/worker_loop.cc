@@ -205,8 +205,14 @@ void WorkerPool::RunDev(Worker* w) {
     if (!w->tw.PrepareSleep()) continue;
     epoll_event evs[3];
     int ready = epoll_wait(w->epoll_fd.get(), evs, 3, -1);
-    w->tw.Awake();
-    for (int i = 0; i < ready; i++) stop |= evs[i].data.fd == stop_fd_.get();
+    // The eventfd is read only when it fired: a request that woke us goes
+    // straight to its read(2), one system call sooner.
+    bool kicked = false;
+    for (int i = 0; i < ready; i++) {
+      stop |= evs[i].data.fd == stop_fd_.get();
+      kicked |= evs[i].data.fd == w->tw.event_fd();
+    }
+    w->tw.Awake(/*consume=*/kicked);
   }
 }
 

@@ -6,7 +6,8 @@ TARGET is a completion mode (MODE_uring: with transport=uring), "raw" (the backi
 round trip alone), and K the repetition. Repeated runs are reported by their
 median, with the spread (largest distance from the median, in percent).
 Beside each JSON, run.sh may leave RUN.cpu: the file server's CPU seconds
-during the run (shown as CPU µs per IO); notes it leaves as TARGET-note.txt
+during the run (shown as CPU µs per IO), and RUN.steal: the percent of the
+machine's CPU time its host stole during the run; notes it leaves as TARGET-note.txt
 go under the tables. Where the run measured what they need, a last table
 checks issue 5's benchmark goals.
 
@@ -48,6 +49,12 @@ def measure(path):
     if os.path.exists(cpu) and side["total_ios"]:
         with open(cpu) as f:
             r["cpu_us"] = float(f.read()) * 1e6 / side["total_ios"]
+    steal = path[: -len(".json")] + ".steal"
+    if os.path.exists(steal):
+        with open(steal) as f:
+            text = f.read().strip()
+        if text:
+            r["steal_pct"] = float(text)
     return r
 
 
@@ -96,6 +103,34 @@ def notes(paths):
                 with open(os.path.join(d, name)) as f:
                     out.append(f"- {name[:-len('-note.txt')]}: {f.read().strip()}")
     return out
+
+
+# Above this much stolen CPU time, a run measured the host's other tenants
+# as much as deferfs.
+STEAL_NOTED = 5.0
+
+
+def steal_markdown(reps):
+    """Per repetition, how much CPU time the host stole during its runs."""
+    per_rep = collections.defaultdict(list)
+    for (job, target, qd), rs in reps.items():
+        for r in rs:
+            if "steal_pct" in r:
+                per_rep[r["rep"]].append((r["steal_pct"], f"{target} {job} QD{qd}"))
+    if not per_rep:
+        return ""
+    lines = ["### Host steal\n",
+             "The percent of this machine's CPU time its host gave to others while the runs waited for it "
+             "(/proc/stat). Where it is high, the host set the pace, and figures of that repetition "
+             "(and comparisons that pair them) say less about deferfs.\n",
+             "| repetition | median | max | runs above " + f"{STEAL_NOTED:.0f} %" + " |", "|---|---|---|---|"]
+    for rep in sorted(per_rep):
+        vals = sorted(per_rep[rep], reverse=True)
+        top, where = vals[0]
+        above = sum(1 for v, _ in vals if v > STEAL_NOTED)
+        lines.append(f"| {rep} | {median([v for v, _ in vals]):.1f} % | {top:.1f} % ({where}) | "
+                     f"{above} of {len(vals)} |")
+    return "\n".join(lines) + "\n"
 
 
 def markdown(runs):
@@ -250,23 +285,26 @@ def main():
     if a.brief:
         r = measure(a.files[0])
         cpu = f"  server {r['cpu_us']:5.1f} µs CPU/IO" if "cpu_us" in r else ""
-        print(f"{fmt_iops(r['iops']):>7} IOPS  p50 {r['p50_us']:6.0f} µs  p99 {r['p99_us']:6.0f} µs{cpu}")
+        steal = f"  host steal {r['steal_pct']:.0f}%" if r.get("steal_pct", 0) > STEAL_NOTED else ""
+        print(f"{fmt_iops(r['iops']):>7} IOPS  p50 {r['p50_us']:6.0f} µs  p99 {r['p99_us']:6.0f} µs{cpu}{steal}")
         return
     reps = load(a.files)
     runs = summarize(reps)
     with open(os.path.join(a.out, "results.csv"), "w") as f:
-        f.write("workload,target,qd,rep,iops,mean_us,p50_us,p99_us,server_cpu_us_per_io\n")
+        f.write("workload,target,qd,rep,iops,mean_us,p50_us,p99_us,server_cpu_us_per_io,host_steal_pct\n")
         for (job, target, qd), rs in sorted(reps.items()):
             for r in rs:
                 cpu = f"{r['cpu_us']:.1f}" if "cpu_us" in r else ""
-                f.write(f"{job},{target},{qd},{r['rep']},{r['iops']:.1f},{r['mean_us']:.1f},{r['p50_us']:.1f},{r['p99_us']:.1f},{cpu}\n")
+                steal = f"{r['steal_pct']:.1f}" if "steal_pct" in r else ""
+                f.write(f"{job},{target},{qd},{r['rep']},{r['iops']:.1f},{r['mean_us']:.1f},{r['p50_us']:.1f},"
+                        f"{r['p99_us']:.1f},{cpu},{steal}\n")
     md = markdown(runs)
     extra = notes(a.files)
     if extra:
         md += "\nNotes:\n\n" + "\n".join(extra) + "\n"
-    g = goals_markdown(reps)
-    if g:
-        md += "\n" + g
+    for section in (goals_markdown(reps), steal_markdown(reps)):
+        if section:
+            md += "\n" + section
     with open(os.path.join(a.out, "results.md"), "w") as f:
         f.write(md)
     print(md)

@@ -122,16 +122,25 @@ server_cpu() {
   awk -v hz="$(getconf CLK_TCK)" '{ printf "%.3f\n", ($14 + $15) / hz }' "/proc/$server_pid/stat"
 }
 
+# This machine's steal and total CPU ticks so far (/proc/stat): on a VM, the
+# time its vCPUs were ready to run and the host ran something else instead.
+cpu_ticks() {
+  awk '$1 == "cpu" { t = 0; for (i = 2; i <= 9; i++) t += $i; print $9, t; exit }' /proc/stat
+}
+
 run() {  # run WORKLOAD TARGET FILE QD REP
   local job=$1 target=$2 file=$3 qd=$4 rep=$5
-  local json=$out/json/$target-$job-qd$qd-r$rep.json cpu0=
+  local json=$out/json/$target-$job-qd$qd-r$rep.json cpu0= ticks0
   printf '  %-11s %-20s qd=%-3s ' "$target" "$job" "$qd"
   if [ "$target" != raw ]; then cpu0=$(server_cpu); fi
+  ticks0=$(cpu_ticks)
   FILE=$file SIZE=$fsize QD=$qd RUNTIME=$runtime fio --output-format=json --output="$json" "scripts/fio/$job.fio"
-  # Beside the JSON: the server's CPU seconds during the run.
+  # Beside the JSON: the server's CPU seconds during the run, and the percent
+  # of this machine's CPU time the host stole meanwhile.
   if [ -n "$cpu0" ]; then
     awk -v a="$(server_cpu)" -v b="$cpu0" 'BEGIN { printf "%.3f\n", a - b }' >"${json%.json}.cpu"
   fi
+  echo "$ticks0 $(cpu_ticks)" | awk '$4 > $2 { printf "%.1f\n", 100 * ($3 - $1) / ($4 - $2) }' >"${json%.json}.steal"
   python3 scripts/bench_report.py --brief "$json"
 }
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""The goals table of scripts/bench_report.py: ratios taken within one
-repetition, judged by their median, from fio JSON named as run.sh names it."""
+"""scripts/bench_report.py on fio JSON named as run.sh names it: the goals
+table (ratios taken within one repetition, judged by their median), and the
+host steal that run.sh records beside each run."""
 import json
 import os
 import sys
@@ -20,7 +21,9 @@ def fio_json(path, iops, mean_us, write, submit_us):
         json.dump({"jobs": [{"write": side if write else idle, "read": idle if write else side}]}, f)
 
 
-class GoalsTest(unittest.TestCase):
+class FioRuns(unittest.TestCase):
+    """A directory of made-up runs."""
+
     def setUp(self):
         self.dir = tempfile.TemporaryDirectory()
         self.paths = []
@@ -28,11 +31,16 @@ class GoalsTest(unittest.TestCase):
     def tearDown(self):
         self.dir.cleanup()
 
-    def add(self, target, job, qd, rep, iops, mean_us=100.0, submit_us=0.0):
+    def add(self, target, job, qd, rep, iops, mean_us=100.0, submit_us=0.0, steal=None):
         path = os.path.join(self.dir.name, f"{target}-{job}-qd{qd}-r{rep}.json")
         fio_json(path, iops, mean_us, write=job != "randread", submit_us=submit_us)
+        if steal is not None:
+            with open(path[: -len(".json")] + ".steal", "w") as f:
+                f.write(steal)
         self.paths.append(path)
 
+
+class GoalsTest(FioRuns):
     def goal(self, prefix):
         rows = [g for g in bench_report.goals(bench_report.load(self.paths)) if g[0].startswith(prefix)]
         self.assertEqual(len(rows), 1, prefix)
@@ -84,6 +92,23 @@ class GoalsTest(unittest.TestCase):
         self.add("inline", "randread", 32, 1, 90_000)
         self.assertEqual(bench_report.goals(bench_report.load(self.paths)), [])
         self.assertEqual(bench_report.goals_markdown(bench_report.load(self.paths)), "")
+
+
+class StealTest(FioRuns):
+    def test_each_repetition_shows_its_median_and_worst_run(self):
+        for qd, steal in ((1, "0.5\n"), (16, "31.2\n"), (32, "2.0\n")):
+            self.add("raw", "randread", qd, 1, 50_000, steal=steal)
+        self.add("defer", "randread", 1, 2, 20_000, steal="1.0\n")
+        md = bench_report.steal_markdown(bench_report.load(self.paths))
+        self.assertIn("| 1 | 2.0 % | 31.2 % (raw randread QD16) | 1 of 3 |", md)
+        self.assertIn("| 2 | 1.0 % | 1.0 % (defer randread QD1) | 0 of 1 |", md)
+
+    def test_runs_without_a_record_add_nothing(self):
+        self.add("raw", "randread", 1, 1, 50_000)
+        self.add("defer", "randread", 1, 1, 20_000, steal="")  # /proc/stat did not move
+        reps = bench_report.load(self.paths)
+        self.assertNotIn("steal_pct", reps[("randread", "defer", 1)][0])
+        self.assertEqual(bench_report.steal_markdown(reps), "")
 
 
 if __name__ == "__main__":
