@@ -108,9 +108,11 @@ std::string Filesystem::StatsJson(bool reset, size_t max_bytes) {
 
   // Counters only grow: a reset is a baseline subtracted from then on.
   if (stats_base_.size() != c.size()) stats_base_.assign(c.size(), {"", 0});
-  std::string out = "{\"mode\":\"" + std::string(CompletionModeName(opt_.completion)) +
-                    "\",\"workers\":" + std::to_string(opt_.workers) + ",\"pollers\":" + std::to_string(opt_.pollers) +
-                    ",\"cthreads\":" + std::to_string(opt_.cthreads) + ",\"ring_depth\":" + std::to_string(opt_.ring_depth) +
+  // The thread counts have an object of their own: "workers" and "pollers"
+  // are also counter groups, and a JSON object must not repeat a key.
+  std::string out = "{\"mode\":\"" + std::string(CompletionModeName(opt_.completion)) + "\",\"threads\":{\"workers\":" +
+                    std::to_string(opt_.workers) + ",\"pollers\":" + std::to_string(opt_.pollers) +
+                    ",\"cthreads\":" + std::to_string(opt_.cthreads) + "},\"ring_depth\":" + std::to_string(opt_.ring_depth) +
                     ",\"transport\":\"" + transport_.load(std::memory_order_relaxed) + "\"";
   const char* group = "";
   for (size_t i = 0; i < c.size(); i++) {

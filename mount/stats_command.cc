@@ -113,17 +113,17 @@ Status FetchRows(const std::string& mnt, bool reset, Rows* rows) {
 // The report's groups of monotonic counters (everything else is a gauge,
 // the mount's configuration, or a latency summary).
 bool IsCounter(const std::string& key) {
-  for (std::string_view g : {"dio.", "completions.", "workers.", "pollers.", "metadata."}) {
+  for (std::string_view g : {"dio.", "completions.", "workers.", "pollers.", "fuse.", "metadata."}) {
     if (key.starts_with(g)) return true;
   }
   return false;
 }
 
 bool IsConfig(const std::string& key) {
-  for (std::string_view k : {"mode", "workers", "pollers", "cthreads", "ring_depth"}) {
+  for (std::string_view k : {"mode", "ring_depth", "transport"}) {
     if (key == k) return true;
   }
-  return false;
+  return key.starts_with("threads.");
 }
 
 double Num(const std::string& v) { return std::strtod(v.c_str(), nullptr); }

@@ -821,8 +821,7 @@ TEST_F(CliTest, RepeatedDashOOptionsAddUp) {
   RunResult st = RunDeferfs({"stats", mnt_, "--json"});
   EXPECT_TRUE(st.succeeded()) << st.Describe();
   EXPECT_NE(st.out.find("\"mode\":\"defer\""), std::string::npos) << st.out;
-  EXPECT_NE(st.out.find("\"workers\":2"), std::string::npos) << st.out;
-  EXPECT_NE(st.out.find("\"pollers\":2"), std::string::npos) << st.out;
+  EXPECT_NE(st.out.find("\"threads\":{\"workers\":2,\"pollers\":2,"), std::string::npos) << st.out;
   ASSERT_TRUE(RunCommand({"fusermount3", "-u", mnt_}).succeeded());
   EXPECT_TRUE(WaitUntil([&] { return TryFlock(img) == 0; }));
   guard.expect_mounted(false);
@@ -886,20 +885,25 @@ TEST_F(CliTest, StatsWatchPrintsRatesOncePerRefreshWhenPiped) {
   size_t blocks = 0;
   for (size_t at = 0; (at = r.out.find("deferfs stats ", at)) != std::string::npos; at++) blocks++;
   EXPECT_EQ(blocks, 2u) << r.out;
-  // The last block's dio.writes row: "dio.writes  TOTAL  RATE" with RATE > 0.
-  size_t row = r.out.rfind("\ndio.writes ");
-  ASSERT_NE(row, std::string::npos) << r.out;
-  std::istringstream is(r.out.substr(row + 1));
+  // The last block's counter rows: "NAME  TOTAL  RATE" with RATE > 0 (the
+  // FUSE requests are counters too, each write one of them).
   std::string name;
-  double total = -1, rate = -1;
-  is >> name >> total >> rate;
-  EXPECT_GT(total, 0) << r.out;
-  EXPECT_GT(rate, 0) << "no write rate while writes ran:\n" << r.out;
+  double rate = -1;
+  for (const char* counter : {"dio.writes", "fuse.dev_requests"}) {
+    size_t row = r.out.rfind("\n" + std::string(counter) + " ");
+    ASSERT_NE(row, std::string::npos) << counter << ":\n" << r.out;
+    std::istringstream is(r.out.substr(row + 1));
+    double total = -1;
+    rate = -1;
+    is >> name >> total >> rate;
+    EXPECT_GT(total, 0) << counter << ":\n" << r.out;
+    EXPECT_GT(rate, 0) << "no " << counter << " rate while writes ran:\n" << r.out;
+  }
   for (const char* w : {"per second", "p50", "p99", "write_reply"}) {
     EXPECT_NE(r.out.find(w), std::string::npos) << r.out;
   }
   // The last block's write_reply row: "write_reply  RATE  P50  P99  MAX".
-  row = r.out.rfind("\nwrite_reply ");
+  size_t row = r.out.rfind("\nwrite_reply ");
   ASSERT_NE(row, std::string::npos) << r.out;
   std::istringstream lat(r.out.substr(row + 1));
   double p50 = -1;

@@ -155,17 +155,17 @@ TEST_P(CompletionTest, LogAndStatsNameTheModeAndThreads) {
   Stats s = Stats::Read(*fs_);
   ASSERT_TRUE(s.ok());
   EXPECT_EQ(s.text("mode"), v.mode);
-  EXPECT_EQ(s["workers"], static_cast<uint64_t>(v.workers));
-  EXPECT_EQ(s["pollers"], static_cast<uint64_t>(v.pollers));
-  EXPECT_EQ(s["cthreads"], static_cast<uint64_t>(v.cthreads));
+  EXPECT_EQ(s["threads.workers"], static_cast<uint64_t>(v.workers));
+  EXPECT_EQ(s["threads.pollers"], static_cast<uint64_t>(v.pollers));
+  EXPECT_EQ(s["threads.cthreads"], static_cast<uint64_t>(v.cthreads));
 
   RunResult table = RunDeferfs({"stats", fs_->root()});
   ASSERT_TRUE(table.succeeded()) << table.Describe();
   for (const auto& [key, value] : std::vector<std::pair<std::string, std::string>>{
            {"mode", v.mode},
-           {"workers", std::to_string(v.workers)},
-           {"pollers", std::to_string(v.pollers)},
-           {"cthreads", std::to_string(v.cthreads)}}) {
+           {"threads.workers", std::to_string(v.workers)},
+           {"threads.pollers", std::to_string(v.pollers)},
+           {"threads.cthreads", std::to_string(v.cthreads)}}) {
     std::regex line("(^|\n)" + key + " +" + value + "\n");
     EXPECT_TRUE(std::regex_search(table.out, line)) << "want a \"" << key << " " << value << "\" row in:\n"
                                                     << table.out;

@@ -24,6 +24,7 @@
 #include <memory>
 #include <ostream>
 #include <random>
+#include <set>
 #include <string>
 #include <string_view>
 #include <thread>
@@ -113,7 +114,7 @@ class Stats {
     }
     size_t i = 0;
     s.ok_ = s.Object(r.out, &i, "");
-    if (!s.ok_) ADD_FAILURE() << "cannot parse the stats JSON: " << r.out;
+    if (!s.ok_) ADD_FAILURE() << "cannot parse the stats JSON (" << s.error_ << "): " << r.out;
     return s;
   }
 
@@ -178,14 +179,21 @@ class Stats {
     *out = s.substr(start, *i - start);
     return true;
   }
-  // The report is objects of numbers, strings and arrays (fs/stats.cc).
+  // The report is objects of numbers, strings and arrays (fs/stats.cc). A
+  // key twice in one object fails the parse: most JSON readers would keep
+  // only the last.
   bool Object(const std::string& s, size_t* i, const std::string& prefix) {
     if (!Eat(s, i, '{')) return false;
     if (Eat(s, i, '}')) return true;
+    std::set<std::string> keys;
     do {
       std::string key;
       if (!String(s, i, &key) || !Eat(s, i, ':')) return false;
       std::string path = prefix.empty() ? key : prefix + "." + key;
+      if (!keys.insert(key).second) {
+        error_ = "\"" + path + "\" appears twice";
+        return false;
+      }
       Skip(s, i);
       if (*i < s.size() && s[*i] == '{') {
         if (!Object(s, i, path)) return false;
@@ -211,6 +219,7 @@ class Stats {
   }
 
   bool ok_ = false;
+  std::string error_ = "not the report's shape";
   std::string raw_;
   std::map<std::string, std::string> values_;
 };

@@ -139,7 +139,7 @@ TEST_F(MountHelperTest, MountTypeFuseDeferfsRunsTheHelper) {
   EXPECT_NE(line.find(" fuse.deferfs rw,"), std::string::npos) << line;
   std::string json = StatsJson();
   EXPECT_NE(json.find("\"mode\":\"defer\""), std::string::npos) << json;
-  EXPECT_NE(json.find("\"workers\":4"), std::string::npos) << json;
+  EXPECT_NE(json.find("\"threads\":{\"workers\":4,"), std::string::npos) << json;
   {
     UniqueFd fd(open((mnt_ + "/f").c_str(), O_CREAT | O_RDWR, 0644));
     ASSERT_TRUE(fd.ok()) << strerror(errno);
