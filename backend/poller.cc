@@ -37,7 +37,9 @@ Poller::Poller(Key, const Device& dev, UniqueFd event_fd, PollerOptions opt)
 
 Status Poller::Create(const Device& dev, const PollerOptions& opt,
                       std::unique_ptr<Poller>* out) {
-  if (opt.ring_depth == 0) return Status::Invalid("poller ring_depth must be at least 1");
+  // One SQ entry could hold the eventfd read alone: a bio waiting for room
+  // would then wait for the poller's next wakeup, which might never come.
+  if (opt.ring_depth < 2) return Status::Invalid("poller ring_depth must be at least 2");
   UniqueFd efd(eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC));
   if (!efd.valid()) {
     return Status::Error(errno, std::string("cannot create the poller's eventfd: ") +

@@ -21,7 +21,7 @@ class Ring;
 class UndoLog;
 
 struct PollerOptions {
-  unsigned ring_depth = 128;         // SQ entries; the CQ gets twice that
+  unsigned ring_depth = 128;         // SQ entries (at least 2); the CQ gets twice that
   std::vector<struct iovec> buffers;  // registered at start; Bio::buf_index indexes it
   bool fault_inject = false;          // testing only: fail tagged bios (backend/fault_inject.h)
 };

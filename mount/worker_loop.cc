@@ -184,8 +184,10 @@ void WorkerPool::Run(Worker* w) {
   while (busy()) {
     if (w->tw.RunPending() == 0) {
       if (w->ring) w->ring->Flush();
+      // A wakeup left unread (the loops read the eventfd only when it woke
+      // them) would make this poll return at once: read it, or we spin.
       pollfd p{w->tw.event_fd(), POLLIN, 0};
-      poll(&p, 1, 10);
+      if (poll(&p, 1, 10) > 0) w->tw.ConsumeWakeup();
     }
   }
   w->tw.RunPending();

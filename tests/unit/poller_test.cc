@@ -511,6 +511,8 @@ TEST_F(PollerTest, CreateFailsCleanlyOnBadOptions) {
   PollerOptions opt;
   opt.ring_depth = 0;
   EXPECT_EQ(Poller::Create(*dev_, opt, &p).err(), EINVAL);
+  opt.ring_depth = 1;  // the eventfd read could fill it, leaving a bio no room
+  EXPECT_EQ(Poller::Create(*dev_, opt, &p).err(), EINVAL);
   opt.ring_depth = 1u << 20;  // beyond IORING_MAX_ENTRIES
   EXPECT_FALSE(Poller::Create(*dev_, opt, &p).ok());
   EXPECT_EQ(p, nullptr);
