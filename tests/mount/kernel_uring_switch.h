@@ -1,20 +1,31 @@
 // The kernel's FUSE-over-io_uring switch, for tests of transport=uring.
 #pragma once
 
+#include <fcntl.h>
+#include <sys/file.h>
+
 #include <cstdlib>
 #include <fstream>
 
 #include <gtest/gtest.h>
+
+#include "tests/mount/mounted_fs.h"
 
 namespace deferfs_test {
 
 inline constexpr const char* kSwitch = "/sys/module/fuse/parameters/enable_uring";
 
 // Sets the kernel's FUSE-over-io_uring switch for the test's lifetime and
-// puts back what it was.
+// puts back what it was. The switch is machine-wide and ctest runs tests in
+// parallel processes: each holder takes an flock on the switch itself first,
+// so one test cannot turn it off under another, or restore a value another
+// had set.
 class KernelUringSwitch {
  public:
-  explicit KernelUringSwitch(bool on) {
+  explicit KernelUringSwitch(bool on) : lock_(open(kSwitch, O_RDONLY | O_CLOEXEC)) {
+    if (!lock_.ok()) return;
+    while (flock(lock_.get(), LOCK_EX) != 0 && errno == EINTR) {
+    }
     std::ifstream in(kSwitch);
     char c = 0;
     if (!(in >> c)) return;
@@ -35,6 +46,7 @@ class KernelUringSwitch {
     out.flush();
     return out.good();
   }
+  UniqueFd lock_;  // closed, and so unlocked, only after ~KernelUringSwitch restored the switch
   bool present_ = false, ok_ = false;
   char was_ = 'N';
 };
