@@ -146,8 +146,8 @@ void Poller::Run() {
       continue;
     }
     Bump(sleeps_);
-    // SubmitAndWait rather than WaitCqe: it also pushes any SQE a transient
-    // submit failure left behind.
+    // SubmitAndWait rather than WaitCqe: it also submits the eventfd read
+    // Issue() left for it, and any SQE a transient submit failure left behind.
     int rc = ring_->SubmitAndWait(1);
     if (rc > 0) Bump(submit_batches_);
     if (rc >= 0) prepared_ = 0;
@@ -261,7 +261,7 @@ void Poller::Issue() {
     }
     bios = true;
   }
-  if (bios && prepared_ > 0) SubmitBatch();
+  if (bios) SubmitBatch();
 }
 
 bool Poller::PrepEventRead() {
