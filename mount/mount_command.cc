@@ -239,6 +239,10 @@ int MountCommand(const MountArgs& args) {
     return report.Error("cannot mount on " + mountpoint + ": is FUSE available (modprobe fuse) and the mountpoint usable?");
   }
   const std::string device = FuseDeviceAt(real_mountpoint);  // this connection's, "0:N"
+  // With the device, what tells our mount from one that later gets the same
+  // device number (a mount of our own backing cannot come before we let go
+  // of its lock; any other has another source).
+  const std::string mounted_source = device.empty() ? "" : MountSourceOf(device);
   if (Status m = MarkServed(fs->device()); !m.ok()) LogWarn("%s", m.message().c_str());
   std::unique_ptr<WorkerPool> pool;
   s = WorkerPool::Start(se, fs.get(), opts.workers, uring_depth, &pool);
@@ -283,7 +287,7 @@ int MountCommand(const MountArgs& args) {
   // another filesystem mounted over ours (a signal, not umount, brought us
   // here), it would take that one down instead. Ours stays, dead underneath.
   int rc = 0;
-  const std::string at = device.empty() ? "" : MountPathOf(device);
+  const std::string at = device.empty() ? "" : MountPathOf(device, mounted_source);
   const bool covered = !at.empty() && TopDeviceAt(at) != device;
   if (covered) {
     LogError("cannot unmount %s: another filesystem is mounted over it; unmount that one, then this one "
@@ -296,9 +300,10 @@ int MountCommand(const MountArgs& args) {
   // When the kernel aborted the connection (fusectl's abort: the rescue of a
   // hung mount), libfuse leaves the dead mount behind, where every access
   // fails with ENOTCONN. Nothing can use it again: detach it. Found by its
-  // device, which no other mount has, and before the backing's lock is
-  // released (fs.reset()), after which another mount may come.
-  if (const std::string dead = device.empty() || covered ? "" : MountPathOf(device); !dead.empty()) {
+  // device and source, which no other mount has, and before the backing's
+  // lock is released (fs.reset()), after which another mount of it may come.
+  if (const std::string dead = device.empty() || covered ? "" : MountPathOf(device, mounted_source);
+      !dead.empty()) {
     if (umount2(dead.c_str(), MNT_DETACH) == 0 || errno == EINVAL || errno == ENOENT) {  // gone meanwhile
       LogWarn("the connection to %s was aborted: detached the dead mount", dead.c_str());
     } else {

@@ -82,9 +82,16 @@ std::string TopDevice(const std::string& path, bool fuse_only) {
 
 std::string FuseDeviceAt(const std::string& mountpoint) { return TopDevice(mountpoint, /*fuse_only=*/true); }
 
-std::string MountPathOf(const std::string& device) {
+std::string MountSourceOf(const std::string& device) {
   for (const Entry& e : Entries()) {
-    if (e.device == device) return e.path;
+    if (e.device == device) return e.source;
+  }
+  return "";
+}
+
+std::string MountPathOf(const std::string& device, const std::string& source) {
+  for (const Entry& e : Entries()) {
+    if (e.device == device && e.source == source) return e.path;
   }
   return "";
 }

@@ -13,8 +13,13 @@ namespace deferfs {
 // would ask the new mount itself.
 std::string FuseDeviceAt(const std::string& mountpoint);
 
-// Where the mount of `device` is attached, or "" if it no longer is.
-std::string MountPathOf(const std::string& device);
+// The source of the mount of `device`, or "" if there is none.
+std::string MountSourceOf(const std::string& device);
+
+// Where the mount of `device` with `source` is attached, or "" if it no
+// longer is. The device alone does not name a mount for long: once a FUSE
+// mount is gone, the next FUSE mount may get its number.
+std::string MountPathOf(const std::string& device, const std::string& source);
 
 // The device of the topmost mount of any type on `path` (the only one an
 // unmount by path reaches), or "" if none or if mountinfo leaves it open.

@@ -505,6 +505,50 @@ TEST_F(CliTest, CommandsRightAfterAnUnmountWaitForTheDaemon) {
   EXPECT_TRUE(k.succeeded()) << k.Describe();
 }
 
+// Once the kernel has unmounted a deferfs, the next FUSE mount may get its
+// device number. The exiting daemon, which looks for a dead mount of its
+// own to detach, must not take that one for its own. The daemon is held
+// (SIGSTOP) across the unmount and the second mount, so the second mount
+// is there when it looks.
+TEST_F(CliTest, AnExitingDaemonLeavesTheNextMountOfItsDeviceNumberAlone) {
+  const std::string a = tmp_ / "a.img", b = tmp_ / "b.img", mnt_b = tmp_ / "mnt-b";
+  ASSERT_NO_FATAL_FAILURE(Mkfs(a));
+  ASSERT_NO_FATAL_FAILURE(Mkfs(b));
+  ASSERT_EQ(mkdir(mnt_b.c_str(), 0755), 0);
+  MountGuard guard_b(mnt_b, b);
+  guard_b.expect_mounted(true);
+  MountGuard guard_a(mnt_, a);
+  guard_a.expect_mounted(true);
+  RunResult m = MountBg(a);
+  ASSERT_TRUE(m.succeeded()) << m.Describe();
+  struct stat st_a{};
+  ASSERT_EQ(stat(mnt_.c_str(), &st_a), 0) << strerror(errno);
+  const pid_t daemon_a = FlockHolder(a);
+  ASSERT_GT(daemon_a, 0);
+  ASSERT_EQ(kill(daemon_a, SIGSTOP), 0) << strerror(errno);
+  struct Resume {
+    pid_t pid;
+    ~Resume() { kill(pid, SIGCONT); }
+  } resume{daemon_a};
+  ASSERT_EQ(umount(mnt_.c_str()), 0) << strerror(errno);
+  guard_a.expect_mounted(false);
+  m = RunDeferfs({"mount", b, mnt_b}, 30s);
+  ASSERT_TRUE(m.succeeded()) << m.Describe();
+  struct stat st_b{};
+  ASSERT_EQ(stat(mnt_b.c_str(), &st_b), 0) << strerror(errno);
+  if (st_b.st_dev != st_a.st_dev) {
+    // Another mount (a test running beside this one) took the number first.
+    ASSERT_EQ(umount(mnt_b.c_str()), 0) << strerror(errno);
+    guard_b.expect_mounted(false);
+    GTEST_SKIP() << "the second mount got another device number; nothing to tell apart";
+  }
+  ASSERT_EQ(kill(daemon_a, SIGCONT), 0) << strerror(errno);
+  EXPECT_TRUE(WaitUntil([&] { return TryFlock(a) != EWOULDBLOCK; })) << "the first daemon did not exit";
+  EXPECT_TRUE(IsLiveMount(mnt_b)) << "the first daemon's exit took down the mount that got its device number";
+  EXPECT_EQ(umount(mnt_b.c_str()), 0) << strerror(errno);
+  guard_b.expect_mounted(false);
+}
+
 // A mount given relative paths, as `cd /var/tmp && deferfs mount fs.img
 // /mnt`: the daemon leaves its working directory for /, and its metadata
 // store must still find its directory when RocksDB next creates a file. A
