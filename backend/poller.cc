@@ -239,14 +239,14 @@ void Poller::Issue() {
         EndIo(idx, fault);  // a failed write leaves the device untouched
         continue;
       }
-      if (undo_log_ != nullptr && bio->op == Bio::Op::kFlush) [[unlikely]] {
-        slots_[idx].undo_seq = undo_log_->FlushStarts();
-      }
-      if (undo_log_ != nullptr && bio->op == Bio::Op::kWrite) [[unlikely]] {
-        if (Status u = undo_log_->BeforeWrite(bio->dev_offset, bio->len, &slots_[idx].undo_seq); !u.ok()) {
-          LogError("%s", u.message().c_str());
-          EndIo(idx, -EIO);
-          continue;
+      if (undo_log_ != nullptr) [[unlikely]] {
+        if (bio->op == Bio::Op::kFlush) slots_[idx].undo_seq = undo_log_->FlushStarts();
+        if (bio->op == Bio::Op::kWrite) {
+          if (Status u = undo_log_->BeforeWrite(bio->dev_offset, bio->len, &slots_[idx].undo_seq); !u.ok()) {
+            LogError("%s", u.message().c_str());
+            EndIo(idx, -EIO);
+            continue;
+          }
         }
       }
     } else {

@@ -159,15 +159,15 @@ Status RollBackUnflushedWrites(const std::string& log_path, const std::string& d
   if (fstat(log.get(), &st) != 0) return Status::Error(errno, "cannot stat " + log_path + ": " + std::strerror(errno));
   const uint64_t log_size = static_cast<uint64_t>(st.st_size);
 
-  struct Write {
-    uint64_t completed = 0;  // seq of its kCompleted record; 0: never completed
-    bool fua = false;
+  struct Completion {
+    uint64_t seq;  // of the kCompleted record
+    bool fua;
   };
   struct Change {
     uint64_t seq;  // of the write
     uint64_t pos;  // of the unit's prior contents in the log
   };
-  std::unordered_map<uint64_t, Write> writes;
+  std::unordered_map<uint64_t, Completion> completed;  // write's seq -> its completion; absent: never completed
   std::unordered_map<uint64_t, std::vector<Change>> units;  // each in log order
   std::unordered_map<std::string, uint64_t> synced;         // file created -> its durable length
   uint64_t flushed = 0;  // writes completed before record `flushed` are durable
@@ -184,11 +184,10 @@ Status RollBackUnflushedWrites(const std::string& log_path, const std::string& d
     pos = data + len;
     switch (h.type) {
       case kWrite:
-        writes[h.seq];
         for (uint64_t i = 0; i < h.len / kUnit; i++) units[h.off / kUnit + i].push_back({h.seq, data + i * kUnit});
         break;
       case kCompleted:
-        writes[h.covers] = {h.seq, h.fua != 0};
+        completed[h.covers] = {h.seq, h.fua != 0};
         break;
       case kFlush:
         flushed = std::max(flushed, h.covers);
@@ -212,8 +211,8 @@ Status RollBackUnflushedWrites(const std::string& log_path, const std::string& d
   for (const auto& [unit, changes] : units) {
     size_t first_lost = 0;
     for (size_t i = changes.size(); i-- > 0;) {
-      const Write& w = writes[changes[i].seq];
-      if (w.completed != 0 && (w.fua || w.completed < flushed)) {
+      const auto c = completed.find(changes[i].seq);
+      if (c != completed.end() && (c->second.fua || c->second.seq < flushed)) {
         first_lost = i + 1;
         break;
       }
