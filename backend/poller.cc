@@ -148,9 +148,9 @@ void Poller::Run() {
     Bump(sleeps_);
     // SubmitAndWait rather than WaitCqe: it also submits the eventfd read
     // Issue() left for it, and any SQE a transient submit failure left behind.
-    int rc = ring_->SubmitAndWait(1);
-    if (rc > 0) Bump(submit_batches_);
-    if (rc >= 0) prepared_ = 0;
+    // Not counted in submit_batches_: that counts the enters made only to
+    // submit, which is what re-arming the eventfd at once would add.
+    ring_->SubmitAndWait(1);
     // A submitter may already have cleared it (and written the eventfd, whose
     // CQE we will just reap); either way we are awake now.
     sleeping_.store(false, std::memory_order_relaxed);
@@ -274,7 +274,6 @@ bool Poller::PrepEventRead() {
   io_uring_prep_read(sqe, kEventFileIndex, &event_buf_, sizeof(event_buf_), 0);
   io_uring_sqe_set_flags(sqe, IOSQE_FIXED_FILE);
   io_uring_sqe_set_data64(sqe, kEventTag);
-  ++prepared_;
   return true;
 }
 
@@ -311,17 +310,13 @@ bool Poller::PrepSlot(uint32_t idx) {
   }
   io_uring_sqe_set_flags(sqe, IOSQE_FIXED_FILE);
   io_uring_sqe_set_data64(sqe, idx);
-  ++prepared_;
   return true;
 }
 
 void Poller::SubmitBatch() {
   int rc = ring_->Submit();
   if (rc > 0) Bump(submit_batches_);
-  if (rc >= 0) {
-    prepared_ = 0;
-    return;
-  }
+  if (rc >= 0) return;
   // Transient: the SQEs stay in the SQ and go with the next enter (the
   // sleep path submits too). Anything else means the ring is unusable
   // (e.g. a single-issuer violation), a bug we cannot recover from.

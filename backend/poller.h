@@ -54,7 +54,7 @@ class Poller {
     uint64_t wakeups_made;     // Submit() found the poller asleep: eventfd written
     uint64_t wakeups_avoided;  // Submit() found it awake: no syscall
     uint64_t sleeps;           // times the poller blocked waiting for a CQE
-    uint64_t submit_batches;   // io_uring_enter calls that submitted SQEs
+    uint64_t submit_batches;   // io_uring_enter calls made only to submit (a sleep submits with its wait)
   };
   // Relaxed snapshot: exact only when no IO is in flight.
   Stats stats() const;
@@ -124,7 +124,6 @@ class Poller {
   Bio* pending_tail_ = nullptr;
   bool event_armed_ = false;
   uint64_t event_buf_ = 0;       // target of the armed eventfd read
-  unsigned prepared_ = 0;        // SQEs prepared since the last submit
 
   // Written by the poller thread only; atomic so stats() can read them.
   std::atomic<uint64_t> completed_{0};
