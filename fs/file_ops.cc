@@ -314,6 +314,9 @@ Status Filesystem::ZeroPartialBlock(Inode* inode, uint64_t from, uint64_t to) {
   IoBuffer* buf = buffers_->Get();
   ssize_t res = SyncRw(inode, false, blk, buf, kB);
   if (res >= 0) {
+    // A read stops at EOF: what it did not fill is the pool buffer's last
+    // use, perhaps another file's, and must not be written back.
+    std::memset(buf->base + res, 0, kB - static_cast<uint64_t>(res));
     std::memset(buf->base + (from - blk), 0, to - from);
     res = SyncRw(inode, true, blk, buf, kB);
   }

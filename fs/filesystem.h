@@ -105,6 +105,8 @@ struct FsOptions {
   bool sync = false;
   // Mounted dirsync (sync implies it): a change to a directory is durable when it returns.
   bool dirsync = false;
+  // The -o max_read= passed to the kernel: FUSE INIT must agree on it (0: none).
+  uint32_t max_read = 0;
   // Seconds between background metadata commits (fs/journal_commit.h): the
   // most a crash can lose of what was never fsync'ed.
   unsigned commit_interval_s = 5;
@@ -200,6 +202,7 @@ class Filesystem {
   // mount(2) can drop it without asking us, so every change checks this too.
   bool read_only() const { return opt_.read_only; }
   bool synchronous() const { return opt_.sync; }
+  uint32_t max_read() const { return opt_.max_read; }
 
   const Superblock& superblock() const { return sb_; }
   const Device& device() const { return *dev_; }

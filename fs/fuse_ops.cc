@@ -77,6 +77,8 @@ void Init(void* userdata, fuse_conn_info* conn) {
   conn->congestion_threshold = 384;
   conn->max_write = kMaxIo;
   conn->max_readahead = kMaxIo;
+  // libfuse refuses the INIT unless it repeats the mount's max_read=.
+  conn->max_read = static_cast<Filesystem*>(userdata)->max_read();
 }
 
 Inode* Handle(fuse_file_info* fi) { return reinterpret_cast<Inode*>(fi->fh); }

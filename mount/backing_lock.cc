@@ -101,14 +101,14 @@ Status LockBacking(Device* dev, const std::string& backing, std::chrono::millise
       }
     }
     if (past) {
-      return Status::Error(EBUSY, backing + " is in use by another deferfs process (an fsck or mkfs, or a " +
+      return Status::Error(EBUSY, backing + " is in use by another process (a deferfs fsck or mkfs, or a " +
                                       "daemon still finishing its unmount): wait for it to exit ('fuser -v " +
                                       backing + "' shows it)");
     }
     // A daemon finishing its unmount lets go within a fraction of a second;
     // a longer wait is worth a line, so that the command is not taken for hung.
     if (!told && std::chrono::steady_clock::now() - start >= kBackingLockNotice) {
-      std::fprintf(stderr, "deferfs: %s is in use by another deferfs process; waiting up to %lld s\n",
+      std::fprintf(stderr, "deferfs: %s is in use by another process; waiting up to %lld s\n",
                    backing.c_str(), static_cast<long long>(std::chrono::ceil<std::chrono::seconds>(patience).count()));
       told = true;
     }

@@ -1,8 +1,9 @@
 // deferfs mkfs: writes a superblock and creates the paired metadata store.
 // Order keeps failures harmless: the new store is built in a temporary
 // directory, then the superblock is written and flushed, then the store is
-// moved into place, and last an overwritten filesystem's metadata removed.
-// Before the superblock write nothing existing has changed.
+// moved into place; only then is a backing file shrunk, an overwritten
+// filesystem's metadata removed and --discard done. Before the superblock
+// write nothing existing has changed but a backing file's growth.
 #include <fcntl.h>
 #include <linux/falloc.h>
 #include <linux/fs.h>
@@ -138,13 +139,39 @@ Status Discard(Device* dev, uint64_t dev_bytes) {
       rc = fallocate(dev->fd(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(off),
                      static_cast<off_t>(len));
     }
-    if (rc != 0) {
-      return Status::Error(errno, std::string("cannot discard the blocks of the backing device: ") + strerror(errno) +
-                                      ": format without --discard");
-    }
+    if (rc != 0) return Status::Error(errno, std::string("discarding its blocks failed: ") + strerror(errno));
     progress.Update(off + len);
   }
   return Status::Ok();
+}
+
+// The overwritten filesystem's metadata is nobody's now. Only after the new
+// filesystem is complete, and only a store paired with the old UUID: a
+// directory there that is not its metadata stays. A store it was given with
+// meta= elsewhere cannot be known, and stays too. A block device's is only
+// named, not removed: a clone or a snapshot of the device has the same UUID
+// and shares that directory. One in use (a copy of the old backing file
+// mounted with it) stays too.
+void ForgetReplacedStore(const Device& dev, const std::string& dir, const Uuid& uuid) {
+  if (!MetaStore::CheckPaired(dir, uuid).ok()) return;
+  if (dev.is_block_device()) {
+    std::printf("deferfs: %s, the metadata of the overwritten filesystem, is left in place: remove it "
+                "unless another device (a clone or snapshot) holds that filesystem\n",
+                dir.c_str());
+    return;
+  }
+  UniqueFd lock;
+  if (Status l = MetaStore::LockIdle(dir, &lock); !l.ok()) {
+    std::printf("deferfs: %s, the metadata of the overwritten filesystem, is left in place: %s\n", dir.c_str(),
+                l.message().c_str());
+    return;
+  }
+  if (Status r = RemoveStore(dir); !r.ok()) {
+    std::fprintf(stderr, "deferfs: the metadata of the overwritten filesystem stays: %s: remove it by hand\n",
+                 r.message().c_str());
+  } else {
+    std::printf("deferfs: removed %s, the metadata of the overwritten filesystem\n", dir.c_str());
+  }
 }
 
 }  // namespace
@@ -267,18 +294,13 @@ int MkfsCommand(const MkfsArgs& args) {
     return Fail(s.message());
   }
 
-  // A regular file grows or shrinks to the requested size only now.
-  if (have_size && !created && !dev->is_block_device() && ftruncate(dev->fd(), static_cast<off_t>(size)) != 0) {
+  // A backing file grows before the superblock that counts its new blocks;
+  // it shrinks, like --discard, only once the old filesystem is gone: before
+  // the superblock write a failure or a ^C must leave that one whole.
+  const bool resize = have_size && !created && !dev->is_block_device();
+  if (resize && size > dev->size() && ftruncate(dev->fd(), static_cast<off_t>(size)) != 0) {
     RemoveAll(tmp);
-    return Fail("cannot resize " + backing + ": " + strerror(errno));
-  }
-  if (args.discard) {
-    s = Discard(dev.get(), dev_bytes);
-    if (!s.ok()) {
-      RemoveAll(tmp);
-      undo_create();
-      return Fail(s.message());
-    }
+    return Fail("cannot grow " + backing + ": " + strerror(errno));
   }
   EncodeSuperblock(sb, sbuf.bytes());
   s = dev->WriteSync(0, sbuf.data(), kSuperblockBytes);
@@ -292,34 +314,21 @@ int MkfsCommand(const MkfsArgs& args) {
   if (!s.ok()) return Fail(s.message());
   meta_lock.Reset();
 
+  // From here on the new filesystem is whole: what fails now leaves it
+  // usable, and says so.
+  if (resize && size < dev->size() && ftruncate(dev->fd(), static_cast<off_t>(size)) != 0) {
+    return Fail("formatted " + backing + ", but cannot shrink it to --size: " + strerror(errno) +
+                ": it is usable as it is");
+  }
   std::printf("deferfs: formatted %s: %llu MiB, uuid %s, metadata in %s\n", backing.c_str(),
               static_cast<unsigned long long>(dev_bytes >> 20), UuidToString(sb.uuid).c_str(), meta_dir.c_str());
-  // The overwritten filesystem's metadata is nobody's now. Only after the new
-  // filesystem is complete, and only a store paired with the old UUID that
-  // does not hold the new one: a directory there that is not its metadata
-  // stays. A store it was given with meta= elsewhere cannot be known, and
-  // stays too. A block device's is only named, not removed: a clone or a
-  // snapshot of the device has the same UUID and shares that directory.
-  // One in use (a copy of the old backing file mounted with it) stays too.
-  if (!replaced_meta.empty() && !Within(meta_dir, replaced_meta) &&
-      MetaStore::CheckPaired(replaced_meta, replaced_uuid).ok()) {
-    if (dev->is_block_device()) {
-      std::printf("deferfs: %s, the metadata of the overwritten filesystem, is left in place: remove it "
-                  "unless another device (a clone or snapshot) holds that filesystem\n",
-                  replaced_meta.c_str());
-      return 0;
-    }
-    UniqueFd replaced_lock;
-    if (Status l = MetaStore::LockIdle(replaced_meta, &replaced_lock); !l.ok()) {
-      std::printf("deferfs: %s, the metadata of the overwritten filesystem, is left in place: %s\n",
-                  replaced_meta.c_str(), l.message().c_str());
-      return 0;
-    }
-    if (Status r = RemoveStore(replaced_meta); !r.ok()) {
-      std::fprintf(stderr, "deferfs: the metadata of the overwritten filesystem stays: %s: remove it by hand\n",
-                   r.message().c_str());
-    } else {
-      std::printf("deferfs: removed %s, the metadata of the overwritten filesystem\n", replaced_meta.c_str());
+  std::fflush(stdout);
+  if (!replaced_meta.empty() && !Within(meta_dir, replaced_meta)) ForgetReplacedStore(*dev, replaced_meta, replaced_uuid);
+  if (args.discard) {
+    s = Discard(dev.get(), dev_bytes);
+    if (!s.ok()) {
+      return Fail("formatted " + backing + ", but " + s.message() +
+                  ": it is usable as it is, with the old data left in its free blocks");
     }
   }
   return 0;

@@ -34,6 +34,11 @@
 namespace deferfs {
 namespace {
 
+// The daemon's word to the waiting parent that the mount is up: a byte no
+// error line holds. An explicit word, because a daemon that dies (SIGKILL,
+// a crash) closes the pipe as silently as one that succeeded.
+constexpr char kReady = '\0';
+
 // Where errors and the startup line go: the terminal, or the waiting parent.
 class Reporter {
  public:
@@ -44,9 +49,10 @@ class Reporter {
     [[maybe_unused]] ssize_t n = write(fd_, line.data(), line.size());
     return 1;
   }
-  // The mount is up: release the parent with an empty message.
   void Ready() {
-    if (fd_ >= 0) close(fd_);
+    if (fd_ < 0) return;
+    [[maybe_unused]] ssize_t n = write(fd_, &kReady, 1);
+    close(fd_);
     fd_ = -1;
   }
 
@@ -83,8 +89,9 @@ Status ConfineToCpus(const std::vector<unsigned>& cpus) {
   return Status::Ok();
 }
 
-// Parent side of the daemon handshake: EOF with no message means success.
-int WaitForChild(int pipe_fd, pid_t child) {
+// Parent side of the daemon handshake: kReady, or the daemon's error line,
+// or nothing at all when it died before it could say either.
+int WaitForChild(int pipe_fd, pid_t child, const std::string& backing) {
   std::string msg;
   char buf[512];
   for (ssize_t n; (n = read(pipe_fd, buf, sizeof(buf))) != 0;) {
@@ -92,11 +99,32 @@ int WaitForChild(int pipe_fd, pid_t child) {
     if (n < 0) break;
     msg.append(buf, static_cast<size_t>(n));
   }
-  if (msg.empty()) return 0;
-  if (msg.back() == '\n') msg.pop_back();
-  int status;
-  waitpid(child, &status, 0);
-  return Fail(msg);
+  if (msg.size() == 1 && msg[0] == kReady) return 0;
+  int status = 0;
+  while (waitpid(child, &status, 0) < 0 && errno == EINTR) {
+  }
+  if (!msg.empty()) {
+    if (msg.back() == '\n') msg.pop_back();
+    return Fail(msg);
+  }
+  const std::string how = WIFSIGNALED(status) ? std::string("killed by ") + strsignal(WTERMSIG(status))
+                                              : "exit status " + std::to_string(WEXITSTATUS(status));
+  // Between its mount and its word, it leaves the mount behind, dead.
+  const std::string dead = DeferfsMountOf(backing);
+  return Fail("the mount daemon died before the mount was up (" + how + "): " +
+              (dead.empty() ? "nothing is mounted" : "umount the dead mount at " + dead) +
+              "; the system log says why (journalctl -t deferfs)");
+}
+
+// `opt` for libfuse's -o parser, which splits at ',' and takes '\\' as an
+// escape: a backing named "a,b.img" must stay one fsname.
+std::string EscapedFuseOption(std::string_view opt) {
+  std::string out;
+  for (char c : opt) {
+    if (c == ',' || c == '\\') out += '\\';
+    out += c;
+  }
+  return out;
 }
 
 // `path` made absolute against the working directory; as given if that fails.
@@ -114,6 +142,7 @@ int MountCommand(const MountArgs& args) {
     Status s = ParseMountOptions(o, &opts);
     if (!s.ok()) return Fail(s.message());
   }
+  if (Status s = CheckMountOptions(opts); !s.ok()) return Fail(s.message());
   const bool foreground = args.foreground;
   std::string backing = args.backing;
   std::string mountpoint = args.mountpoint;
@@ -162,7 +191,7 @@ int MountCommand(const MountArgs& args) {
     if (pid < 0) return Fail(std::string("fork: ") + strerror(errno));
     if (pid > 0) {
       close(p[1]);
-      return WaitForChild(p[0], pid);
+      return WaitForChild(p[0], pid, backing);
     }
     close(p[0]);
     setsid();
@@ -179,6 +208,10 @@ int MountCommand(const MountArgs& args) {
   pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
   if (s.ok() && !opts.undo_log.empty()) s = dev->KeepUndoLog(opts.undo_log);
   if (!s.ok()) return report.Error(s.message());
+  if (opts.blkdev && !dev->is_block_device()) {
+    return report.Error("mount option 'blkdev' needs a block device as the backing, and " + backing +
+                        " is a file: leave blkdev out");
+  }
   if (dev->size() < kSuperblockBytes) {
     return report.Error(backing + " is too small to hold a deferfs: format it with 'deferfs mkfs " + backing + " --size SIZE'");
   }
@@ -214,6 +247,7 @@ int MountCommand(const MountArgs& args) {
   fopt.read_only = opts.read_only;
   fopt.sync = opts.sync;
   fopt.dirsync = opts.dirsync;
+  fopt.max_read = opts.max_read;
   std::unique_ptr<Filesystem> fs;
   s = Filesystem::Mount(std::move(dev), std::move(meta), sb, fopt, &fs);
   if (!s.ok()) return report.Error(s.message());
@@ -224,8 +258,8 @@ int MountCommand(const MountArgs& args) {
     source = abs;
     free(abs);
   }
-  std::string fuse_o = "default_permissions,fsname=" + source + ",subtype=deferfs";
-  for (const auto& o : opts.fuse_opts) fuse_o += "," + o;
+  std::string fuse_o = "default_permissions,fsname=" + EscapedFuseOption(source) + ",subtype=deferfs";
+  for (const auto& o : opts.fuse_opts) fuse_o += "," + EscapedFuseOption(o);
   const char* fargv[] = {"deferfs", "-o", fuse_o.c_str()};
   fuse_args fargs = FUSE_ARGS_INIT(3, const_cast<char**>(fargv));
   fuse_session* se = fuse_session_new(&fargs, &FuseOps(), sizeof(fuse_lowlevel_ops), fs.get());

@@ -44,6 +44,7 @@ int MountHelperMain(int argc, char** argv) {
     Status s = ParseMountOptions(o, &check);
     if (!s.ok()) return Fail(s.message());
   }
+  if (Status s = CheckMountOptions(check); !s.ok()) return Fail(s.message());
   if (verbose) {
     std::string opts;
     for (const std::string& o : mount.options) opts += (opts.empty() ? "" : ",") + o;

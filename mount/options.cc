@@ -145,14 +145,27 @@ Status ParseOne(std::string_view opt, MountOptions* o) {
     if (opt == "sync") o->sync = true;
     if (opt == "async") o->sync = false;
     if (opt == "dirsync") o->dirsync = true;
+    if (opt == "blkdev") o->blkdev = true;
     if (opt != "default_permissions") o->fuse_opts.emplace_back(opt);  // always on: see mount
     return Status::Ok();
   }
+  // Numbers checked here: libfuse and the kernel would refuse them only
+  // after the daemon has opened everything, with lines of their own.
   for (std::string_view f : kFuseValued) {
-    if (opt.starts_with(f) && opt.size() > f.size()) {
-      o->fuse_opts.emplace_back(opt);
-      return Status::Ok();
+    if (!opt.starts_with(f) || opt.size() == f.size()) continue;
+    unsigned v = 0;
+    if (f == "max_read=" && (!ParseUnsigned(val, &v) || v == 0)) {
+      return BadValue(opt, "max_read takes a whole number of bytes, at least 1");
     }
+    if (f == "max_read=") o->max_read = v;
+    if (f == "blksize=") {
+      if (!ParseUnsigned(val, &v) || v < 512 || v > 4096 || (v & (v - 1)) != 0) {
+        return BadValue(opt, "blksize takes a power of two from 512 to 4096");
+      }
+      o->blksize = v;
+    }
+    o->fuse_opts.emplace_back(opt);
+    return Status::Ok();
   }
   return Status::Invalid("unknown mount option '" + std::string(opt) +
                          "': see 'deferfs mount --help' for the accepted options");
@@ -178,6 +191,14 @@ Status ParseMountOptions(const std::string& opts, MountOptions* out) {
   fuse_opt_free_args(&args);
   if (!st.status.ok()) return st.status;
   if (rc != 0) return Status::Invalid("cannot parse mount options '" + opts + "'");
+  return Status::Ok();
+}
+
+Status CheckMountOptions(const MountOptions& o) {
+  if (o.blksize != 0 && !o.blkdev) {
+    return Status::Invalid("bad mount option 'blksize=" + std::to_string(o.blksize) +
+                           "': the kernel takes it only with blkdev: add blkdev, or leave blksize out");
+  }
   return Status::Ok();
 }
 
@@ -248,6 +269,7 @@ std::string MountOptionsHelp() {
          "  allow_other, allow_root, auto_unmount, nosuid, nodev, noexec, noatime,\n"
          "  fsname=, subtype=, max_read=, blksize=\n"
          "                     standard FUSE/VFS options, passed to libfuse and the kernel\n"
+         "                     (blksize=512-4096 only with blkdev, which needs a block device)\n"
          "  default_permissions always on: the kernel checks modes and owners\n"
          "  defaults, auto, noauto, nofail, _netdev, user, users, owner, group, x-*, comment=\n"
          "                     fstab bookkeeping, accepted and ignored\n";

@@ -37,6 +37,9 @@ struct MountOptions {
   bool read_only = false;
   bool sync = false;     // `sync`: every write O_DSYNC, every change durable on return
   bool dirsync = false;  // `dirsync`: directory changes durable on return
+  bool blkdev = false;   // `blkdev`: a fuseblk mount, which needs a block device as the backing
+  unsigned blksize = 0;  // `blksize=`: 0 if not given
+  unsigned max_read = 0;  // `max_read=`: 0 if not given
   // CPUs every daemon thread may run on (`cpus=0-1:4`); empty: any the
   // mounting process may use. Sorted, no duplicates.
   std::vector<unsigned> cpus;
@@ -59,5 +62,9 @@ std::string MountOptionsHelp();
 // Parses a comma-separated -o string (may be given several times: call once
 // per -o). Errors name the option and the accepted values.
 Status ParseMountOptions(const std::string& opts, MountOptions* out);
+
+// What no single -o string can tell: options that need one another. Call
+// once, after every -o is parsed.
+Status CheckMountOptions(const MountOptions& opts);
 
 }  // namespace deferfs

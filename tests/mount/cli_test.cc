@@ -23,6 +23,7 @@
 #include <fstream>
 #include <map>
 #include <memory>
+#include <optional>
 #include <random>
 #include <sstream>
 #include <string>
@@ -436,7 +437,11 @@ TEST_F(CliTest, MountRejectsBadOptions) {
       {"completion=fast", "completion"}, {"workers=", "workers"}, {"allow_other,bogus", "bogus"},
       {"remount", "unmount and mount again"}, {"cpus=", "cpus"}, {"cpus=2-1", "cpus"}, {"cpus=0:", "cpus"},
       {"cpus=1024", "cpus"}, {"cpus=1023", "choose among"}, {"undo_log=", "undo_log"},
-      {"undo_log=" + (tmp_ / "missing/undo.log"), "cannot create the undo log"}};
+      {"undo_log=" + (tmp_ / "missing/undo.log"), "cannot create the undo log"},
+      // Passed to libfuse and the kernel, checked by us first: their own
+      // refusals come late and take two lines.
+      {"max_read=abc", "max_read"}, {"max_read=0", "max_read"}, {"blksize=4096", "add blkdev"},
+      {"blksize=1000,blkdev", "power of two"}, {"blkdev", "needs a block device"}};
   for (const auto& [opt, mention] : cases) {
     SCOPED_TRACE("-o " + opt);
     EXPECT_TRUE(IsCliError(MountBg(img, {"-o", opt}), mention));
@@ -446,6 +451,25 @@ TEST_F(CliTest, MountRejectsBadOptions) {
   }
   EXPECT_EQ(ReadHead(img), head);
   EXPECT_EQ(TreeState(img + ".meta"), meta);
+}
+
+// libfuse splits its -o at ',' and takes '\\' as an escape: the backing's
+// name, which becomes the mount's fsname, is escaped so that it stays one
+// option, and the mount table shows it as it is.
+TEST_F(CliTest, BackingNamedWithACommaAndABackslashMounts) {
+  const std::string img = tmp_ / "a,b\\c.img";
+  ASSERT_NO_FATAL_FAILURE(Mkfs(img));
+  MountGuard guard(mnt_, img);
+  guard.expect_mounted(true);
+  RunResult m = MountBg(img, {"-o", "max_read=131072"});
+  ASSERT_TRUE(m.succeeded()) << m.Describe();
+  EXPECT_TRUE(IsMounted(mnt_));
+  // Found by its source: a second mount names where the first one is.
+  const std::string other = tmp_ / "other";
+  ASSERT_EQ(mkdir(other.c_str(), 0755), 0) << strerror(errno);
+  EXPECT_TRUE(IsCliError(RunDeferfs({"mount", img, other}, 30s), "is mounted at " + mnt_));
+  EXPECT_EQ(umount(mnt_.c_str()), 0) << strerror(errno);
+  guard.expect_mounted(false);
 }
 
 TEST_F(CliTest, MountpointMissing) {
@@ -673,8 +697,50 @@ TEST_F(CliTest, CommandsWaitForAHolderThatIsNotMounted) {
   RunResult r = RunDeferfs({"fsck", img});
   release.join();
   EXPECT_TRUE(r.succeeded()) << "refused instead of waiting: " << r.Describe();
-  EXPECT_NE(r.err.find(img + " is in use by another deferfs process; waiting up to 10 s\n"), std::string::npos)
+  EXPECT_NE(r.err.find(img + " is in use by another process; waiting up to 10 s\n"), std::string::npos)
       << "the command did not wait, or did not say so: " << r.Describe();
+}
+
+// Pid of the daemon half of a background `deferfs mount` of `backing`: the
+// process with that command line that leads its own session (it setsid()s
+// after the fork; the waiting parent does not). -1 if there is none.
+pid_t MountDaemonOf(const std::string& backing) {
+  for (const auto& e : std::filesystem::directory_iterator("/proc")) {
+    const std::string name = e.path().filename().string();
+    if (!std::isdigit(static_cast<unsigned char>(name[0]))) continue;
+    std::ifstream cmd(e.path() / "cmdline");
+    std::string cmdline((std::istreambuf_iterator<char>(cmd)), std::istreambuf_iterator<char>());
+    if (cmdline.find(std::string("mount") + '\0' + backing + '\0') == std::string::npos) continue;
+    const pid_t pid = static_cast<pid_t>(std::stol(name));
+    if (getsid(pid) == pid) return pid;
+  }
+  return -1;
+}
+
+// A daemon that dies before its mount is up (here SIGKILL while it waits for
+// the backing; a crash or the OOM killer alike) closes the pipe its parent
+// waits on just as a ready one used to: the parent must not report success.
+TEST_F(CliTest, MountFailsWhenItsDaemonDiesBeforeTheMountIsUp) {
+  const std::string img = tmp_ / "fs.img";
+  ASSERT_NO_FATAL_FAILURE(Mkfs(img));
+  MountGuard guard(mnt_, img);
+  UniqueFd held(open(img.c_str(), O_RDONLY | O_CLOEXEC));
+  ASSERT_TRUE(held.ok()) << strerror(errno);
+  ASSERT_EQ(flock(held.get(), LOCK_EX | LOCK_NB), 0) << strerror(errno);  // the daemon waits up to 10 s
+  RunResult r;
+  std::thread mount([&] { r = MountBg(img); });
+  pid_t daemon = -1;
+  const bool found = WaitUntil([&] { return (daemon = MountDaemonOf(img)) > 0; });
+  if (found) kill(daemon, SIGKILL);
+  mount.join();
+  ASSERT_TRUE(found) << "no daemon process found for " << img << ": " << r.Describe();
+  EXPECT_FALSE(IsMounted(mnt_));
+  EXPECT_TRUE(r.exited() && r.exit_code() != 0) << "the mount reported success: " << r.Describe();
+  // Its last line (the wait for the backing may have said so before it).
+  std::string last = r.err.substr(0, r.err.empty() ? 0 : r.err.size() - 1);
+  last = last.substr(last.rfind('\n') == std::string::npos ? 0 : last.rfind('\n') + 1);
+  EXPECT_EQ(last.rfind("deferfs: the mount daemon died before the mount was up (killed by ", 0), 0u) << r.Describe();
+  EXPECT_NE(last.find("nothing is mounted"), std::string::npos) << r.Describe();
 }
 
 // A daemon killed by SIGKILL leaves its backing locked, served mark and all,
@@ -1043,6 +1109,64 @@ TEST_F(CliTest, MkfsDiscardPunchesTheDataAreaQuietlyWhenPiped) {
   EXPECT_EQ(tail, std::string(tail.size(), '\0'));
   MountedFs fs(MountConfig::Existing(img));
   EXPECT_TRUE(fs.ok());
+}
+
+// Sets an environment variable for the commands a test runs, and restores
+// it when the test leaves the scope.
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const std::string& value) : name_(name) {
+    if (const char* old = getenv(name)) old_ = old;
+    setenv(name, value.c_str(), 1);
+  }
+  ~ScopedEnv() {
+    if (old_) {
+      setenv(name_, old_->c_str(), 1);
+    } else {
+      unsetenv(name_);
+    }
+  }
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+
+ private:
+  const char* name_;
+  std::optional<std::string> old_;
+};
+
+// mkfs --force with --discard and a smaller --size destroys the old
+// filesystem's data: it does so only after the new superblock is written,
+// so a discard that fails (here: a host file system that cannot punch
+// holes) leaves the new filesystem whole and says so, where it used to leave
+// the old one shrunk, partly punched and refused by every mount.
+TEST_F(CliTest, MkfsDiscardThatFailsLeavesTheNewFilesystemWhole) {
+  const std::string img = tmp_ / "fs.img";
+  ASSERT_NO_FATAL_FAILURE(Mkfs(img, "64M"));
+  {
+    MountedFs fs(MountConfig::Existing(img));
+    ASSERT_TRUE(fs.ok());
+    UniqueFd fd(open(fs.path("old-file").c_str(), O_CREAT | O_WRONLY, 0644));
+    ASSERT_TRUE(fd.ok()) << strerror(errno);
+    ASSERT_EQ(write(fd.get(), "old", 3), 3);
+  }
+  RunResult r;
+  {
+    ScopedEnv preload("LD_PRELOAD", DEFERFS_FAIL_PUNCH);
+    const char* asan = getenv("ASAN_OPTIONS");
+    ScopedEnv asan_order("ASAN_OPTIONS", std::string(asan ? asan : "") + ":verify_asan_link_order=0");
+    r = RunDeferfs({"mkfs", img, "--force", "--discard", "--size", "48M"});
+  }
+  EXPECT_TRUE(IsCliError(r, "discarding its blocks failed")) << "the shim did not make the discard fail?";
+  EXPECT_NE(r.err.find("usable as it is"), std::string::npos) << r.Describe();
+  EXPECT_NE(r.out.find("deferfs: formatted " + img), std::string::npos) << r.Describe();
+  EXPECT_EQ(SizeOf(img), 48 << 20);
+  MountedFs fs(MountConfig::Existing(img));
+  ASSERT_TRUE(fs.ok()) << "the backing is left unmountable";
+  struct stat st{};
+  EXPECT_EQ(Err(lstat(fs.path("old-file").c_str(), &st)), ENOENT) << "the old filesystem is still there";
+  UniqueFd fd(open(fs.path("new-file").c_str(), O_CREAT | O_WRONLY | O_CLOEXEC, 0644));
+  ASSERT_TRUE(fd.ok()) << strerror(errno);
+  EXPECT_EQ(fsync(fd.get()), 0) << strerror(errno);
 }
 
 }  // namespace
