@@ -308,6 +308,9 @@ namespace {
 Status OpenStoreReadOnly(const std::string& dir, const rocksdb::Options& o, std::unique_ptr<rocksdb::DB>* db) {
   std::error_code ec;
   if (!std::filesystem::is_directory(dir, ec)) {
+    if (std::filesystem::exists(dir, ec)) {
+      return Status::Invalid("metadata directory " + dir + " is not a directory: pass the right -o meta=DIR");
+    }
     return Status::NotFound("metadata directory " + dir + " does not exist: pass -o meta=DIR or re-run 'deferfs mkfs'");
   }
   if (!MetaStore::Exists(dir)) {

@@ -169,11 +169,23 @@ ssize_t Filesystem::WriteIter(Kiocb* iocb, IoBuffer* buf, const uint8_t* data, s
   const uint64_t pos = iocb->pos;
   if (Aligned(pos) && Aligned(len) && Aligned(reinterpret_cast<uintptr_t>(data))) {
     inode->iolock.LockShared();
+    bool past_partial_block;
     {
       std::lock_guard l(inode->mu);  // file_update_time: persisted lazily
       inode->rec.mtime_ns = inode->rec.ctime_ns = NowNs();
       inode->dirty = true;
       inode->DropRmwBlock();
+      past_partial_block = pos > inode->rec.size && !Aligned(inode->rec.size);
+    }
+    if (past_partial_block) [[unlikely]] {
+      // That block's tail goes first (ZeroPastEof), alone on the inode.
+      inode->iolock.UnlockShared();
+      inode->iolock.Lock();
+      inode_dio_wait(inode);
+      Status z = ZeroPastEof(inode, pos);
+      inode->iolock.Unlock();
+      if (!z.ok()) return -z.err();
+      inode->iolock.LockShared();
     }
     bool in_buf = buf && data >= buf->base && data + len <= buf->base + buf->size;
     ssize_t res = engine_->iomap_dio_rw(iocb, const_cast<uint8_t*>(data), in_buf ? buf->index : -1, len);
@@ -187,6 +199,10 @@ ssize_t Filesystem::WriteIter(Kiocb* iocb, IoBuffer* buf, const uint8_t* data, s
   if (end - start > kIoBufferBytes) return -EINVAL;
   inode->iolock.Lock();
   inode_dio_wait(inode);
+  if (Status z = ZeroPastEof(inode, pos + len); !z.ok()) {
+    inode->iolock.Unlock();
+    return -z.err();
+  }
   IoBuffer* bounce = buffers_->Get();
   std::memset(bounce->base, 0, end - start);
   uint64_t cached;
@@ -324,6 +340,21 @@ Status Filesystem::ZeroPartialBlock(Inode* inode, uint64_t from, uint64_t to) {
   return res < 0 ? Status::Error(static_cast<int>(-res), "zeroing a partial block failed") : Status::Ok();
 }
 
+// The bytes past EOF in the last block become file data when the size
+// grows, and must read as zeros then. Nothing keeps the device's copy of
+// them zero: a write that fails after one of its bios landed (the size did
+// not move) leaves its data there. So they are zeroed at the growth, as XFS
+// does (xfs_zero_eof); a file whose size is block-aligned pays nothing.
+Status Filesystem::ZeroPastEof(Inode* inode, uint64_t new_size) {
+  uint64_t size;
+  {
+    std::lock_guard l(inode->mu);
+    size = inode->rec.size;
+  }
+  if (new_size <= size || Aligned(size)) return Status::Ok();
+  return ZeroPartialBlock(inode, size, RoundUp(size));
+}
+
 Status Filesystem::TruncateLocked(Inode* inode, const SetAttrRequest& req) {
   const uint64_t size = static_cast<uint64_t>(req.attr.st_size);
   const int64_t now = NowNs();
@@ -336,6 +367,7 @@ Status Filesystem::TruncateLocked(Inode* inode, const SetAttrRequest& req) {
   // Bytes past the new EOF in its last block must read as zeros if the file
   // grows again: zero them now.
   if (size < old && !Aligned(size)) DEFERFS_RETURN_IF_ERROR(ZeroPartialBlock(inode, size, RoundUp(size)));
+  DEFERFS_RETURN_IF_ERROR(ZeroPastEof(inode, size));
   std::lock_guard l(inode->mu);
   ExtentDelta delta;
   if (size <= old) {
@@ -418,6 +450,7 @@ Status Filesystem::Fallocate(Inode* inode, int mode, uint64_t off, uint64_t len)
       }
     }
   }
+  if (st.ok() && !keep_size) st = ZeroPastEof(inode, end);
   // Punch and zero: partial blocks at the edges are zeroed in place.
   if (st.ok() && kind != 0) {
     uint64_t head_end = std::min(end, RoundUp(off));

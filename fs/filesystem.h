@@ -245,6 +245,9 @@ class Filesystem {
   ssize_t SyncRw(Inode* inode, bool write, uint64_t pos, IoBuffer* buf, size_t len);
   // Zeroes [from, to) inside one block by read-modify-write, if it is mapped.
   Status ZeroPartialBlock(Inode* inode, uint64_t from, uint64_t to);
+  // Before the size grows to `new_size`: zeroes the old last block past EOF.
+  // Caller holds iolock exclusively, with no dio in flight.
+  Status ZeroPastEof(Inode* inode, uint64_t new_size);
   // Truncate to req.attr.st_size, under the exclusive IO lock with DIO
   // drained; the request's other attributes change in the same commit.
   Status TruncateLocked(Inode* inode, const SetAttrRequest& req);

@@ -197,6 +197,8 @@ TEST_F(CliTest, MkfsRejectsBadOrTooSmallSize) {
   }
   EXPECT_TRUE(IsCliError(RunDeferfs({"mkfs", img, "--size"})));  // missing value
   EXPECT_FALSE(Exists(img));
+  EXPECT_TRUE(IsCliError(RunDeferfs({"mkfs", img, "--size", "9000000T"}), "larger than a file"));
+  EXPECT_FALSE(Exists(img));
   // 16M is the documented minimum and must be accepted.
   RunResult ok = RunDeferfs({"mkfs", img, "--size", "16M"});
   EXPECT_TRUE(ok.succeeded()) << ok.Describe();
@@ -394,6 +396,10 @@ TEST_F(CliTest, MountWithMissingMetaDir) {
   const std::string elsewhere = tmp_ / "no-such-meta";
   EXPECT_TRUE(IsCliError(MountBg(img, {"-o", "meta=" + elsewhere})));
   EXPECT_FALSE(Exists(elsewhere));
+  EXPECT_FALSE(IsMounted(mnt_));
+  const std::string a_file = tmp_ / "a-file";
+  ASSERT_NO_FATAL_FAILURE(MakeSparse(a_file, 10));
+  EXPECT_TRUE(IsCliError(MountBg(img, {"-o", "meta=" + a_file}), "is not a directory"));
   EXPECT_FALSE(IsMounted(mnt_));
 
   // The default meta dir moved away: no silent fresh one in its place.

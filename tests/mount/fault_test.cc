@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <functional>
 #include <optional>
 #include <random>
 #include <string>
@@ -163,6 +164,44 @@ TEST_P(FaultTest, TaggedRequestsFailAloneAndTheDaemonServesOn) {
   for (uint64_t b : {2, 3, 20, 21}) {
     ASSERT_EQ(DirectPread(fd.get(), b * kBlock, kBlock, &got), 0) << "block " << b;
     EXPECT_TRUE(SameBytes(Slice(want, b * kBlock, kBlock), got)) << "block " << b << " after remount";
+  }
+}
+
+// A write that fails after one of its bios landed leaves that bio's data on
+// the device, also past EOF in the file's partial last block, where the size
+// did not move. Whatever grows the file later (a truncate, a write beyond,
+// an unaligned write beyond, a fallocate) must show zeros there, not it.
+TEST_P(FaultTest, GrowingAFileShowsZerosWhereAFailedWriteLandedPastItsEnd) {
+  MountedFs fs(Config());
+  ASSERT_TRUE(fs.ok());
+  const std::string head(100, 'h');
+  auto grow = std::vector<std::pair<std::string, std::function<int(int)>>>{
+      {"truncate", [](int fd) { return ftruncate(fd, 3 * kBlock) == 0 ? 0 : errno; }},
+      {"aligned write beyond", [](int fd) { return DirectPwrite(fd, Data(1, 11), 2 * kBlock); }},
+      {"unaligned write beyond", [](int fd) { return pwrite(fd, "t", 1, 2 * kBlock + 7) == 1 ? 0 : errno; }},
+      {"fallocate", [](int fd) { return fallocate(fd, 0, 0, 3 * kBlock) == 0 ? 0 : errno; }},
+  };
+  int i = 0;
+  for (const auto& [what, op] : grow) {
+    SCOPED_TRACE(what);
+    const std::string f = fs.path("f" + std::to_string(i++));
+    {
+      UniqueFd fd = OpenOrFail(f, O_RDWR | O_CREAT);
+      ASSERT_EQ(pwrite(fd.get(), head.data(), head.size(), 0), 100);  // block 0 written, size 100
+      ASSERT_EQ(fsync(fd.get()), 0);
+    }
+    UniqueFd fd = OpenOrFail(f, O_RDWR | O_DIRECT);
+    // Block 0 is mapped, so its bio is its own and lands; block 1's fails.
+    ASSERT_EQ(DirectPwrite(fd.get(), Data(2, 10).Tag(1, kFaultEioWrite), 0), EIO);
+    struct stat st{};
+    ASSERT_EQ(fstat(fd.get(), &st), 0);
+    ASSERT_EQ(st.st_size, 100) << "the failed write moved the size";
+    ASSERT_EQ(op(fd.get()), 0);
+    std::vector<uint8_t> got;
+    ASSERT_EQ(DirectPread(fd.get(), 0, kBlock, &got), 0);
+    ASSERT_EQ(got.size(), kBlock);
+    EXPECT_TRUE(SameBytes(Zeros(kBlock - 100), Slice(got, 100, kBlock - 100)))
+        << "the failed write's bytes show past the old end of file";
   }
 }
 
