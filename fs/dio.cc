@@ -200,7 +200,8 @@ ssize_t DioEngine::iomap_dio_rw(Kiocb* iocb, uint8_t* buf, int buf_index, size_t
   {
     std::unique_lock l(inode->mu);
     if (write) {
-      if (pos + len > inode->rec.size && !(iocb->ki_flags & IOCB_NOEXTEND)) dio->flags |= Dio::DIO_EXTENDING;
+      dio->isize = iocb->ki_isize ? iocb->ki_isize : pos + len;
+      if (dio->isize > inode->rec.size && !(iocb->ki_flags & IOCB_NOEXTEND)) dio->flags |= Dio::DIO_EXTENDING;
     } else {
       // Reads stop at EOF; the device still reads whole blocks.
       uint64_t isize = inode->rec.size;

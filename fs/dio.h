@@ -61,6 +61,7 @@ struct Dio {
   uint32_t flags = 0;
   uint64_t pos = 0;
   size_t size = 0;  // bytes the request transfers (reads: clamped to i_size)
+  uint64_t isize = 0;  // writes: i_size once it completes, if DIO_EXTENDING
   std::atomic<int> ref{1};
   std::atomic<int> error{0};  // first -errno from a bio
   int64_t start_ns = 0;       // MonotonicNs() at submission

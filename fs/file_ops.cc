@@ -175,7 +175,7 @@ ssize_t Filesystem::WriteIter(Kiocb* iocb, IoBuffer* buf, const uint8_t* data, s
       inode->rec.mtime_ns = inode->rec.ctime_ns = NowNs();
       inode->dirty = true;
       inode->DropRmwBlock();
-      past_partial_block = pos > inode->rec.size && !Aligned(inode->rec.size);
+      past_partial_block = pos > inode->rec.size && !Aligned(inode->rec.size) && inode->zeroed_past != inode->rec.size;
     }
     if (past_partial_block) [[unlikely]] {
       // That block's tail goes first (ZeroPastEof), alone on the inode.
@@ -210,6 +210,8 @@ ssize_t Filesystem::WriteIter(Kiocb* iocb, IoBuffer* buf, const uint8_t* data, s
     std::lock_guard l(inode->mu);
     cached = inode->rmw_lblk;
     inode->DropRmwBlock();  // until this write has gone to the device
+    inode->rec.mtime_ns = inode->rec.ctime_ns = NowNs();  // file_update_time, as for aligned writes
+    inode->dirty = true;
   }
   // Partial head and tail blocks keep their bytes (from the device, or as the
   // last unaligned write left them); fresh blocks get zeros.
@@ -227,30 +229,24 @@ ssize_t Filesystem::WriteIter(Kiocb* iocb, IoBuffer* buf, const uint8_t* data, s
   if (res >= 0 && !Aligned(pos + len) && (end - kB != start || Aligned(pos))) res = read_block(end - kB);
   if (res >= 0) {
     std::memcpy(bounce->base + (pos - start), data, len);
-    res = SyncRw(inode, true, start, bounce, end - start);
+    // The blocks, their extents and the new size go in one dio, so that its
+    // end_io commits them together: as two commits, a crash between them
+    // could keep a written block past EOF, which a later growth would show.
+    Kiocb k;
+    k.inode = inode;
+    k.pos = start;
+    k.ki_flags = IOCB_WRITE | (iocb->ki_flags & (IOCB_DSYNC | IOCB_SYNC));
+    k.ki_isize = pos + len;
+    res = engine_->iomap_dio_rw(&k, bounce->base, bounce->index, end - start);
   }
   if (res >= 0) {
     if (!inode->rmw_block) inode->rmw_block = std::make_unique<uint8_t[]>(kB);
     std::memcpy(inode->rmw_block.get(), bounce->base + (end - kB - start), kB);
+    std::lock_guard l(inode->mu);
+    inode->rmw_lblk = (end - kB) >> kBlockShift;
+    res = static_cast<ssize_t>(len);
   }
   buffers_->Put(bounce);
-  if (res >= 0) {
-    std::lock_guard l(inode->mu);
-    InodeRecord rec = inode->rec;
-    rec.size = std::max<uint64_t>(rec.size, pos + len);
-    rec.mtime_ns = rec.ctime_ns = NowNs();
-    MetaBatch b;
-    b.PutInode(rec);
-    Status st = CommitInode(inode, &b, (iocb->ki_flags & IOCB_DSYNC) != 0);
-    inode->rmw_lblk = (end - kB) >> kBlockShift;  // on the device either way
-    if (st.ok()) {
-      inode->rec = rec;
-      inode->dirty = false;
-      res = static_cast<ssize_t>(len);
-    } else {
-      res = -st.err();
-    }
-  }
   inode->iolock.Unlock();
   return res;
 }
@@ -286,10 +282,11 @@ int Filesystem::WriteEndIo(std::span<Dio* const> dios) {
         inode->new_extents.erase(it);
         woke_waiters = true;
       }
+      if (failed) inode->zeroed_past = Inode::kNoSize;  // some of it may have landed past EOF
       if (!failed) {
         any_ok = true;
         if (dio->flags & Dio::DIO_NEED_CONVERT) inode->extents.Convert(lblk, end - lblk, &delta);
-        if (dio->flags & Dio::DIO_EXTENDING) rec.size = std::max<uint64_t>(rec.size, dio->pos + dio->size);
+        if (dio->flags & Dio::DIO_EXTENDING) rec.size = std::max<uint64_t>(rec.size, dio->isize);
         sync_only |= (dio->flags & Dio::DIO_NEED_SYNC) != 0;
       }
       const bool dsync = dio->flags & Dio::DIO_DSYNC;
@@ -350,9 +347,12 @@ Status Filesystem::ZeroPastEof(Inode* inode, uint64_t new_size) {
   {
     std::lock_guard l(inode->mu);
     size = inode->rec.size;
+    if (new_size <= size || Aligned(size) || inode->zeroed_past == size) return Status::Ok();
   }
-  if (new_size <= size || Aligned(size)) return Status::Ok();
-  return ZeroPartialBlock(inode, size, RoundUp(size));
+  DEFERFS_RETURN_IF_ERROR(ZeroPartialBlock(inode, size, RoundUp(size)));
+  std::lock_guard l(inode->mu);
+  inode->zeroed_past = size;  // the iolock, held exclusive, kept the size
+  return Status::Ok();
 }
 
 Status Filesystem::TruncateLocked(Inode* inode, const SetAttrRequest& req) {

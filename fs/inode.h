@@ -73,6 +73,13 @@ struct Inode {
   std::unique_ptr<uint8_t[]> rmw_block;
   void DropRmwBlock() { rmw_lblk = kNoRmwBlock; }  // caller holds mu
 
+  // The size at which the last block's bytes past EOF were last zeroed on
+  // the device (Filesystem::ZeroPastEof), so that async writes beyond it do
+  // not each zero it again; reset by a failed write, which may have landed
+  // there. kNoSize: not known. Guarded by mu.
+  static constexpr uint64_t kNoSize = UINT64_MAX;
+  uint64_t zeroed_past = kNoSize;
+
   IoLock iolock;
   std::atomic<int> dio_count{0};  // in-flight DIOs: inode_dio_begin/end
   WaitQueue dio_wq;               // inode_dio_wait() sleepers

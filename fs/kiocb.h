@@ -31,6 +31,10 @@ struct Kiocb {
   Inode* inode = nullptr;
   uint64_t pos = 0;
   uint32_t ki_flags = 0;
+  // deferfs-internal, writes: the file's size after this write if it ends
+  // past i_size, when that is not pos + len (a read-modify-write's blocks
+  // run past its data). 0: pos + len.
+  uint64_t ki_isize = 0;
 
   // Called once, from whichever thread finishes the IO (the poller, a
   // completion thread, or the issuer). If dio_complete is set, the issuer

@@ -821,7 +821,9 @@ TEST(DurabilityPointTest, DatasyncAfterTheInodeWasDroppedSyncsItsCommits) {
 // Changes to one file's inode and extents (an attribute, an unaligned
 // write's size, a truncate, a fallocate) are held with the writes' extent
 // changes rather than committed alone; fsync lands them, and they survive
-// a crash.
+// a crash. An unaligned append's new block and new size are one commit: as
+// two, a WAL sync between them (another file's fsync, the commit interval)
+// and a crash kept a written block past EOF, which a growth would show.
 TEST(DurabilityPointTest, InodeOnlyChangesAreHeldUntilADurabilityPoint) {
   MountedFs fs(CommitFarAway({"completion=defer"}));
   ASSERT_TRUE(fs.ok());
@@ -833,7 +835,9 @@ TEST(DurabilityPointTest, InodeOnlyChangesAreHeldUntilADurabilityPoint) {
   ASSERT_EQ(fchmod(fd.get(), 0600), 0) << strerror(errno);
   const uint64_t held1 = Stats::Read(fs)["live.metadata_deferred"];
   EXPECT_GT(held1, held0) << "the chmod was committed alone";
+  const uint64_t commits = Stats::Read(fs)["metadata.commits"];
   ASSERT_EQ(write(fd.get(), "tail", 4), 4) << strerror(errno);
+  EXPECT_EQ(Stats::Read(fs)["metadata.commits"], commits + 1) << "the new block and the new size were committed apart";
   const uint64_t held2 = Stats::Read(fs)["live.metadata_deferred"];
   EXPECT_GT(held2, held1) << "the append was committed alone";
   ASSERT_EQ(fallocate(fd.get(), FALLOC_FL_KEEP_SIZE, 0, 4 * kBlock), 0) << strerror(errno);
