@@ -131,11 +131,11 @@ void Filesystem::Release(Inode* inode) {
   inodes_.MaybeEvict(inode);
 }
 
-ssize_t Filesystem::SyncRw(Inode* inode, bool write, uint64_t pos, IoBuffer* buf, size_t len) {
+ssize_t Filesystem::SyncRw(Inode* inode, bool write, uint64_t pos, IoBuffer* buf, size_t len, bool fua) {
   Kiocb k;
   k.inode = inode;
   k.pos = pos;
-  k.ki_flags = write ? (IOCB_WRITE | IOCB_NOEXTEND) : 0;
+  k.ki_flags = write ? (IOCB_WRITE | IOCB_NOEXTEND | (fua ? uint32_t{IOCB_DSYNC} : 0u)) : 0u;
   return engine_->iomap_dio_rw(&k, buf->base, buf->index, len);
 }
 
@@ -199,7 +199,8 @@ ssize_t Filesystem::WriteIter(Kiocb* iocb, IoBuffer* buf, const uint8_t* data, s
   if (end - start > kIoBufferBytes) return -EINVAL;
   inode->iolock.Lock();
   inode_dio_wait(inode);
-  if (Status z = ZeroPastEof(inode, pos + len); !z.ok()) {
+  // Only a gap before pos needs it: an append at EOF leaves none.
+  if (Status z = ZeroPastEof(inode, pos); !z.ok()) {
     inode->iolock.Unlock();
     return -z.err();
   }
@@ -313,7 +314,7 @@ int Filesystem::WriteEndIo(std::span<Dio* const> dios) {
   return ret;
 }
 
-Status Filesystem::ZeroPartialBlock(Inode* inode, uint64_t from, uint64_t to) {
+Status Filesystem::ZeroPartialBlock(Inode* inode, uint64_t from, uint64_t to, bool fua) {
   const uint64_t blk = RoundDown(from);
   {
     std::lock_guard l(inode->mu);
@@ -331,7 +332,7 @@ Status Filesystem::ZeroPartialBlock(Inode* inode, uint64_t from, uint64_t to) {
     // use, perhaps another file's, and must not be written back.
     std::memset(buf->base + res, 0, kB - static_cast<uint64_t>(res));
     std::memset(buf->base + (from - blk), 0, to - from);
-    res = SyncRw(inode, true, blk, buf, kB);
+    res = SyncRw(inode, true, blk, buf, kB, fua);
   }
   buffers_->Put(buf);
   return res < 0 ? Status::Error(static_cast<int>(-res), "zeroing a partial block failed") : Status::Ok();
@@ -342,6 +343,8 @@ Status Filesystem::ZeroPartialBlock(Inode* inode, uint64_t from, uint64_t to) {
 // them zero: a write that fails after one of its bios landed (the size did
 // not move) leaves its data there. So they are zeroed at the growth, as XFS
 // does (xfs_zero_eof); a file whose size is block-aligned pays nothing.
+// Write-through: the growth may be an O_DSYNC write whose FUA data lets its
+// commit skip the device flush, and the zeros must be as durable as it.
 Status Filesystem::ZeroPastEof(Inode* inode, uint64_t new_size) {
   uint64_t size;
   {
@@ -349,7 +352,7 @@ Status Filesystem::ZeroPastEof(Inode* inode, uint64_t new_size) {
     size = inode->rec.size;
     if (new_size <= size || Aligned(size) || inode->zeroed_past == size) return Status::Ok();
   }
-  DEFERFS_RETURN_IF_ERROR(ZeroPartialBlock(inode, size, RoundUp(size)));
+  DEFERFS_RETURN_IF_ERROR(ZeroPartialBlock(inode, size, RoundUp(size), /*fua=*/true));
   std::lock_guard l(inode->mu);
   inode->zeroed_past = size;  // the iolock, held exclusive, kept the size
   return Status::Ok();

@@ -241,10 +241,11 @@ class Filesystem {
   int WriteEndIo(std::span<Dio* const> dios);
   // Loads the inode's extent map from the store if not yet. Caller holds mu.
   Status EnsureExtents(Inode* inode);
-  // Synchronous block-aligned DIO of [pos, pos+len) to/from buf (an IoBuffer).
-  ssize_t SyncRw(Inode* inode, bool write, uint64_t pos, IoBuffer* buf, size_t len);
+  // Synchronous block-aligned DIO of [pos, pos+len) to/from buf (an IoBuffer);
+  // `fua`: a write durable on return.
+  ssize_t SyncRw(Inode* inode, bool write, uint64_t pos, IoBuffer* buf, size_t len, bool fua = false);
   // Zeroes [from, to) inside one block by read-modify-write, if it is mapped.
-  Status ZeroPartialBlock(Inode* inode, uint64_t from, uint64_t to);
+  Status ZeroPartialBlock(Inode* inode, uint64_t from, uint64_t to, bool fua = false);
   // Before the size grows to `new_size`: zeroes the old last block past EOF.
   // Caller holds iolock exclusively, with no dio in flight.
   Status ZeroPastEof(Inode* inode, uint64_t new_size);

@@ -47,6 +47,7 @@
 #include <thread>
 #include <vector>
 
+#include "backend/fault_inject.h"
 #include "tests/mount/io_helpers.h"
 #include "tests/mount/mounted_fs.h"
 
@@ -855,6 +856,50 @@ TEST(DurabilityPointTest, InodeOnlyChangesAreHeldUntilADurabilityPoint) {
   EXPECT_EQ(st.st_mode & 07777, 0600u);
   EXPECT_EQ(st.st_size, static_cast<off_t>(kBlock + 2));
   EXPECT_EQ(st.st_blocks, static_cast<blkcnt_t>(2 * kBlock / 512)) << "the truncate freed the preallocation";
+}
+
+// The zeros a growth writes past the old end of file (ZeroPastEof) are as
+// durable as the growth: an O_DSYNC write beyond the end, all FUA, lets its
+// commit skip the device flush, so zeros written without FUA could be lost
+// in a power cut that kept the new size, and a failed write's bytes, which
+// an earlier flush made durable, would show again past the old end.
+TEST(DurabilityPointTest, ZerosPastTheOldEndAreAsDurableAsTheGrowth) {
+  MountedFs fs(CommitFarAway({"completion=defer", "fault_inject"}));
+  ASSERT_TRUE(fs.ok());
+  const std::string path = fs.path("f");
+  {
+    UniqueFd fd(open(path.c_str(), O_CREAT | O_WRONLY | O_CLOEXEC, 0644));
+    ASSERT_TRUE(fd.ok()) << strerror(errno);
+    ASSERT_EQ(pwrite(fd.get(), std::string(100, 'h').data(), 100, 0), 100);  // block 0 written, size 100
+    ASSERT_EQ(fsync(fd.get()), 0);
+  }
+  {
+    // Block 0's bio lands, block 1's fails: the write fails, the size stays.
+    AlignedBuf bad(2 * kBlock);
+    std::memset(bad.data(), 'X', bad.size());
+    std::memcpy(bad.data() + kBlock, deferfs::kFaultEioWrite, sizeof(deferfs::kFaultEioWrite));
+    UniqueFd fd(open(path.c_str(), O_WRONLY | O_DIRECT | O_CLOEXEC));
+    ASSERT_TRUE(fd.ok()) << strerror(errno);
+    ASSERT_LT(pwrite(fd.get(), bad.data(), bad.size(), 0), 0);
+  }
+  // A device flush (another file's fsync) makes the failed write's bytes durable.
+  ASSERT_NO_FATAL_FAILURE(WriteBlockDirect(fs.path("other"), 'o', /*fsync_after=*/true));
+  {
+    AlignedBuf blk(kBlock);
+    std::memset(blk.data(), 'd', kBlock);
+    UniqueFd fd(open(path.c_str(), O_WRONLY | O_DIRECT | O_DSYNC | O_CLOEXEC));
+    ASSERT_TRUE(fd.ok()) << strerror(errno);
+    ASSERT_EQ(PwriteFull(fd.get(), blk.data(), kBlock, 2 * kBlock), 0);  // durable on return
+  }
+  ASSERT_TRUE(fs.Crash());
+  ASSERT_TRUE(fs.Mount());
+  struct stat st{};
+  ASSERT_EQ(stat(path.c_str(), &st), 0) << strerror(errno);
+  EXPECT_EQ(st.st_size, static_cast<off_t>(3 * kBlock)) << "the O_DSYNC write's size was lost";
+  std::string block0(kBlock, '\0');
+  UniqueFd rd(open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  ASSERT_EQ(pread(rd.get(), block0.data(), kBlock, 0), static_cast<ssize_t>(kBlock)) << strerror(errno);
+  EXPECT_EQ(block0.substr(100), std::string(kBlock - 100, '\0')) << "the failed write's bytes are back past the old end";
 }
 
 TEST(DurabilityPointTest, TheCommitIntervalSyncsWithoutBeingAsked) {
