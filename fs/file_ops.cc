@@ -283,8 +283,9 @@ int Filesystem::WriteEndIo(std::span<Dio* const> dios) {
         inode->new_extents.erase(it);
         woke_waiters = true;
       }
-      if (failed) inode->zeroed_past = Inode::kNoSize;  // some of it may have landed past EOF
-      if (!failed) {
+      if (failed) {
+        inode->zeroed_past = Inode::kNoSize;  // some of it may have landed past EOF
+      } else {
         any_ok = true;
         if (dio->flags & Dio::DIO_NEED_CONVERT) inode->extents.Convert(lblk, end - lblk, &delta);
         if (dio->flags & Dio::DIO_EXTENDING) rec.size = std::max<uint64_t>(rec.size, dio->isize);

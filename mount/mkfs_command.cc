@@ -319,14 +319,14 @@ int MkfsCommand(const MkfsArgs& args) {
 
   // From here on the new filesystem is whole: what fails now leaves it
   // usable, and says so.
-  if (resize && size < dev->size() && ftruncate(dev->fd(), static_cast<off_t>(size)) != 0) {
-    return Fail("formatted " + backing + ", but cannot shrink it to --size: " + strerror(errno) +
-                ": it is usable as it is");
-  }
   std::printf("deferfs: formatted %s: %llu MiB, uuid %s, metadata in %s\n", backing.c_str(),
               static_cast<unsigned long long>(dev_bytes >> 20), UuidToString(sb.uuid).c_str(), meta_dir.c_str());
   std::fflush(stdout);
   if (!replaced_meta.empty() && !Within(meta_dir, replaced_meta)) ForgetReplacedStore(*dev, replaced_meta, replaced_uuid);
+  if (resize && size < dev->size() && ftruncate(dev->fd(), static_cast<off_t>(size)) != 0) {
+    return Fail("formatted " + backing + ", but cannot shrink it to --size: " + strerror(errno) +
+                ": it is usable as it is");
+  }
   if (args.discard) {
     s = Discard(dev.get(), dev_bytes);
     if (!s.ok()) {
