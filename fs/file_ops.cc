@@ -17,6 +17,12 @@ uint64_t RoundDown(uint64_t v) { return v & ~(kB - 1); }
 uint64_t RoundUp(uint64_t v) { return (v + kB - 1) & ~(kB - 1); }
 bool Aligned(uint64_t v) { return (v & (kB - 1)) == 0; }
 
+// Whether growing to `new_size` needs ZeroPastEof first. Caller holds mu.
+bool TailNeedsZeroing(const Inode& inode, uint64_t new_size) {
+  const uint64_t size = inode.rec.size;
+  return new_size > size && !Aligned(size) && inode.zeroed_past != size;
+}
+
 }  // namespace
 
 uint64_t Filesystem::ReadSpan(uint64_t pos, uint64_t len) { return RoundUp(pos + len) - RoundDown(pos); }
@@ -131,11 +137,13 @@ void Filesystem::Release(Inode* inode) {
   inodes_.MaybeEvict(inode);
 }
 
-ssize_t Filesystem::SyncRw(Inode* inode, bool write, uint64_t pos, IoBuffer* buf, size_t len, bool fua) {
+ssize_t Filesystem::SyncRw(Inode* inode, bool write, uint64_t pos, IoBuffer* buf, size_t len, uint32_t sync_flags,
+                           uint64_t isize) {
   Kiocb k;
   k.inode = inode;
   k.pos = pos;
-  k.ki_flags = write ? (IOCB_WRITE | IOCB_NOEXTEND | (fua ? uint32_t{IOCB_DSYNC} : 0u)) : 0u;
+  k.ki_flags = write ? (IOCB_WRITE | sync_flags | (isize ? 0u : uint32_t{IOCB_NOEXTEND})) : 0u;
+  k.ki_isize = isize;
   return engine_->iomap_dio_rw(&k, buf->base, buf->index, len);
 }
 
@@ -175,7 +183,7 @@ ssize_t Filesystem::WriteIter(Kiocb* iocb, IoBuffer* buf, const uint8_t* data, s
       inode->rec.mtime_ns = inode->rec.ctime_ns = NowNs();
       inode->dirty = true;
       inode->DropRmwBlock();
-      past_partial_block = pos > inode->rec.size && !Aligned(inode->rec.size) && inode->zeroed_past != inode->rec.size;
+      past_partial_block = TailNeedsZeroing(*inode, pos);
     }
     if (past_partial_block) [[unlikely]] {
       // That block's tail goes first (ZeroPastEof), alone on the inode.
@@ -233,12 +241,7 @@ ssize_t Filesystem::WriteIter(Kiocb* iocb, IoBuffer* buf, const uint8_t* data, s
     // The blocks, their extents and the new size go in one dio, so that its
     // end_io commits them together: as two commits, a crash between them
     // could keep a written block past EOF, which a later growth would show.
-    Kiocb k;
-    k.inode = inode;
-    k.pos = start;
-    k.ki_flags = IOCB_WRITE | (iocb->ki_flags & (IOCB_DSYNC | IOCB_SYNC));
-    k.ki_isize = pos + len;
-    res = engine_->iomap_dio_rw(&k, bounce->base, bounce->index, end - start);
+    res = SyncRw(inode, true, start, bounce, end - start, iocb->ki_flags & (IOCB_DSYNC | IOCB_SYNC), pos + len);
   }
   if (res >= 0) {
     if (!inode->rmw_block) inode->rmw_block = std::make_unique<uint8_t[]>(kB);
@@ -333,7 +336,7 @@ Status Filesystem::ZeroPartialBlock(Inode* inode, uint64_t from, uint64_t to, bo
     // use, perhaps another file's, and must not be written back.
     std::memset(buf->base + res, 0, kB - static_cast<uint64_t>(res));
     std::memset(buf->base + (from - blk), 0, to - from);
-    res = SyncRw(inode, true, blk, buf, kB, fua);
+    res = SyncRw(inode, true, blk, buf, kB, fua ? uint32_t{IOCB_DSYNC} : 0u);
   }
   buffers_->Put(buf);
   return res < 0 ? Status::Error(static_cast<int>(-res), "zeroing a partial block failed") : Status::Ok();
@@ -351,7 +354,7 @@ Status Filesystem::ZeroPastEof(Inode* inode, uint64_t new_size) {
   {
     std::lock_guard l(inode->mu);
     size = inode->rec.size;
-    if (new_size <= size || Aligned(size) || inode->zeroed_past == size) return Status::Ok();
+    if (!TailNeedsZeroing(*inode, new_size)) return Status::Ok();
   }
   DEFERFS_RETURN_IF_ERROR(ZeroPartialBlock(inode, size, RoundUp(size), /*fua=*/true));
   std::lock_guard l(inode->mu);

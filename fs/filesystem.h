@@ -241,9 +241,11 @@ class Filesystem {
   int WriteEndIo(std::span<Dio* const> dios);
   // Loads the inode's extent map from the store if not yet. Caller holds mu.
   Status EnsureExtents(Inode* inode);
-  // Synchronous block-aligned DIO of [pos, pos+len) to/from buf (an IoBuffer);
-  // `fua`: a write durable on return.
-  ssize_t SyncRw(Inode* inode, bool write, uint64_t pos, IoBuffer* buf, size_t len, bool fua = false);
+  // Synchronous block-aligned DIO of [pos, pos+len) to/from buf (an IoBuffer).
+  // Writes: `sync_flags` (IOCB_DSYNC, IOCB_SYNC) as for the caller's write;
+  // `isize` the file's size if the write ends past EOF, 0: it never extends.
+  ssize_t SyncRw(Inode* inode, bool write, uint64_t pos, IoBuffer* buf, size_t len, uint32_t sync_flags = 0,
+                 uint64_t isize = 0);
   // Zeroes [from, to) inside one block by read-modify-write, if it is mapped.
   Status ZeroPartialBlock(Inode* inode, uint64_t from, uint64_t to, bool fua = false);
   // Before the size grows to `new_size`: zeroes the old last block past EOF.

@@ -16,8 +16,8 @@ enum : uint32_t {
   IOCB_WRITE = 1u << 0,
   IOCB_DSYNC = 1u << 1,  // O_DSYNC/O_SYNC or a sync mount: durable before completion
   IOCB_DIO_DEFER = 1u << 2,  // the issuer can run dio_complete from its own context
-  // deferfs-internal: a read-modify-write of whole blocks whose caller sets
-  // i_size itself (the block-rounded end is not the file's new end).
+  // deferfs-internal: a write of whole blocks that must not move i_size
+  // (zeroing part of the last one; Filesystem::SyncRw without an isize).
   IOCB_NOEXTEND = 1u << 3,
   // O_SYNC: like IOCB_DSYNC, and the inode's timestamps durable too (the
   // kernel's IOCB_SYNC: generic_write_sync with datasync=0).

@@ -197,8 +197,9 @@ int MkfsCommand(const MkfsArgs& args) {
     if (!have_size) return Fail(backing + " does not exist: pass --size SIZE to create it");
     UniqueFd fd(open(backing.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600));
     if (!fd.valid()) return Fail("cannot create " + backing + ": " + strerror(errno));
-    if (size > static_cast<uint64_t>(INT64_MAX) || ftruncate(fd.get(), static_cast<off_t>(size)) != 0) {
-      const int e = size > static_cast<uint64_t>(INT64_MAX) ? EFBIG : errno;
+    const bool beyond_off_t = size > static_cast<uint64_t>(INT64_MAX);
+    if (beyond_off_t || ftruncate(fd.get(), static_cast<off_t>(size)) != 0) {
+      const int e = beyond_off_t ? EFBIG : errno;
       unlink(backing.c_str());
       if (e == EFBIG || e == EINVAL) {
         return Fail("--size " + args.size + " is larger than a file on this file system can be: pass a smaller --size");

@@ -116,17 +116,6 @@ int WaitForChild(int pipe_fd, pid_t child, const std::string& backing) {
               "; the system log says why (journalctl -t deferfs)");
 }
 
-// `opt` for libfuse's -o parser, which splits at ',' and takes '\\' as an
-// escape: a backing named "a,b.img" must stay one fsname.
-std::string EscapedFuseOption(std::string_view opt) {
-  std::string out;
-  for (char c : opt) {
-    if (c == ',' || c == '\\') out += '\\';
-    out += c;
-  }
-  return out;
-}
-
 // `path` made absolute against the working directory; as given if that fails.
 std::string Absolute(const std::string& path) {
   std::error_code ec;
@@ -258,8 +247,16 @@ int MountCommand(const MountArgs& args) {
     source = abs;
     free(abs);
   }
-  std::string fuse_o = "default_permissions,fsname=" + EscapedFuseOption(source) + ",subtype=deferfs";
-  for (const auto& o : opts.fuse_opts) fuse_o += "," + EscapedFuseOption(o);
+  // libfuse's -o splits at ',': each option goes in with libfuse's own
+  // escaping, so that a backing named "a,b.img" stays one fsname.
+  char* joined = nullptr;
+  bool built = fuse_opt_add_opt(&joined, "default_permissions") == 0 &&
+               fuse_opt_add_opt_escaped(&joined, ("fsname=" + source).c_str()) == 0 &&
+               fuse_opt_add_opt(&joined, "subtype=deferfs") == 0;
+  for (const auto& o : opts.fuse_opts) built = built && fuse_opt_add_opt_escaped(&joined, o.c_str()) == 0;
+  const std::string fuse_o = joined ? joined : "";
+  free(joined);
+  if (!built) return report.Error("out of memory for the FUSE mount options");
   const char* fargv[] = {"deferfs", "-o", fuse_o.c_str()};
   fuse_args fargs = FUSE_ARGS_INIT(3, const_cast<char**>(fargv));
   fuse_session* se = fuse_session_new(&fargs, &FuseOps(), sizeof(fuse_lowlevel_ops), fs.get());

@@ -154,10 +154,10 @@ Status ParseOne(std::string_view opt, MountOptions* o) {
   for (std::string_view f : kFuseValued) {
     if (!opt.starts_with(f) || opt.size() == f.size()) continue;
     unsigned v = 0;
-    if (f == "max_read=" && (!ParseUnsigned(val, &v) || v == 0)) {
-      return BadValue(opt, "max_read takes a whole number of bytes, at least 1");
+    if (f == "max_read=") {
+      if (!ParseUnsigned(val, &v) || v == 0) return BadValue(opt, "max_read takes a whole number of bytes, at least 1");
+      o->max_read = v;
     }
-    if (f == "max_read=") o->max_read = v;
     if (f == "blksize=") {
       if (!ParseUnsigned(val, &v) || v < 512 || v > 4096 || (v & (v - 1)) != 0) {
         return BadValue(opt, "blksize takes a power of two from 512 to 4096");

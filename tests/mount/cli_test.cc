@@ -467,7 +467,7 @@ TEST_F(CliTest, BackingNamedWithACommaAndABackslashMounts) {
   ASSERT_NO_FATAL_FAILURE(Mkfs(img));
   MountGuard guard(mnt_, img);
   guard.expect_mounted(true);
-  RunResult m = MountBg(img, {"-o", "max_read=131072"});
+  RunResult m = MountBg(img, {"-o", "max_read=131072"});  // and max_read=, which libfuse's INIT must agree to
   ASSERT_TRUE(m.succeeded()) << m.Describe();
   EXPECT_TRUE(IsMounted(mnt_));
   // Found by its source: a second mount names where the first one is.
